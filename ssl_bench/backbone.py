@@ -1,0 +1,174 @@
+"""timm Vision Transformers with the two forwards every method needs.
+
+* ``forward_tokens(tokens, ids)``: the encoder over a chosen subset of patch tokens (MAE, CAE,
+  MixedAE run it on visible patches only; BEiT passes all tokens with [MASK] embeddings swapped in).
+* ``forward(images)``: the full sequence, returning the cls token and the patch tokens (evaluation).
+
+Position embeddings are the fixed 2-D sin-cos table of MAE/CAE/MoCo v3; attention is timm's, which
+calls PyTorch's ``scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from torch import nn
+
+from ssl_bench.errors import UserError
+
+# name -> (timm model name, width, depth, heads). Width/depth/heads can be overridden per run.
+ARCHS = {
+    "vit_tiny": ("vit_tiny_patch16_224", 192, 12, 3),
+    "vit_small": ("vit_small_patch16_224", 384, 12, 6),
+    "vit_base": ("vit_base_patch16_224", 768, 12, 12),
+    "vit_large": ("vit_large_patch16_224", 1024, 24, 16),
+}
+
+
+def sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, (grid_size**2, embed_dim); half the channels encode
+    the row, half the column, each as sin/cos of geometrically spaced frequencies."""
+    if embed_dim % 4:
+        raise UserError(f"embed_dim {embed_dim} must be divisible by 4 for 2-D sin-cos position embeddings")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:  # (G*G,) -> (G*G, D/2)
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+class ViTBackbone(nn.Module):
+    """A timm ViT with fixed sin-cos position embeddings and a cls token.
+
+    Shapes: images (B, C, H, W) -> N = (H/p)*(W/p) patch tokens of width D.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_tiny",
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        drop_path: float = 0.0,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch '{arch}'; choose one of: {', '.join(ARCHS)}")
+        if img_size % patch_size:
+            raise UserError(f"img_size {img_size} is not divisible by patch_size {patch_size}; change model.patch_size")
+        timm_name, width, n_layers, heads = ARCHS[arch]
+        self.arch = arch
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim = embed_dim or width
+        self.depth = depth or n_layers
+        self.num_heads = num_heads or heads
+        self.vit = timm.create_model(
+            timm_name,
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            drop_path_rate=drop_path,
+        )
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        pos = sincos_pos_embed(self.embed_dim, self.grid_size)
+        # timm keeps the cls slot in pos_embed; ours is zero there (as in MAE) and frozen.
+        self.vit.pos_embed.data.copy_(torch.cat([torch.zeros(1, self.embed_dim), pos]).unsqueeze(0))
+        self.vit.pos_embed.requires_grad_(False)
+        nn.init.normal_(self.vit.cls_token, std=0.02)
+
+    # -- metadata -----------------------------------------------------------------------------------
+    def signature(self) -> dict:
+        """What must match for a checkpoint to load into this backbone."""
+        return {
+            "arch": self.arch, "img_size": self.img_size, "patch_size": self.patch_size,
+            "in_chans": self.in_chans, "embed_dim": self.embed_dim, "depth": self.depth,
+            "num_heads": self.num_heads,
+        }
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.vit.blocks
+
+    @property
+    def patch_pos_embed(self) -> torch.Tensor:  # (1, N, D), frozen
+        return self.vit.pos_embed[:, 1:]
+
+    # -- forwards ---------------------------------------------------------------------------------------
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) patch embeddings, without position embeddings."""
+        return self.vit.patch_embed(images)
+
+    def forward_tokens(self, tokens: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the encoder on patch embeddings at positions ``ids``.
+
+        tokens: (B, n, D) patch embeddings (no position embedding yet), one per entry of ids.
+        ids:    (B, n) patch indices in [0, N); None means all N patches in order.
+        Returns (B, 1 + n, D): the cls token then the n patch tokens, after the final norm.
+        """
+        pos = self.patch_pos_embed.expand(tokens.shape[0], -1, -1)
+        if ids is not None:
+            pos = torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        x = tokens + pos
+        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Encode only the patches at ``ids_keep`` (B, n): (B, 1 + n, D). The other patches never
+        enter the encoder, so nothing of them can leak into its output."""
+        tokens = self.embed_patches(images)
+        tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.forward_tokens(tokens, ids_keep)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full sequence: cls (B, D) and patch tokens (B, N, D)."""
+        x = self.forward_tokens(self.embed_patches(images))
+        return x[:, 0], x[:, 1:]
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), ids (B, n) -> (B, n, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels (p, p, C) inside."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, N, p*p*C) -> (B, C, H, W)."""
+    b, n, _ = patches.shape
+    g = int(math.isqrt(n))
+    p = patch_size
+    x = patches.reshape(b, g, g, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(b, channels, g * p, g * p)
+
+
+def normalized_pixel_targets(images: torch.Tensor, patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalized pixels (MAE's norm_pix_loss): (B, N, p*p*C)."""
+    target = patchify(images, patch_size)
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps).sqrt()

@@ -1,0 +1,138 @@
+"""Run configuration: a nested dict resolved as
+
+    common defaults < common preset < method's recipe for that preset < command-line overrides
+
+Every key that may be overridden exists in the defaults, so a typo is an error, not a silent no-op.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+from typing import Any
+
+from ssl_bench.errors import UserError
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "name": "fashion_mnist",
+        "root": None,  # None: the data set's standard location
+        "subset": None,  # int: train on a fixed random subset of this many images
+        "img_size": None,  # None: the data set's native size
+        "num_workers": 2,
+    },
+    "model": {
+        "arch": "vit_tiny",
+        "patch_size": 4,
+        "embed_dim": None,  # None: the arch's width/depth/heads
+        "depth": None,
+        "num_heads": None,
+        "drop_path": 0.0,
+    },
+    "method": {},  # filled from the method's __init__ keyword defaults
+    "train": {
+        "epochs": 1,
+        "max_steps": None,  # stop early after this many optimizer steps (the schedule still spans `epochs`)
+        "batch_size": 64,  # per process, per micro-step
+        "accum_steps": 1,
+        "optimizer": "adamw",  # adamw | sgd | lars
+        "blr": 1.5e-4,  # base lr; lr = blr * effective_batch / 256
+        "lr": None,  # absolute lr; overrides blr when set
+        "min_lr": 0.0,
+        "warmup_epochs": 0.0,
+        "weight_decay": 0.05,
+        "betas": (0.9, 0.95),
+        "momentum": 0.9,
+        "clip_grad": None,
+        "amp": "auto",  # auto (bf16 on GPU, off on CPU) | bf16 | none
+        "compile": False,
+        "ckpt_every": 200,
+        "log_every": 10,
+        "progress": True,
+        "device": "auto",  # auto | cpu | cuda
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on CPU: a 2-block ViT on 16 patches, a few hundred images
+    "smoke": {
+        "data": {"subset": 256, "num_workers": 0},
+        "model": {"arch": "vit_tiny", "patch_size": 7, "embed_dim": 64, "depth": 2, "num_heads": 2},
+        "train": {"epochs": 1, "batch_size": 32, "ckpt_every": 4, "log_every": 1, "warmup_epochs": 0.0},
+    },
+    # a few minutes on 2 CPU cores: a 6-block ViT-Tiny on 49 patches, a subset of the training set
+    "quick": {
+        "data": {"subset": 10000, "num_workers": 1},
+        "model": {"arch": "vit_tiny", "patch_size": 4, "depth": 6},
+        "train": {"epochs": 2, "batch_size": 128, "ckpt_every": 100, "log_every": 10, "warmup_epochs": 0.2},
+    },
+    # the published recipe scaled to the data set; meant for a GPU
+    "full": {
+        "data": {"subset": None, "num_workers": 8},
+        "model": {"arch": "vit_small", "patch_size": 4, "drop_path": 0.1},
+        "train": {"epochs": 100, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 10},
+    },
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of ``base`` with ``update`` merged in, recursively for nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """'1e-3' -> 0.001, 'true' -> True, 'none' -> None, '(0.9,0.95)' -> tuple, otherwise the string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings; unknown keys are an error that lists the valid ones."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        node = cfg
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i]) or "top level"
+                choices = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+                raise UserError(f"unknown config key '{key}': no '{part}' under {where}; valid keys there: {choices}")
+            if i == len(parts) - 1:
+                if isinstance(node[part], dict):
+                    raise UserError(f"config key '{key}' is a section; set one of its keys: {', '.join(sorted(node[part]))}")
+                node[part] = parse_value(raw)
+            else:
+                node = node[part]
+    return cfg
+
+
+def resolve_config(method_cls: type, preset: str, overrides: list[str] | None = None, base: dict | None = None) -> dict:
+    """The full config of a run of ``method_cls`` at ``preset``, with ``overrides`` applied."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    cfg = deep_merge(base or DEFAULTS, {"method": method_cls.option_defaults()})
+    cfg = deep_merge(cfg, PRESETS[preset])
+    recipe = method_cls.recipes.get(preset, {})
+    unknown = [k for k in recipe if k not in cfg]
+    if unknown:
+        raise TypeError(f"{method_cls.__name__}.recipes['{preset}'] has unknown sections {unknown}")
+    cfg = deep_merge(cfg, recipe)
+    cfg["method_name"] = method_cls.name
+    cfg["preset"] = preset
+    return apply_overrides(cfg, overrides or [])

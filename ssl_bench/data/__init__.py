@@ -1,0 +1,1 @@
+"""Data sets by name, augmentation policies and the reproducible pretraining pipeline."""

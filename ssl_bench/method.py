@@ -1,0 +1,105 @@
+"""The plug-in contract every SSL method follows.
+
+A method is an ``nn.Module`` built as ``MethodClass(backbone, **options)``: its options are the
+keyword arguments of ``__init__`` and their defaults are the config's ``method.*`` keys, so there is
+no second list to keep in sync. It declares what its batches need (``data_spec``), returns named
+losses from ``training_step`` (the trainer sums them), and exposes ``encoder`` for evaluation.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ssl_bench.backbone import ViTBackbone
+
+
+@dataclass
+class DataSpec:
+    """What a method's batches must hold.
+
+    augmentation: a policy name from ``ssl_bench.data.transforms.POLICIES`` ("mim", "simsiam", "byol").
+    mask: a mask generator (``ssl_bench.masking``) called once per sample, or None.
+    The number of views follows from the policy: "mim" gives 1, the Siamese policies 2.
+    """
+
+    augmentation: str = "mim"
+    mask: Any = None
+    extras: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class for SSL methods; subclass it and decorate with ``@register_method``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line, shown by `ssl-bench methods`
+    family: ClassVar[str] = "mim"  # "mim" or "siamese": which augmentation family, for tables
+    # preset name -> partial config merged over the common preset ({"train": {...}, "model": {...}, ...})
+    recipes: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, backbone: ViTBackbone):
+        super().__init__()
+        self.backbone = backbone
+        self._logged: dict[str, float] = {}
+
+    # -- declared options -------------------------------------------------------------------------------
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """``method.*`` config keys and defaults, read off ``__init__``'s keyword arguments."""
+        params = inspect.signature(cls.__init__).parameters
+        return {
+            k: p.default
+            for k, p in params.items()
+            if k not in ("self", "backbone") and p.default is not inspect.Parameter.empty
+        }
+
+    # -- what the trainer calls -----------------------------------------------------------------------
+    def data_spec(self) -> DataSpec:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: {"views": [ (B, C, H, W), ... ], "mask": (B, N) bool or absent}. Returns named losses."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        # DDP hooks gradients through forward(), so the training step is the forward.
+        return self.training_step(batch)
+
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        """Per-step schedules (e.g. MoCo v3's momentum). Called before the forward of each step."""
+
+    def after_optimizer_step(self) -> None:
+        """Per-step updates outside the optimizer (e.g. EMA of a momentum encoder)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay, on top of all biases and norm weights."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", "pos_embed", "mask_token"))}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups: decayed vs not. A group may set ``fixed_lr=True`` to skip the schedule."""
+        skip = self.no_weight_decay()
+        decay, no_decay = [], []
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    @property
+    def encoder(self) -> ViTBackbone:
+        """The network to evaluate: a ViTBackbone whose forward gives (cls, patch tokens)."""
+        return self.backbone
+
+    # -- metrics that are not losses --------------------------------------------------------------
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        self._logged[name] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+    def pop_logged(self) -> dict[str, float]:
+        logged, self._logged = self._logged, {}
+        return logged
