@@ -56,6 +56,13 @@ class Method(nn.Module):
             if k not in ("self", "backbone") and p.default is not inspect.Parameter.empty
         }
 
+    @classmethod
+    def prepare(cls, cfg: dict, run_dir) -> dict:
+        """Called by the trainer before the method is built, on the main process; may do one-off
+        work the method needs (e.g. train a tokenizer into ``run_dir``) and return an updated config.
+        Must be idempotent: a resumed run calls it again."""
+        return cfg
+
     # -- what the trainer calls -----------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
         raise NotImplementedError
