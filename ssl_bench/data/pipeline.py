@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssl_bench.data.datasets import fixed_subset, load_dataset
 from ssl_bench.data.transforms import build_policy
+from ssl_bench.errors import UserError
 from ssl_bench.method import DataSpec
 
 
@@ -83,8 +84,6 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
     batch = cfg["train"]["batch_size"]
     sampler = ResumableSampler(len(dataset), batch, seed=cfg["seed"], rank=rank, world_size=world_size)
     if sampler.steps_per_epoch == 0:
-        from ssl_bench.errors import UserError
-
         raise UserError(
             f"data set has {len(dataset)} images, fewer than one global batch of {batch * world_size}; "
             f"lower train.batch_size or raise data.subset"
@@ -94,5 +93,6 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator(),  # workers' base seed must not consume the global RNG (exact resume)
     )
     return loader, sampler, dataset, info

@@ -1,0 +1,57 @@
+"""``ssl-bench pretrain``: pretrain one method on one data set at a preset, with key=value overrides."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ssl_bench.launch import add_launcher_args, run_job
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain one SSL method", description=__doc__)
+    p.add_argument("--method", required=True, help="a registered method (see `ssl-bench methods`)")
+    p.add_argument("--data", default="fashion_mnist", help="data set name (default: fashion_mnist)")
+    p.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
+    p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<data>-<preset>-<time>)")
+    p.add_argument("--seed", type=int, default=None, help="shorthand for seed=N")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5 model.arch=vit_small")
+    add_launcher_args(p)
+    p.set_defaults(func=run)
+
+
+def resolve(args) -> dict:
+    from ssl_bench.config import resolve_config
+    from ssl_bench.registry import get_method
+
+    overrides = [f"data.name={args.data}", *args.overrides]
+    if args.data_root:
+        overrides.insert(1, f"data.root={args.data_root}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = resolve_config(get_method(args.method), args.preset, overrides)
+    from ssl_bench.data.datasets import DATASETS
+    from ssl_bench.errors import UserError
+
+    if cfg["data"]["name"] not in DATASETS:
+        raise UserError(f"unknown data set '{cfg['data']['name']}'; known data sets: {', '.join(DATASETS)}")
+    return cfg
+
+
+def run(args) -> int:
+    from ssl_bench.errors import UserError
+    from ssl_bench.trainer import pretrain
+
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out RUN_DIR: the directory of the run to continue")
+    if args.resume and args.overrides:
+        raise UserError("a resumed run keeps the config it started with; drop the overrides or start a new run with a new --out")
+    cfg = resolve(args)
+    out = Path(args.out or f"runs/{args.method}-{cfg['data']['name']}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    record = run_job(args, pretrain, cfg, out, resume=args.resume, name=f"pretrain-{args.method}", log_dir=str(out))
+    loss = record.get("loss", {}).get("loss", {}).get("last")
+    ips = record.get("images_per_s")
+    print(f"{record['method']}: {record['status']} after {record.get('steps')} steps; final loss {loss:.4f}; "
+          f"{ips:.1f} images/s; run dir {out}" if loss is not None and ips else f"{record['method']}: {record['status']}; run dir {out}")
+    return 0

@@ -1,0 +1,292 @@
+"""One training loop for every method.
+
+    cfg -> method.prepare -> build method + data -> [step: schedules, forward, backward, optimizer,
+    method hooks, log, checkpoint] -> run.json
+
+Exact resume: the checkpoint holds model, optimizer, step, elapsed time and the RNG states; the data
+order and every sample's augmentation and mask are functions of (seed, epoch, index) (see
+``ssl_bench.data.pipeline``), so a resumed run takes the same steps as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssl_bench.build import build_method
+from ssl_bench.checkpoint import CHECKPOINT_NAME, RECORD_NAME, check_signature, load_checkpoint, save_checkpoint
+from ssl_bench.data.pipeline import build_pretrain_loader
+from ssl_bench.distributed import DistInfo, init_distributed
+from ssl_bench.errors import TrainingDiverged, UserError
+from ssl_bench.logging import MetricLogger
+from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
+from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
+from ssl_bench.registry import get_method
+
+
+# -- run directory -------------------------------------------------------------------------------
+def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
+    """A fresh directory, or (resume) one holding an unfinished run. Never reuses a finished run."""
+    out = Path(out_dir)
+    has_record = (out / RECORD_NAME).exists()
+    has_ckpt = (out / CHECKPOINT_NAME).exists()
+    if resume:
+        if not has_ckpt and not has_record:
+            raise UserError(f"nothing to resume in {out}: no {CHECKPOINT_NAME}; drop --resume to start a new run")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise UserError(
+            f"{out} already holds {'a run' if has_record or has_ckpt else 'files'}; choose a new --out, "
+            f"or pass --resume to continue an interrupted run there"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp not in ("auto", "bf16", "none"):
+        raise UserError(f"train.amp must be auto, bf16 or none, got '{amp}'")
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
+    """First / last / min per loss, and a curve of at most 100 points (step, value)."""
+    out = {}
+    for name, points in history.items():
+        values = [v for _, v in points]
+        if not values:
+            continue
+        tail = values[-max(1, len(values) // 10):]
+        stride = max(1, len(points) // 100)
+        out[name] = {
+            "first": values[0], "last": values[-1], "min": min(values),
+            "last_10pct_mean": sum(tail) / len(tail), "curve": points[::stride],
+        }
+    return out
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
+    """Pretrain ``cfg["method_name"]`` as ``cfg`` says; returns the run record (also ``out_dir/run.json``)."""
+    dist_info = init_distributed()
+    run_dir = prepare_run_dir(out_dir, resume) if dist_info.is_main else Path(out_dir)
+    if resume and (run_dir / RECORD_NAME).exists():
+        previous = read_json(run_dir / RECORD_NAME)
+        if previous.get("status") == "finished":
+            return previous  # e.g. a requeued job whose run had already completed
+        if previous.get("config") is not None:
+            cfg = previous["config"]  # a resumed run continues with the config it started with
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+
+    method_cls = get_method(cfg["method_name"])
+    if dist_info.is_main:
+        cfg = method_cls.prepare(cfg, run_dir)
+    if dist_info.world_size > 1:
+        box = [cfg]
+        torch.distributed.broadcast_object_list(box, src=0)
+        cfg = box[0]
+
+    train = cfg["train"]
+    device = _device(train["device"])
+    _seed_everything(cfg["seed"] + dist_info.rank)
+
+    # The data set's size and channels decide the backbone, so data comes first; the method's
+    # mask generator needs the patch grid, so the method is built before the loader.
+    from ssl_bench.data.datasets import load_dataset
+
+    _, info = load_dataset(cfg["data"]["name"], cfg["data"]["root"], "pretrain", img_size=cfg["data"]["img_size"])
+    method = build_method(cfg, info).to(device)
+    loader, sampler, dataset, info = build_pretrain_loader(cfg, method.data_spec(), dist_info.rank, dist_info.world_size)
+
+    accum = train["accum_steps"]
+    steps_per_epoch = sampler.steps_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise UserError(f"one epoch has {sampler.steps_per_epoch} micro-batches, fewer than train.accum_steps={accum}; lower accum_steps or batch_size")
+    total_steps = steps_per_epoch * train["epochs"]
+    stop_step = min(total_steps, train["max_steps"] or total_steps)
+    effective_batch = train["batch_size"] * accum * dist_info.world_size
+    base_lr = train["lr"] if train["lr"] is not None else train["blr"] * effective_batch / 256
+    warmup_steps = int(round(train["warmup_epochs"] * steps_per_epoch))
+
+    optimizer = build_optimizer(
+        method.param_groups(train["weight_decay"]), train["optimizer"], base_lr, betas=train["betas"], momentum=train["momentum"]
+    )
+
+    step, elapsed, history = 0, 0.0, {}
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("method") != method_cls.name:
+            raise UserError(f"checkpoint {ckpt_path} is from method '{ckpt.get('method')}', not '{method_cls.name}'; use another --out")
+        check_signature(ckpt["signature"], method.encoder.signature(), ckpt_path)
+        method.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, elapsed, history = ckpt["step"], ckpt["elapsed_s"], ckpt["history"]
+        _set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+
+    model = method
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+    if train["compile"]:
+        model = torch.compile(model)
+
+    record = {
+        "status": "running",
+        "method": method_cls.name,
+        "family": method_cls.family,
+        "data": cfg["data"]["name"],
+        "preset": cfg.get("preset"),
+        "seed": cfg["seed"],
+        "arch": method.encoder.signature(),
+        "data_info": dataclasses.asdict(info),
+        "epochs": train["epochs"],
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "effective_batch": effective_batch,
+        "lr": base_lr,
+        "world_size": dist_info.world_size,
+        "num_params": sum(p.numel() for p in method.parameters()),
+        "config": cfg,
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "started": now_iso(),
+    }
+    if dist_info.is_main:
+        write_json_atomic(run_dir / RECORD_NAME, record)
+
+    logger = MetricLogger(
+        run_dir, enabled=dist_info.is_main, progress=train["progress"], total=stop_step, initial=step, log_every=train["log_every"]
+    )
+    autocast = _autocast(train["amp"], device)
+    images_per_step = effective_batch
+    timed_steps, timed_seconds = 0, 0.0
+
+    def checkpoint() -> None:
+        rng = _rng_state()
+        if dist_info.world_size > 1:  # every rank's RNG, so each resumes its own stream
+            rng = [None] * dist_info.world_size
+            torch.distributed.all_gather_object(rng, _rng_state())
+        if not dist_info.is_main:
+            return
+        save_checkpoint(ckpt_path, {
+            "method": method_cls.name, "signature": method.encoder.signature(), "step": step,
+            "model": method.state_dict(), "encoder": method.encoder.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": rng, "elapsed_s": elapsed,
+            "history": history, "config": cfg,
+        })
+
+    def finish(status: str, **extra) -> dict:
+        record.update(status=status, steps=step, finished=now_iso(), wall_time_s=elapsed, loss=_loss_summary(history), **extra)
+        ips = images_per_step * timed_steps / timed_seconds if timed_seconds > 0 else None
+        n_gpus = dist_info.world_size if device.type == "cuda" else 0
+        record.update(images_per_s=ips, gpu_hours=elapsed * n_gpus / 3600.0)
+        if dist_info.is_main:
+            write_json_atomic(run_dir / RECORD_NAME, record)
+        logger.close()
+        return record
+
+    method.train()
+    try:
+        while step < stop_step:
+            epoch, start_in_epoch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start_in_epoch * accum)
+            dataset.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(start_in_epoch, steps_per_epoch):
+                t0 = time.perf_counter()
+                lr = cosine_with_warmup(step, total_steps, warmup_steps, base_lr, train["min_lr"])
+                set_lr(optimizer, lr)
+                method.on_step_start(step, total_steps)
+                totals: dict[str, float] = {}
+                for micro in range(accum):
+                    batch = _to_device(next(batches), device)
+                    sync = micro == accum - 1 or dist_info.world_size == 1
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                        losses = model(batch)
+                        loss = sum(losses.values())
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingDiverged(
+                            f"loss is {loss.item()} at step {step} ({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); "
+                            f"stopped; last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'}; "
+                            f"lower train.blr or set train.clip_grad"
+                        )
+                    (loss / accum).backward()
+                    for k, v in losses.items():
+                        totals[k] = totals.get(k, 0.0) + v.item() / accum
+                    totals["loss"] = totals.get("loss", 0.0) + loss.item() / accum
+                if train["clip_grad"]:
+                    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(method.parameters(), train["clip_grad"]))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_optimizer_step()
+                step += 1
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                if step > 2 or stop_step <= 2:  # the first steps pay for allocation/compilation
+                    timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+                for k, v in totals.items():
+                    history.setdefault(k, []).append((step, v))
+                logger.step(step, epoch, lr, totals, method.pop_logged(), images_per_step / dt)
+                if step % train["ckpt_every"] == 0 or step == stop_step:
+                    checkpoint()
+                if step >= stop_step:
+                    break
+    except TrainingDiverged as exc:
+        finish("diverged", error=str(exc))
+        raise
+    except BaseException as exc:
+        finish("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    return finish("finished")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list):
+            out[k] = [t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in v]
+        else:
+            out[k] = v
+    return out
