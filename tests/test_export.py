@@ -1,0 +1,50 @@
+"""Export: the encoder loads into a plain timm ViT with strict=True and computes the same features."""
+import json
+
+import pytest
+import timm
+import torch
+
+from evals.export import export_encoder, load_exported
+from ssl_bench.checkpoint import load_encoder
+from ssl_bench.cli import main
+from ssl_bench.config import resolve_config
+from ssl_bench.registry import get_method
+from ssl_bench.trainer import pretrain
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "mae"
+    cfg = resolve_config(get_method("mae"), "smoke", ["train.max_steps=2", "train.progress=false"])
+    pretrain(cfg, out)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_export_loads_strict_and_matches_features(run_dir, tmp_path, suffix):
+    weights, sidecar = export_encoder(run_dir, tmp_path / f"encoder{suffix}")
+    spec = json.loads(sidecar.read_text())
+    model = timm.create_model(spec["model_name"], **spec["create_kwargs"]).eval()
+    images = torch.randn(3, spec["input"]["in_chans"], spec["input"]["img_size"], spec["input"]["img_size"])
+    with torch.no_grad():
+        before = model.forward_features(images)
+        model.load_state_dict(load_exported(weights), strict=True)
+        tokens = model.forward_features(images)  # (B, 1 + N, D)
+        encoder, _ = load_encoder(run_dir)
+        cls, patches = encoder(images)
+    assert not torch.allclose(before, tokens)  # the comparison below is not vacuous
+    torch.testing.assert_close(tokens[:, 0], cls)
+    torch.testing.assert_close(tokens[:, 1:], patches)
+    torch.testing.assert_close(model(images), cls)  # num_classes=0: forward() is the cls feature
+    assert spec["source"]["method"] == "mae" and spec["input"]["mean"] is not None
+
+
+def test_export_never_overwrites(run_dir, tmp_path, capsys):
+    out = tmp_path / "enc.pth"
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    first = out.read_bytes()
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "enc.txt")]) == 2
