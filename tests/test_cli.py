@@ -1,0 +1,102 @@
+"""The command line: listing, a smoke run, and one clear line for each kind of bad input."""
+import json
+import shutil
+
+import pytest
+
+from ssl_bench.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ssl-bench: error: ")
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_methods_lists_mae(capsys):
+    code, out, _ = run_cli(capsys, "methods")
+    assert code == 0 and any(line.startswith("mae ") for line in out.splitlines())
+
+
+def test_smoke_pretrain_writes_record(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "pretrain", "--method", "mae", "--data", "fashion_mnist", "--preset", "smoke",
+                           "--out", str(tmp_path / "run"), "train.progress=false")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert code == 0 and "finished" in out
+    assert record["status"] == "finished" and record["images_per_s"] > 0
+    assert 0 < record["loss"]["loss"]["last"] < float("inf")
+
+
+def test_unknown_method(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "pretrain", "--method", "nope", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "unknown method 'nope'", "mae")
+
+
+def test_unknown_data_set(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--data", "mnist2", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "unknown data set 'mnist2'", "fashion_mnist", "imagefolder")
+
+
+def test_unknown_preset(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--preset", "huge", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "unknown preset 'huge'", "smoke")
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--preset", "smoke", "--data-root", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "Fashion-MNIST not found", "apt-get install dataset-fashion-mnist", "--data-root")
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("train.epoch=3", "unknown config key 'train.epoch'"),
+    ("optim.lr=1", "unknown config key 'optim.lr'"),
+    ("method.mask_ration=0.5", "unknown config key 'method.mask_ration'"),
+    ("train", "not of the form key=value"),
+])
+def test_unknown_override_key(capsys, tmp_path, override, fragment):
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--preset", "smoke", "--out", str(tmp_path / "r"), override)
+    assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_is_named(capsys, tmp_path, workers):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(tmp_path / "data" / cls / f"{i}.png")
+    bad = tmp_path / "data" / "b" / "7.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--data", "imagefolder", "--data-root", str(tmp_path / "data"),
+                           "--preset", "smoke", "--out", str(tmp_path / "r"), "data.img_size=28", "data.subset=none",
+                           f"data.num_workers={workers}", "train.progress=false", "train.batch_size=8")
+    assert_one_line_error(code, err, "cannot read image", str(bad))
+
+
+def test_resume_with_checkpoint_of_other_architecture(capsys, tmp_path):
+    common = ["--method", "mae", "--preset", "smoke", "train.progress=false", "train.max_steps=2"]
+    assert run_cli(capsys, "pretrain", "--out", str(tmp_path / "a"), *common)[0] == 0
+    assert run_cli(capsys, "pretrain", "--out", str(tmp_path / "b"), *common, "model.embed_dim=32")[0] == 0
+    # an interrupted run a, whose checkpoint was swapped for one of another width
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    record["status"] = "interrupted"
+    (tmp_path / "a" / "run.json").write_text(json.dumps(record))
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--preset", "smoke", "--out", str(tmp_path / "a"), "--resume")
+    assert_one_line_error(code, err, "another architecture", "embed_dim: checkpoint 32 vs this run 64")
+
+
+def test_resume_of_empty_dir(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--out", str(tmp_path), "--resume")
+    assert_one_line_error(code, err, "nothing to resume")

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+
+from ssl_bench.masking import BlockMaskGenerator, RandomMaskGenerator, split_by_mask
+
+
+@pytest.mark.parametrize("grid,ratio", [(14, 0.75), (7, 0.75), (4, 0.5)])
+def test_random_mask_exact_count(grid, ratio):
+    gen = RandomMaskGenerator(grid, ratio)
+    rng = np.random.default_rng(0)
+    masks = np.stack([gen(rng) for _ in range(200)])
+    assert (masks.sum(1) == round(ratio * grid * grid)).all()
+    # every position gets masked sometimes: the subset is random, not fixed
+    assert masks.any(0).all() and not masks.all(0).any()
+
+
+@pytest.mark.parametrize("grid,ratio", [(14, 0.4), (14, 0.5), (7, 0.5), (8, 0.4)])
+def test_block_mask_exact_count_and_blocky(grid, ratio):
+    gen = BlockMaskGenerator(grid, ratio)
+    rng = np.random.default_rng(0)
+    masks = np.stack([gen(rng) for _ in range(200)])
+    assert (masks.sum(1) == round(ratio * grid * grid)).all()
+    # block-wise: masked patches have many masked 4-neighbours, far more than uniform random masking gives
+    def neighbour_share(m):
+        m = m.reshape(grid, grid)
+        right = (m[:, 1:] & m[:, :-1]).sum()
+        down = (m[1:, :] & m[:-1, :]).sum()
+        return 2 * (right + down) / max(1, m.sum())
+    rand = RandomMaskGenerator(grid, ratio)
+    block_score = np.mean([neighbour_share(m) for m in masks])
+    random_score = np.mean([neighbour_share(rand(rng)) for _ in range(200)])
+    assert block_score > random_score + 0.4
+
+
+def test_split_by_mask_round_trip():
+    gen = RandomMaskGenerator(7, 0.75)
+    rng = np.random.default_rng(1)
+    mask = torch.from_numpy(np.stack([gen(rng) for _ in range(5)]))
+    keep, masked, restore = split_by_mask(mask)
+    assert keep.shape == (5, 12) and masked.shape == (5, 37)
+    assert not mask.gather(1, keep).any() and mask.gather(1, masked).all()
+    order = torch.cat([keep, masked], 1)
+    assert torch.equal(order.gather(1, restore), torch.arange(49).expand(5, -1))
+
+
+def test_split_by_mask_rejects_ragged_masks():
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(ValueError):
+        split_by_mask(mask)

@@ -1,0 +1,112 @@
+"""The common trainer: exact resume, divergence guard, records that are never overwritten."""
+import json
+
+import pytest
+import torch
+
+from methods.mae import MAE
+from ssl_bench.errors import TrainingDiverged, UserError
+from ssl_bench.records import write_json_new
+from ssl_bench.trainer import pretrain
+from tests.conftest import smoke_config
+
+
+def interrupt_after(monkeypatch, cls, n_steps):
+    """Make ``cls`` raise KeyboardInterrupt after ``n_steps`` optimizer steps, like a killed job."""
+    original, calls = cls.after_optimizer_step, {"n": 0}
+
+    def hook(self):
+        original(self)
+        calls["n"] += 1
+        if calls["n"] == n_steps:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, "after_optimizer_step", hook)
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_bit_for_bit(tmp_path, monkeypatch, workers):
+    # drop path and a loader worker make this test sensitive to RNG and data-order state
+    cfg = smoke_config("mae", "model.drop_path=0.1", "train.ckpt_every=3", f"data.num_workers={workers}")
+    straight = pretrain(cfg, tmp_path / "straight")
+    with monkeypatch.context() as m:
+        interrupt_after(m, MAE, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "interrupted"
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["steps"] == straight["steps"] == 8
+    assert resumed["loss"]["loss"]["last"] == straight["loss"]["loss"]["last"]
+
+
+def test_resume_changes_nothing_without_checkpointed_state(tmp_path, monkeypatch):
+    """Control for the test above: resuming from a checkpoint taken at another step must not match."""
+    cfg = smoke_config("mae", "model.drop_path=0.1", "train.ckpt_every=3")
+    pretrain(cfg, tmp_path / "straight")
+    with monkeypatch.context() as m:
+        interrupt_after(m, MAE, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, tmp_path / "resumed")
+    ckpt_path = tmp_path / "resumed" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["rng"]["torch"] = torch.manual_seed(123).get_state()  # lose the RNG state
+    torch.save(ckpt, ckpt_path)
+    pretrain(cfg, tmp_path / "resumed", resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = smoke_config("mae", "train.ckpt_every=2")
+    original, calls = MAE.training_step, {"n": 0}
+
+    def step(self, batch):
+        calls["n"] += 1
+        losses = original(self, batch)
+        return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 4 else losses
+
+    monkeypatch.setattr(MAE, "training_step", step)
+    with pytest.raises(TrainingDiverged, match="step 3.*last good checkpoint"):
+        pretrain(cfg, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert record["status"] == "diverged" and ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_run_dir_is_never_overwritten(tmp_path):
+    cfg = smoke_config("mae", "train.max_steps=1")
+    pretrain(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "run.json").read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        pretrain(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "run.json").read_bytes() == before
+    # a finished run that is "resumed" (e.g. a requeued job) returns its record and trains nothing
+    assert pretrain(cfg, tmp_path / "run", resume=True)["status"] == "finished"
+    assert (tmp_path / "run" / "run.json").read_bytes() == before
+
+
+def test_records_written_next_to_not_over(tmp_path):
+    paths = [write_json_new(tmp_path, "knn-fashion_mnist-smoke", {"i": i}) for i in range(3)]
+    assert [p.name for p in paths] == ["knn-fashion_mnist-smoke.json", "knn-fashion_mnist-smoke-1.json", "knn-fashion_mnist-smoke-2.json"]
+    assert [json.loads(p.read_text())["i"] for p in paths] == [0, 1, 2]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_run_record_contents(tmp_path):
+    record = pretrain(smoke_config("mae"), tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "run.json").read_text())
+    for key in ("method", "config", "data", "arch", "epochs", "steps", "loss", "wall_time_s", "images_per_s",
+                "gpu_hours", "hardware", "git_commit", "status"):
+        assert key in on_disk, key
+    assert on_disk["hardware"]["torch"] == torch.__version__ and on_disk["hardware"]["timm"]
+    assert record["images_per_s"] > 0 and record["loss"]["loss"]["last"] > 0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == record["steps"]
