@@ -1,0 +1,97 @@
+"""Data: reproducible per-sample augmentation and masks, resumable sampler, policies, data-set errors."""
+import numpy as np
+import pytest
+import torch
+
+from ssl_bench.data.datasets import fixed_subset, load_dataset
+from ssl_bench.data.pipeline import PretrainDataset, ResumableSampler
+from ssl_bench.data.transforms import build_policy
+from ssl_bench.errors import UserError
+from ssl_bench.masking import BlockMaskGenerator
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_dataset("fashion_mnist", None, "pretrain")
+
+
+def test_fashion_mnist_is_the_real_data(fashion):
+    ds, info = fashion
+    image, label = ds[0]
+    assert len(ds) == 60000 and image.shape == (1, 28, 28) and image.dtype == torch.uint8
+    assert info.num_classes == 10 and sorted({ds[i][1] for i in range(200)}) == list(range(10))
+    test, _ = load_dataset("fashion_mnist", None, "test")
+    assert len(test) == 10000
+
+
+def test_samples_depend_on_seed_epoch_index_only(fashion):
+    ds, info = fashion
+    policy = build_policy("simsiam", 28, 1, info.mean, info.std)
+    data = PretrainDataset(ds, policy, BlockMaskGenerator(7, 0.5), seed=3)
+    a = data[5]
+    torch.manual_seed(999)  # the caller's RNG must neither matter nor be consumed
+    state = torch.get_rng_state()
+    b = data[5]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"])) and torch.equal(a["mask"], b["mask"])
+    assert not torch.equal(a["views"][0], a["views"][1])  # two different augmentations of one image
+    data.set_epoch(1)
+    c = data[5]
+    assert not torch.equal(a["views"][0], c["views"][0]) and not torch.equal(a["mask"], c["mask"])
+
+
+def test_sampler_resumes_mid_epoch_and_shards():
+    full = list(ResumableSampler(100, 8, seed=1))
+    assert len(full) == 96 and len(set(full)) == 96
+    resumed = ResumableSampler(100, 8, seed=1)
+    resumed.set_epoch(0, start_step=5)
+    assert list(resumed) == full[40:]
+    ranks = [ResumableSampler(100, 8, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    shards = [list(s) for s in ranks]
+    assert len(shards[0]) == len(shards[1]) == 48 and not set(shards[0]) & set(shards[1])
+    other_epoch = ResumableSampler(100, 8, seed=1)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != full
+
+
+@pytest.mark.parametrize("policy,views", [("mim", 1), ("simsiam", 2), ("byol", 2)])
+@pytest.mark.parametrize("chans", [1, 3])
+def test_policies(policy, views, chans):
+    img = torch.randint(0, 256, (chans, 40, 40), dtype=torch.uint8)
+    out = build_policy(policy, 32, chans, (0.5,) * chans, (0.25,) * chans)(img)
+    assert len(out) == views and all(v.shape == (chans, 32, 32) and v.dtype == torch.float32 for v in out)
+
+
+def test_fixed_subset_is_shared_across_runs():
+    a, b = fixed_subset(1000, 100), fixed_subset(1000, 100)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 100
+    assert fixed_subset(1000, None) is None and fixed_subset(10, 100) is None
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("cifar10", "CIFAR10 needs --data-root"),
+    ("cifar100", "CIFAR100 needs --data-root"),
+    ("stl10", "STL10 needs --data-root"),
+    ("imagefolder", "imagefolder needs --data-root"),
+    ("svhn", "unknown data set 'svhn'"),
+])
+def test_missing_data_sets_say_what_to_do(name, fragment, tmp_path):
+    with pytest.raises(UserError, match=fragment):
+        load_dataset(name, str(tmp_path / "missing"), "train")
+
+
+def test_torchvision_format_missing_files(tmp_path):
+    with pytest.raises(UserError, match="CIFAR10 not found or corrupt"):
+        load_dataset("cifar10", str(tmp_path), "train")
+
+
+def test_corrupt_idx_file_is_named(tmp_path):
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / f"{stem}.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="corrupt idx file .*train-images"):
+        load_dataset("fashion_mnist", str(tmp_path), "train")
+
+
+def test_synthetic_is_deterministic():
+    ds, info = load_dataset("synthetic", None, "pretrain", img_size=32)
+    assert torch.equal(ds[3][0], ds[3][0]) and ds[3][0].shape == (3, 32, 32) and info.num_classes == 10
