@@ -1,0 +1,360 @@
+"""The leaderboard: every finished run under a results directory, one row per method (and per data set /
+preset when there are several), a column per evaluation protocol with mean ± std over seeds.
+
+    results/.../<run>/run.json              written by the trainer (status, method, data, preset, seed, cost)
+    results/.../<run>/evals/<p>-<data>-<preset>[-k].json   written by ``evals.run.evaluate`` (top1, ...)
+
+Rules (stated again under the table):
+* runs whose status is not "finished" are skipped, with a note naming them;
+* a seed counts once per (method, data, preset): the latest finished run of that seed;
+* a protocol counts once per run: its latest record (a rerun writes ``-1``, ``-2``..., never overwrites);
+* std is the sample std (ddof 1) over seeds; a cell shows n when it averages more than one run;
+* an evaluation on another data set (transfer) or preset gets its own column, e.g. ``finetune (cifar10)``.
+
+Outputs (atomic writes, deterministic content so a regenerated table diffs cleanly):
+``leaderboard.md`` / ``.csv`` / ``.tex`` (tabulate) and ``leaderboard.png`` (top-1 per method and protocol).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ssl_bench.errors import UserError
+
+PROTOCOL_ORDER = ("knn", "linear", "attentive", "finetune")
+FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
+PLOT_NAME = "leaderboard.png"
+MISSING = "-"
+
+
+@dataclass
+class Stat:
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else 0.0
+
+
+@dataclass
+class Row:
+    method: str
+    family: str
+    data: str
+    preset: str
+    seeds: list = field(default_factory=list)
+    top1: dict[str, Stat] = field(default_factory=dict)  # column -> Stat
+    images_per_s: Stat | None = None
+    gpu_hours: Stat | None = None
+    wall_min: Stat | None = None
+    hardware: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Leaderboard:
+    rows: list[Row]
+    columns: list[str]  # protocol columns, in display order
+    notes: list[str]  # skipped runs and records
+    show_data: bool
+    show_preset: bool
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _read(path: Path) -> dict | None:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _record_rank(path: Path, record: dict) -> tuple:
+    """Later ``created`` wins; for equal stamps the higher ``-k`` suffix (written later) wins."""
+    m = re.search(r"-(\d+)$", path.stem)
+    return (str(record.get("created", "")), int(m.group(1)) if m else 0, path.name)
+
+
+def _column(protocol: str, eval_data: str, eval_preset: str, run_data: str, run_preset: str) -> str:
+    extra = [eval_data] if eval_data != run_data else []
+    extra += [f"{eval_preset} preset"] if eval_preset != run_preset else []
+    return f"{protocol} ({', '.join(extra)})" if extra else protocol
+
+
+def _column_key(col: str) -> tuple:
+    base = col.split(" (")[0]
+    order = PROTOCOL_ORDER.index(base) if base in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
+    return (order, base, col)
+
+
+def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, float]:
+    """column -> top1 of the latest eval record of each protocol (and data set / preset) for this run."""
+    latest: dict[str, tuple] = {}
+    for path in sorted((run_dir / "evals").glob("*.json")):
+        ev = _read(path)
+        top1 = ev.get("top1") if ev else None
+        if not isinstance(top1, (int, float)) or not ev.get("protocol") or not math.isfinite(top1):
+            notes.append(f"skipped eval record {rel(path)}: unreadable or without a numeric top1")
+            continue
+        col = _column(ev["protocol"], ev.get("data", record["data"]), ev.get("preset", record.get("preset")), record["data"], record.get("preset"))
+        rank = _record_rank(path, ev)
+        if col not in latest or rank > latest[col][0]:
+            latest[col] = (rank, float(top1))
+    return {col: v for col, (_, v) in latest.items()}
+
+
+def collect(results_dir: str | Path) -> Leaderboard:
+    """Walk ``results_dir`` (any depth) for run directories and aggregate them."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise UserError(f"results directory {root} does not exist; pass --results DIR holding run directories (e.g. results/)")
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(root))
+
+    notes: list[str] = []
+    latest_per_seed: dict[tuple, tuple] = {}  # (data, preset, method, seed) -> (finished, run_dir, record)
+    for path in sorted(root.rglob("run.json")):
+        run_dir = path.parent
+        record = _read(path)
+        if record is None or not record.get("method") or not record.get("data"):
+            notes.append(f"skipped {rel(run_dir)}: run.json unreadable or incomplete")
+            continue
+        if record.get("status") != "finished":
+            notes.append(f"skipped {rel(run_dir)}: status '{record.get('status')}', not finished")
+            continue
+        seed = record.get("seed", (record.get("config") or {}).get("seed"))
+        key = (record["data"], str(record.get("preset")), record["method"], seed)
+        entry = (str(record.get("finished", "")), rel(run_dir), record, run_dir)
+        if key in latest_per_seed:
+            older, newer = sorted([latest_per_seed[key], entry], key=lambda e: (e[0], e[1]))
+            notes.append(f"skipped {older[1]}: same method, data, preset and seed as {newer[1]}, which finished later")
+            entry = newer
+        latest_per_seed[key] = entry
+
+    rows: dict[tuple, Row] = {}
+    for (data, preset, method, seed), (_, _, record, run_dir) in sorted(latest_per_seed.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        row = rows.setdefault((data, preset, method), Row(method, record.get("family", ""), data, preset))
+        row.seeds.append(seed)
+        for col, top1 in _run_evals(run_dir, record, notes, rel).items():
+            row.top1.setdefault(col, Stat([])).values.append(top1)
+        for attr, value in (
+            ("images_per_s", record.get("images_per_s")),
+            ("gpu_hours", record.get("gpu_hours")),
+            ("wall_min", record["wall_time_s"] / 60 if isinstance(record.get("wall_time_s"), (int, float)) else None),
+        ):
+            if isinstance(value, (int, float)):
+                if getattr(row, attr) is None:
+                    setattr(row, attr, Stat([]))
+                getattr(row, attr).values.append(float(value))
+        summary = (record.get("hardware") or {}).get("summary")
+        if summary and summary not in row.hardware:
+            row.hardware.append(summary)
+
+    ordered = [rows[k] for k in sorted(rows)]
+    columns = sorted({c for r in ordered for c in r.top1}, key=_column_key)
+    return Leaderboard(
+        ordered, columns, notes,
+        show_data=len({r.data for r in ordered}) > 1, show_preset=len({r.preset for r in ordered}) > 1,
+    )
+
+
+# -- formatting ------------------------------------------------------------------------------------
+def fmt_stat(stat: Stat | None, digits: int = 2) -> str:
+    """'71.20' for one run, '71.20 ± 0.45 (n=3)' for several."""
+    if stat is None or stat.n == 0:
+        return MISSING
+    if stat.n == 1:
+        return f"{stat.mean:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f} (n={stat.n})"
+
+
+def _plain(stat: Stat | None, digits: int) -> str:
+    return MISSING if stat is None else f"{stat.mean:.{digits}f}"
+
+
+def headers(lb: Leaderboard) -> list[str]:
+    return (
+        ["Method"] + (["Data"] if lb.show_data else []) + (["Preset"] if lb.show_preset else []) + ["Seeds"]
+        + lb.columns + ["Pretrain img/s", "GPU-h", "Pretrain min", "Hardware"]
+    )
+
+
+def table_rows(lb: Leaderboard) -> list[list[str]]:
+    out = []
+    for r in lb.rows:
+        out.append(
+            [r.method] + ([r.data] if lb.show_data else []) + ([r.preset] if lb.show_preset else [])
+            + [",".join(map(str, r.seeds))]
+            + [fmt_stat(r.top1.get(c)) for c in lb.columns]
+            + [_plain(r.images_per_s, 0), _plain(r.gpu_hours, 2), _plain(r.wall_min, 1), "; ".join(r.hardware) or MISSING]
+        )
+    return out
+
+
+def _scope(lb: Leaderboard) -> str:
+    parts = []
+    if not lb.show_data and lb.rows:
+        parts.append(f"data set: {lb.rows[0].data}")
+    if not lb.show_preset and lb.rows:
+        parts.append(f"preset: {lb.rows[0].preset}")
+    return ", ".join(parts)
+
+
+FOOTNOTE = (
+    "Top-1 (%) on the test split; hyper-parameters / epoch selected on a held-out part of the train split. "
+    "Several seeds: mean ± sample std (n runs). Cost columns are means per pretraining run."
+)
+
+
+def to_markdown(lb: Leaderboard) -> str:
+    from tabulate import tabulate
+
+    lines = ["# Leaderboard", ""]
+    scope = _scope(lb)
+    if scope:
+        lines += [scope[0].upper() + scope[1:], ""]
+    if lb.rows:
+        lines += [tabulate(table_rows(lb), headers=headers(lb), tablefmt="github", disable_numparse=True), ""]
+    else:
+        lines += ["No finished runs.", ""]
+    lines += [FOOTNOTE, ""]
+    if lb.notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in lb.notes] + [""]
+    return "\n".join(lines)
+
+
+def _slug(column: str) -> str:
+    """'finetune (cifar10)' -> 'finetune_cifar10', for CSV headers."""
+    return re.sub(r"\W+", "_", column).strip("_")
+
+
+def to_csv(lb: Leaderboard) -> str:
+    """Numbers unformatted, one mean/std/n triple per protocol column."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        ["method", "family", "data", "preset", "seeds"]
+        + [f"{_slug(c)}_{s}" for c in lb.columns for s in ("mean", "std", "n")]
+        + ["images_per_s", "gpu_hours", "pretrain_min", "hardware"]
+    )
+
+    def num(stat: Stat | None, attr: str):
+        return "" if stat is None else round(getattr(stat, attr), 6)
+
+    for r in lb.rows:
+        cells = [r.method, r.family, r.data, r.preset, " ".join(map(str, r.seeds))]
+        for c in lb.columns:
+            s = r.top1.get(c)
+            cells += [num(s, "mean"), num(s, "std"), "" if s is None else s.n]
+        cells += [num(r.images_per_s, "mean"), num(r.gpu_hours, "mean"), num(r.wall_min, "mean"), "; ".join(r.hardware)]
+        w.writerow(cells)
+    return buf.getvalue()
+
+
+def to_latex(lb: Leaderboard) -> str:
+    """booktabs table; tabulate escapes LaTeX's special characters (e.g. moco\\_v3), ± becomes $\\pm$."""
+    from tabulate import tabulate
+
+    body = tabulate(table_rows(lb), headers=headers(lb), tablefmt="latex_booktabs", disable_numparse=True)
+    scope = f"% {_scope(lb)}\n" if _scope(lb) else ""
+    return f"% {FOOTNOTE}\n{scope}" + body.replace("±", r"$\pm$") + "\n"
+
+
+# -- plot ------------------------------------------------------------------------------------------
+def make_figure(lb: Leaderboard):
+    """Grouped bars: one group per row (method), one bar per protocol column, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        r.method + (f"\n{r.data}" if lb.show_data else "") + (f"\n{r.preset}" if lb.show_preset else "") for r in lb.rows
+    ]
+    n_cols = max(1, len(lb.columns))
+    width = 0.8 / n_cols
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(lb.rows) * max(1, n_cols) ** 0.5 + 2), 4.5))
+    for j, col in enumerate(lb.columns):
+        xs = [i + (j - (n_cols - 1) / 2) * width for i in range(len(lb.rows))]
+        stats = [r.top1.get(col) for r in lb.rows]
+        heights = [s.mean if s else math.nan for s in stats]
+        bars = ax.bar(xs, heights, width, label=col)
+        ax.bar_label(bars, labels=[f"{h:.1f}" if s else "" for h, s in zip(heights, stats)], label_type="center", rotation=90, fontsize=7, color="white")
+        spread = [(x, s) for x, s in zip(xs, stats) if s and s.n > 1]  # error bars only where there are seeds
+        if spread:
+            ax.errorbar([x for x, _ in spread], [s.mean for _, s in spread], yerr=[s.std for _, s in spread], fmt="none", ecolor="black", capsize=2, lw=1)
+    ax.set_xticks(range(len(lb.rows)), labels)
+    ax.set_ylabel("top-1 (%)")
+    finite = [s.mean for r in lb.rows for s in r.top1.values()]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 10), min(100.0, max(finite) + 5))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    if lb.columns:
+        ax.legend(ncols=min(5, n_cols), fontsize="small", loc="upper left", bbox_to_anchor=(0, 1.15), frameon=False)
+    ax.set_title(_scope(lb) or "top-1 per method and protocol", fontsize="small", loc="right")
+    fig.tight_layout()
+    return fig
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_formats(text: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    names = ["latex" if n == "tex" else n for n in names]
+    bad = [n for n in names if n not in FORMATS]
+    if bad:
+        raise UserError(f"unknown leaderboard format(s) {', '.join(bad)}; choose from: {', '.join(FORMATS)} (comma-separated)")
+    return names
+
+
+def write_leaderboard(results_dir: str | Path, formats=("md", "csv", "latex"), out_dir: str | Path | None = None, plot: bool = True) -> tuple[Leaderboard, list[Path]]:
+    """Collect ``results_dir`` and write the tables (and the plot) into ``out_dir`` (default: ``results_dir``)."""
+    import matplotlib.pyplot as plt
+
+    lb = collect(results_dir)
+    out = Path(out_dir or results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    render = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
+    written = []
+    for fmt in parse_formats(list(formats)):
+        path = out / FORMATS[fmt]
+        text = render[fmt](lb)
+        _atomic(path, lambda f, t=text: f.write(t.encode()))
+        written.append(path)
+    if plot and lb.rows:
+        fig = make_figure(lb)
+        _atomic(out / PLOT_NAME, lambda f: fig.savefig(f, format="png", dpi=120))
+        plt.close(fig)
+        written.append(out / PLOT_NAME)
+    return lb, written
