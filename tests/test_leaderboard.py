@@ -75,3 +75,62 @@ def test_cli(results, capsys):
     assert main(["leaderboard", "--results", str(results), "--format", "md,xls"]) == 2
     assert "unknown leaderboard format" in capsys.readouterr().err
     assert main(["leaderboard", "--results", str(results / "nope")]) == 2
+
+
+# -- the one-command benchmark, end to end (smoke presets, shrunk further) ------------------------------
+TINY_EVALS = [
+    "knn.train_size=200", "knn.heldout_size=50", "knn.test_size=100", "knn.ks=(5,10)",
+    "linear.train_size=200", "linear.heldout_size=50", "linear.test_size=100", "linear.epochs=2", "linear.blrs=(1.0,)",
+    "attentive.train_size=200", "attentive.heldout_size=50", "attentive.test_size=100", "attentive.epochs=1", "attentive.blrs=(0.2,)",
+    "finetune.train_size=64", "finetune.heldout_size=32", "finetune.test_size=64", "finetune.batch_size=32", "finetune.epochs=1",
+]
+
+
+def _bench(results, capsys, *extra):
+    argv = ["bench", "--preset", "smoke", "--methods", "mae,simsiam", "--results", str(results), *extra, "train.max_steps=2"]
+    for o in TINY_EVALS:
+        argv[1:1] = ["--eval-override", o]
+    code = main(argv)
+    return code, capsys.readouterr().out
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json")) if "features" not in p.parts}
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_and_rerun_skips_finished_work(tmp_path, capsys):
+    code, out = _bench(tmp_path, capsys)
+    assert code == 0, out
+    bench = tmp_path / "fashion_mnist-smoke"
+    runs = sorted(p.parent.name for p in bench.glob("*/run.json"))
+    assert runs == ["mae-s0", "simsiam-s0"]
+    records = sorted(str(p.relative_to(bench)) for p in bench.glob("*/evals/*.json"))
+    assert records == [f"{r}/evals/{p}-fashion_mnist-smoke.json" for r in runs for p in ("attentive", "finetune", "knn", "linear")]
+    lb = collect(bench)
+    assert [r.method for r in lb.rows] == ["mae", "simsiam"] and lb.columns == ["knn", "linear", "attentive", "finetune"]
+    assert all(0 <= s.mean <= 100 and s.n == 1 for r in lb.rows for s in r.top1.values())
+    table = [ln for ln in (bench / "leaderboard.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(table) == 3 and all(ln in out for ln in table)  # header, mae, simsiam  # the final table is printed
+    assert (bench / "leaderboard.png").exists()
+
+    # A rerun finds everything done: no step runs again and no record is rewritten or duplicated.
+    before = _snapshot(bench)
+    code, out = _bench(tmp_path, capsys)
+    assert code == 0 and "2 runs and 8 evaluations already done" in out
+    assert ": pretraining" not in out and ": evaluating" not in out
+    assert _snapshot(bench) == before
+
+    # A missing evaluation is the only thing redone.
+    (bench / "mae-s0/evals/knn-fashion_mnist-smoke.json").unlink()
+    code, out = _bench(tmp_path, capsys)
+    assert code == 0 and "eval/mae-s0/knn: evaluating" in out and out.count(": evaluating") == 1
+    after = _snapshot(bench)
+    assert {k: v for k, v in after.items() if "knn" not in k or "mae" not in k} == {k: v for k, v in before.items() if "knn" not in k or "mae" not in k}
+
+
+def test_bench_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["bench", "--preset", "smoke", "--methods", "mae,nope", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # validated before anything ran
