@@ -1,0 +1,80 @@
+"""``ssl-bench status``: every job submitted under a directory (sweeps and single ``--launcher slurm``
+jobs keep a jobs.json index), its SLURM state, its result and where its log is.
+
+States come from squeue / scontrol (and sacct where SLURM keeps accounting); a job SLURM no longer
+knows is COMPLETED or FAILED according to the result submitit left in its folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="state and log path of submitted SLURM jobs", description=__doc__)
+    p.add_argument("--results", default="results", metavar="DIR", help="directory searched (any depth) for jobs.json (default: results)")
+    p.set_defaults(func=run)
+
+
+def find_indexes(root: Path) -> list[Path]:
+    from ssl_bench.errors import UserError
+    from ssl_bench.launch import INDEX_NAME
+
+    if root.is_file() and root.name == INDEX_NAME:
+        return [root]
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist; pass --results DIR, the directory of a sweep or of submitted runs")
+    found = sorted(root.rglob(INDEX_NAME))
+    if not found:
+        raise UserError(f"no {INDEX_NAME} under {root}: nothing was submitted there with `ssl-bench sweep` or `--launcher slurm`")
+    return found
+
+
+def _result(entry: dict) -> str:
+    """What the job produced: the run's status and steps, or the evaluation's top-1."""
+    import json
+
+    run_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
+    if run_dir is None:
+        return ""
+    try:
+        if entry.get("kind") == "eval":
+            records = sorted((run_dir / "evals").glob(f"{entry.get('protocol') or ''}*.json"), key=lambda p: p.stat().st_mtime)
+            return f"top-1 {json.loads(records[-1].read_text())['top1']:.2f}%" if records else ""
+        record = json.loads((run_dir / "run.json").read_text())
+        return f"{record.get('status')} ({record.get('steps', 0)}/{record.get('total_steps', '?')} steps)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def collect_status(results: str | Path) -> list[dict]:
+    from ssl_bench.launch import job_outcome, read_index, slurm_states
+
+    rows = []
+    for index in find_indexes(Path(results)):
+        for key, entry in read_index(index).items():
+            rows.append({"index": index, "key": key, **entry})
+    states = slurm_states([r["job_id"] for r in rows if r.get("job_id") and r.get("launcher") == "slurm"])
+    for r in rows:
+        jid = r.get("job_id")
+        state = states.get(jid) if jid else None
+        if jid and state is None:
+            outcome = job_outcome(Path(r["folder"]), jid)
+            state = {"success": "COMPLETED", "error": "FAILED"}.get(outcome, "UNKNOWN")
+        r["state"] = state or r.get("state", "-")
+        r["result"] = _result(r)
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    table = [[r["key"], r.get("job_id") or "-", r["state"], r["result"], r.get("log", "-")] for r in rows]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return tabulate(table, headers=["job", "id", "state", "result", "log"], tablefmt="simple") + f"\n{len(rows)} jobs: {summary}"
+
+
+def run(args) -> int:
+    print(format_status(collect_status(args.results)))
+    return 0

@@ -1,0 +1,300 @@
+"""Sweeps: methods x seeds pretrained and evaluated with several protocols, then one leaderboard.
+
+    SWEEP_DIR/<method>-s<seed>/run.json, checkpoint.pt, evals/<protocol>-<data>-<preset>.json
+    SWEEP_DIR/logs/          submitit's scripts, pickles and logs (<job id>_<task>_log.out / .err)
+    SWEEP_DIR/jobs.json      key ("pretrain/mae-s0", "eval/mae-s0/knn") -> job id, log, ...
+    SWEEP_DIR/leaderboard.*  written once every job has ended (when waiting)
+
+On SLURM the pretraining runs are one job array (``executor.batch()``); each evaluation is a job that
+starts only after its run's pretraining succeeded (``--dependency=afterok:<array task>``; it is
+cancelled if that fails). A rerun skips what is done: runs whose run.json says finished, evaluations
+whose record exists, and jobs of an earlier submission still queued or running. An unfinished run
+with a checkpoint is resumed.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssl_bench.errors import UserError
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
+
+
+@dataclass
+class EvalSpec:
+    protocol: str
+    key: str
+    done: bool
+
+
+@dataclass
+class RunSpec:
+    method: str
+    seed: int
+    cfg: dict
+    run_dir: Path
+    state: str  # finished | resumable | fresh | partial
+    evals: list[EvalSpec] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"pretrain/{self.run_dir.name}"
+
+
+@dataclass
+class Sweep:
+    out: Path
+    data: str
+    data_root: str | None
+    preset: str
+    eval_overrides: list[str]
+    runs: list[RunSpec]
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def index(self) -> Path:
+        from ssl_bench.launch import INDEX_NAME
+
+        return self.out / INDEX_NAME
+
+
+def split_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"--{what} is empty; give a comma-separated list")
+    if len(set(items)) != len(items):
+        raise UserError(f"--{what} '{text}' names an item twice")
+    return items
+
+
+def run_state(run_dir: Path) -> str:
+    """finished | resumable (a checkpoint or record to continue from) | fresh (nothing there yet) |
+    partial (files but no run: a job may be setting it up, or an earlier one died before its record)."""
+    from ssl_bench.checkpoint import RECORD_NAME
+    from ssl_bench.launch import holds_run
+    from ssl_bench.records import read_json
+
+    if (run_dir / RECORD_NAME).exists() and read_json(run_dir / RECORD_NAME).get("status") == "finished":
+        return "finished"
+    if holds_run(run_dir):
+        return "resumable"
+    return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "fresh"
+
+
+def refuse_partial(run: RunSpec) -> None:
+    if run.state == "partial":
+        raise UserError(f"{run.run_dir} holds files but no run (no run.json or checkpoint.pt) and no job of this sweep is on it; "
+                        f"move it away and rerun the sweep")
+
+
+def eval_done(run_dir: Path, protocol: str, data: str, preset: str) -> bool:
+    """An evaluation record exists (``write_json_new`` names reruns stem-1.json, stem-2.json, ...)."""
+    stem = f"{protocol}-{data}-{preset}"
+    evals = run_dir / "evals"
+    return (evals / f"{stem}.json").exists() or any(p.stem.removeprefix(stem + "-").isdigit() for p in evals.glob(f"{stem}-*.json"))
+
+
+def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | None, preset: str, out: str | Path,
+         overrides: list[str] = (), eval_overrides: list[str] = ()) -> Sweep:
+    """Validate everything (methods, seeds, protocols, configs) before anything is submitted."""
+    from evals.presets import resolve_eval_config
+    from evals.run import parse_protocols
+    from ssl_bench.config import resolve_config
+    from ssl_bench.data.datasets import DATASETS
+    from ssl_bench.registry import get_method
+
+    method_names = split_list(methods, "methods")
+    try:
+        seed_list = [int(s) for s in split_list(seeds, "seeds")]
+    except ValueError:
+        raise UserError(f"--seeds '{seeds}' must be comma-separated integers, e.g. 0,1,2") from None
+    protocol_list = parse_protocols(protocols)
+    if data not in DATASETS:
+        raise UserError(f"unknown data set '{data}'; known data sets: {', '.join(DATASETS)}")
+    resolve_eval_config(preset, list(eval_overrides))
+    out = Path(out)
+    runs = []
+    for name in method_names:
+        cls = get_method(name)
+        for seed in seed_list:
+            base = [f"data.name={data}", *([f"data.root={data_root}"] if data_root else []), "train.progress=false"]
+            cfg = resolve_config(cls, preset, [*base, *overrides, f"seed={seed}"])
+            run_dir = out / f"{name}-s{seed}"
+            spec = RunSpec(name, seed, cfg, run_dir, run_state(run_dir))
+            spec.evals = [
+                EvalSpec(p, f"eval/{run_dir.name}/{p}", spec.state == "finished" and eval_done(run_dir, p, data, preset))
+                for p in protocol_list
+            ]
+            runs.append(spec)
+    return Sweep(out, data, data_root, preset, list(eval_overrides), runs)
+
+
+# -- running --------------------------------------------------------------------------------------
+def _eval_args(sweep: Sweep, run: RunSpec, ev: EvalSpec) -> tuple:
+    return (run.run_dir, [ev.protocol], sweep.data, sweep.data_root, sweep.preset, sweep.eval_overrides)
+
+
+def run_inline(sweep: Sweep, launcher: str) -> list[str]:
+    """local / debug: every step in this process, in order; returns the keys that failed."""
+    from evals.run import evaluate
+    from ssl_bench.launch import Job, _run_debug
+    from ssl_bench.trainer import pretrain
+
+    def call(fn, args, kwargs, name):
+        if launcher == "debug":
+            return _run_debug(sweep.logs, Job(fn, args, kwargs), name)
+        return fn(*args, **kwargs)
+
+    for run in sweep.runs:
+        refuse_partial(run)
+    failed = []
+    for run in sweep.runs:
+        if run.state != "finished":
+            print(f"{run.key}: pretraining", flush=True)
+            try:
+                record = call(pretrain, (run.cfg, run.run_dir), {"resume": run.state == "resumable"}, run.key)
+            except UserError as exc:
+                print(f"{run.key}: failed: {exc}", flush=True)
+                failed.append(run.key)
+                continue
+            if record.get("status") != "finished":
+                failed.append(run.key)
+                continue
+        for ev in run.evals:
+            if not ev.done:
+                print(f"{ev.key}: evaluating", flush=True)
+                call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
+    return failed
+
+
+@dataclass
+class Submitted:
+    jobs: dict[str, Any]  # key -> submitit job (submitted now)
+    reused: dict[str, Any]  # key -> submitit job of an earlier submission still queued/running
+    skipped: list[str]
+
+
+def submit(sweep: Sweep, cluster) -> Submitted:
+    """Pretraining as one job array, each evaluation as a job after its run's pretraining."""
+    from evals.run import evaluate
+    import submitit
+
+    from ssl_bench.launch import Job, job_entry, make_executor, read_index, record_jobs, sbatch_errors, slurm_states
+    from ssl_bench.trainer import pretrain
+
+    earlier = read_index(sweep.index)
+    live = slurm_states([e["job_id"] for e in earlier.values() if e.get("job_id") and e.get("launcher") == "slurm"])
+
+    def active(key: str):
+        entry = earlier.get(key, {})
+        jid = entry.get("job_id")
+        if not jid or (live.get(jid) or "UNKNOWN").split()[0] not in ACTIVE:
+            return None
+        return submitit.SlurmJob(folder=entry["folder"], job_id=jid, tasks=tuple(range(entry.get("tasks", 1))))
+
+    out = Submitted({}, {}, [])
+    todo = []
+    for run in sweep.runs:
+        if run.state == "finished":
+            out.skipped.append(run.key)
+        elif active(run.key):
+            out.reused[run.key] = active(run.key)
+        else:
+            refuse_partial(run)
+            todo.append(run)
+    if todo:
+        executor = make_executor("slurm", sweep.logs, cluster, f"pretrain-{sweep.out.name}")
+        with sbatch_errors(cluster):
+            with executor.batch():
+                pending = [executor.submit(Job(pretrain, (r.cfg, r.run_dir), {"resume": r.state == "resumable"})) for r in todo]
+        out.jobs.update({r.key: j for r, j in zip(todo, pending)})
+    entries = {r.key: job_entry(out.jobs[r.key], "pretrain", cluster, run_dir=str(r.run_dir), method=r.method, seed=r.seed) for r in todo}
+
+    for run in sweep.runs:
+        parent_job = out.jobs.get(run.key) or out.reused.get(run.key)
+        parent = parent_job.job_id if parent_job else None
+        for ev in run.evals:
+            if ev.done:
+                out.skipped.append(ev.key)
+                continue
+            if active(ev.key):
+                out.reused[ev.key] = active(ev.key)
+                continue
+            dep = {"dependency": f"afterok:{parent}", "kill-on-invalid-dep": "yes"} if parent else None
+            executor = make_executor("slurm", sweep.logs, cluster, f"eval-{run.run_dir.name}-{ev.protocol}", sbatch=dep)
+            with sbatch_errors(cluster):
+                job = executor.submit(Job(evaluate, _eval_args(sweep, run, ev)))
+            out.jobs[ev.key] = job
+            entries[ev.key] = job_entry(job, "eval", cluster, run_dir=str(run.run_dir), protocol=ev.protocol, depends_on=parent)
+    record_jobs(sweep.index, entries)
+    return out
+
+
+def wait_all(submitted: Submitted) -> list[str]:
+    """Wait for the jobs submitted now and those of an earlier submission still on the queue; print
+    each as it ends; returns one failure line per failed job."""
+    from ssl_bench.launch import job_failure_message, wait_for
+
+    jobs = {**submitted.reused, **submitted.jobs}
+    keys = {j.job_id: k for k, j in jobs.items()}
+
+    def on_done(job, state: str) -> None:
+        print(f"  {keys[job.job_id]:<28} job {job.job_id:<8} {state}", flush=True)
+
+    final = wait_for(list(jobs.values()), on_done=on_done)
+    return [f"{key}: {job_failure_message(job, final[job.job_id])}" for key, job in jobs.items() if final[job.job_id] != "COMPLETED"]
+
+
+def write_leaderboard(sweep: Sweep) -> str | None:
+    """The leaderboard of the sweep directory (markdown), or None while evals.leaderboard is missing."""
+    try:
+        from evals.leaderboard import to_markdown
+        from evals.leaderboard import write_leaderboard as write
+    except ImportError:
+        return None
+    lb, written = write(sweep.out, plot=True)
+    return to_markdown(lb) + "\nwrote " + ", ".join(str(p) for p in written)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from ssl_bench.launch import cluster_from_args
+
+    sweep = plan(args.methods, args.seeds, args.protocols, args.data, args.data_root, args.preset,
+                 args.out or f"results/sweep-{args.data}-{args.preset}", args.overrides, args.eval_override)
+    n_runs, n_evals = len(sweep.runs), sum(len(r.evals) for r in sweep.runs)
+    print(f"sweep {sweep.out}: {n_runs} runs x {n_evals // max(1, n_runs)} protocols; "
+          f"{sum(r.state == 'finished' for r in sweep.runs)} runs and {sum(e.done for r in sweep.runs for e in r.evals)} evaluations already done")
+    if args.launcher in ("local", "debug"):
+        failed = run_inline(sweep, args.launcher)
+        if failed:
+            raise UserError(f"{len(failed)} run(s) did not finish: {', '.join(failed)}; rerun the sweep to resume them")
+    else:
+        cluster = cluster_from_args(args)
+        submitted = submit(sweep, cluster)
+        pre = [k for k in submitted.jobs if k.startswith("pretrain/")]
+        if pre:
+            print(f"submitted pretraining array {submitted.jobs[pre[0]].job_id.split('_')[0]} ({len(pre)} runs) and "
+                  f"{len(submitted.jobs) - len(pre)} evaluation jobs ({cluster.describe()}); logs in {sweep.logs}")
+        elif submitted.jobs:
+            print(f"submitted {len(submitted.jobs)} evaluation jobs ({cluster.describe()}); logs in {sweep.logs}")
+        elif not submitted.reused:
+            print("nothing to submit: every run and evaluation is done")
+        if submitted.reused:
+            print(f"{len(submitted.reused)} job(s) of an earlier submission are still queued or running: "
+                  f"{', '.join(j.job_id for j in submitted.reused.values())}")
+        print(f"job index: {sweep.index}; `ssl-bench status --results {sweep.out}` shows each job's state and log")
+        if args.no_wait:
+            return 0
+        failures = wait_all(submitted)
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise UserError(f"{len(failures)} job(s) failed; first: {failures[0]}{more}; `ssl-bench status --results {sweep.out}` lists them")
+    table = write_leaderboard(sweep)
+    print(table if table is not None else "evals.leaderboard is not available: no leaderboard written")
+    return 0
