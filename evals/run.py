@@ -1,0 +1,216 @@
+"""Run evaluation protocols on a finished pretraining run and record one result per protocol.
+
+    evaluate(run_dir, ["knn", "linear"], "fashion_mnist", None, "quick")
+      -> RUN_DIR/evals/knn-fashion_mnist-quick.json, RUN_DIR/evals/linear-fashion_mnist-quick.json
+
+A protocol is a module ``evals/<name>.py`` exposing ``evaluate(ctx: EvalContext) -> dict`` with at least
+``top1`` (test split, percent), ``selected`` (what was chosen on the held-out split) and ``details``.
+Records are written with ``write_json_new``: atomic, and never overwriting an earlier result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evals.features import Features, file_sha256, load_features
+from evals.presets import PROTOCOLS, resolve_eval_config
+from ssl_bench.backbone import ViTBackbone
+from ssl_bench.checkpoint import CHECKPOINT_NAME, load_encoder, read_run
+from ssl_bench.data.datasets import DatasetInfo, fixed_subset, load_dataset
+from ssl_bench.data.transforms import eval_transform
+from ssl_bench.errors import UserError
+from ssl_bench.records import git_commit, hardware, now_iso, write_json_new
+
+SPLIT_SEED = 0  # the held-out / train / test subsets are the same for every method and run
+
+
+@dataclass
+class EvalContext:
+    """What a protocol needs: the run, the evaluation data and its preset values.
+
+    ``params`` are this protocol's preset values; ``features(split)`` gives frozen-encoder features of
+    "train", "heldout" (held out of the labelled train split, for choosing hyper-parameters) or "test";
+    ``load_encoder()`` gives a fresh trainable copy of the pretrained encoder (fine-tuning).
+    """
+
+    run_dir: Path
+    record: dict  # the run's run.json
+    data: str
+    data_root: str | None
+    preset: str
+    params: dict
+    device: torch.device
+    checkpoint_sha256: str
+    feature_cfg: dict  # the preset's "features" section
+    cache_dir: Path
+    _shared: dict = field(default_factory=dict, repr=False)  # frozen encoder, data sets: loaded once for all protocols
+
+    # -- encoder ------------------------------------------------------------------------------------------
+    def frozen_encoder(self) -> ViTBackbone:
+        """The pretrained encoder, eval mode, no gradients, on ``device``; loaded once."""
+        if "encoder" not in self._shared:
+            encoder, _ = load_encoder(self.run_dir)
+            self._shared["encoder"] = encoder.requires_grad_(False).eval().to(self.device)
+        return self._shared["encoder"]
+
+    def load_encoder(self, drop_path: float = 0.0) -> ViTBackbone:
+        """A fresh trainable copy of the pretrained encoder (train mode, on the CPU), with stochastic
+        depth ``drop_path``; the fixed position embedding stays frozen."""
+        encoder, _ = load_encoder(self.run_dir)
+        if drop_path:
+            fresh = ViTBackbone(**encoder.signature(), drop_path=drop_path)
+            fresh.load_state_dict(encoder.state_dict())
+            encoder = fresh
+        return encoder.train()
+
+    # -- data -----------------------------------------------------------------------------------------------
+    @property
+    def img_size(self) -> int:
+        return int(self.record["arch"]["img_size"]) if "arch" in self.record else self.frozen_encoder().img_size
+
+    def dataset(self, split: str):
+        """The labelled ``split`` ("train" or "test") of the evaluation data set, uint8 images:
+        (Dataset of (image, label), DatasetInfo). Use ``split_indices`` for the subsets."""
+        if split not in ("train", "test"):
+            raise ValueError(split)
+        if split not in self._shared:
+            ds, info = load_dataset(self.data, self.data_root, split, img_size=self.img_size)
+            in_chans = int(self.record.get("arch", {}).get("in_chans", info.in_chans))
+            if info.in_chans != in_chans:
+                raise UserError(f"the encoder takes {in_chans}-channel images but {self.data} has {info.in_chans}; evaluate on a data set with {in_chans} channel(s)")
+            self._shared[split] = (ds, info)
+        return self._shared[split]
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self.dataset("train")[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def normalization(self) -> tuple[tuple, tuple]:
+        """The mean / std the encoder was pretrained with (its inputs must look the same), else the
+        evaluation data set's."""
+        pre = self.record.get("data_info") or {}
+        if "mean" in pre and len(pre["mean"]) == self.info.in_chans:
+            return tuple(pre["mean"]), tuple(pre["std"])
+        return self.info.mean, self.info.std
+
+    def transform(self):
+        mean, std = self.normalization()
+        return eval_transform(self.img_size, self.info.img_size, mean, std)
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Sorted image indices of "train" / "heldout" (disjoint parts of the labelled train split) or
+        "test", sized by this protocol's ``train_size`` / ``heldout_size`` / ``test_size``."""
+        p = self.params
+        if split == "test":
+            n = len(self.dataset("test")[0])
+            sub = fixed_subset(n, p["test_size"], seed=SPLIT_SEED)
+            return np.arange(n) if sub is None else sub
+        if split not in ("train", "heldout"):
+            raise ValueError(f"unknown split '{split}'; use train, heldout or test")
+        n = len(self.dataset("train")[0])
+        held = p["heldout_size"]
+        n_held = int(round(held * n)) if isinstance(held, float) else int(held)
+        if not 0 < n_held < n:
+            raise UserError(f"heldout_size={held} leaves no held-out or no train images out of {n}; pick 0 < heldout_size < {n}")
+        perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+        if split == "heldout":
+            return np.sort(perm[:n_held])
+        rest = perm[n_held:]
+        return np.sort(rest if p["train_size"] is None else rest[: p["train_size"]])
+
+    def features(self, split: str, kinds: Sequence[str] = ("cls", "mean")) -> Features:
+        """Frozen-encoder features of ``split``: cached under ``cache_dir``, extracted when missing."""
+        ds, _ = self.dataset("test" if split == "test" else "train")
+        mean, std = self.normalization()
+        key = {
+            "checkpoint_sha256": self.checkpoint_sha256, "data": self.data,
+            "data_root": str(Path(self.data_root).resolve()) if self.data_root else None,
+            "split": split, "img_size": self.img_size, "mean": list(mean), "std": list(std),
+        }
+        f = self.feature_cfg
+        return load_features(
+            cache_dir=self.cache_dir, key_fields=key, dataset=ds, indices=self.split_indices(split),
+            transform=self.transform(), encoder_fn=self.frozen_encoder, kinds=kinds, cache_mb=f["cache_mb"],
+            batch_size=f["batch_size"], num_workers=f["num_workers"], device=self.device,
+        )
+
+
+def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
+    """"knn,linear" or ["knn", "linear"] -> validated list; unknown or unavailable names: UserError."""
+    names = [p.strip() for p in (protocols.split(",") if isinstance(protocols, str) else protocols) if p.strip()]
+    if not names:
+        raise UserError(f"no protocol given; choose from {', '.join(PROTOCOLS)}")
+    for name in names:
+        if name not in PROTOCOLS:
+            raise UserError(f"unknown protocol '{name}'; choose from {', '.join(PROTOCOLS)}")
+        if importlib.util.find_spec(f"evals.{name}") is None:
+            raise UserError(f"protocol '{name}' is not available in this checkout (evals/{name}.py is missing)")
+    return names
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("features.device=cuda but no CUDA GPU is visible; use features.device=cpu or auto")
+    return torch.device(name)
+
+
+def make_context(run_dir: str | Path, data: str | None, data_root: str | None, preset: str, cfg: dict) -> EvalContext:
+    """Validate the run (one clear error for a missing / unfinished run or checkpoint) and set up."""
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    ckpt = run_dir / CHECKPOINT_NAME
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint {ckpt} not found; the run directory is incomplete, rerun `ssl-bench pretrain`")
+    f = cfg["features"]
+    ctx = EvalContext(
+        run_dir=run_dir, record=record, data=data or record.get("data") or record["config"]["data"]["name"],
+        data_root=data_root, preset=preset, params={}, device=_device(f["device"]),
+        checkpoint_sha256=file_sha256(ckpt), feature_cfg=f,
+        cache_dir=Path(f["cache_dir"]) if f.get("cache_dir") else run_dir / "features",
+    )
+    ctx.frozen_encoder()  # a corrupt checkpoint fails here, before any protocol runs
+    return ctx
+
+
+def evaluate(
+    run_dir: str | Path, protocols: Sequence[str] | str, data: str | None = None, data_root: str | None = None,
+    preset: str = "quick", overrides: Sequence[str] = (),
+) -> list[Path]:
+    """Run each protocol on the run's encoder; one record per protocol under ``run_dir/evals``."""
+    names = parse_protocols(protocols)
+    cfg = resolve_eval_config(preset, list(overrides))
+    base = make_context(run_dir, data, data_root, preset, cfg)
+    paths = []
+    for name in names:
+        ctx = dataclasses.replace(base, params=cfg[name])  # shares the loaded encoder and data sets
+        start = time.perf_counter()
+        result = importlib.import_module(f"evals.{name}").evaluate(ctx)
+        missing = {"top1", "selected", "details"} - set(result)
+        if missing:
+            raise RuntimeError(f"evals.{name}.evaluate returned no {sorted(missing)}")
+        record: dict[str, Any] = {
+            "protocol": name, "data": ctx.data, "preset": preset, "top1": float(result["top1"]),
+            "selected": result["selected"], "details": result["details"],
+            "method": base.record.get("method"), "run_dir": str(base.run_dir.resolve()),
+            "checkpoint_sha256": base.checkpoint_sha256, "wall_time_s": time.perf_counter() - start,
+            "hardware": hardware(), "created": now_iso(),
+            "config": {"features": cfg["features"], name: cfg[name]}, "overrides": list(overrides),
+            "device": str(ctx.device), "git_commit": git_commit(),
+        }
+        paths.append(write_json_new(base.run_dir / "evals", f"{name}-{ctx.data}-{preset}", record))
+    return paths

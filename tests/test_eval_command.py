@@ -1,0 +1,164 @@
+"""`ssl-bench eval` end to end on a tiny pretrained run: records, the feature cache, bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import evals.features
+from evals.presets import resolve_eval_config
+from evals.run import make_context
+from ssl_bench.cli import main
+from ssl_bench.trainer import pretrain
+from tests.conftest import smoke_config
+
+TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.max_steps=2"]
+SMALL = ["knn.ks=(5,10)", "knn.train_size=200", "knn.heldout_size=100", "knn.test_size=100"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished MAE run on a 1-block, 32-wide ViT (2 steps): what `ssl-bench pretrain` leaves."""
+    out = tmp_path_factory.mktemp("runs") / "mae"
+    pretrain(smoke_config("mae", *TINY), out)
+    return out
+
+
+@pytest.fixture
+def fresh_run(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("evals", "features"))
+    return copy
+
+
+@pytest.fixture
+def extractions(monkeypatch):
+    """Counts the passes of the encoder over a split."""
+    calls = []
+    original = evals.features._extract
+
+    def counting(encoder, loader, n, kinds, path, device):
+        calls.append(sorted(kinds))
+        return original(encoder, loader, n, kinds, path, device)
+
+    monkeypatch.setattr(evals.features, "_extract", counting)
+    return calls
+
+
+def context(run, *overrides):
+    """The eval context the kNN protocol gets (smoke preset, small subsets)."""
+    cfg = resolve_eval_config("smoke", [*SMALL, *overrides])
+    ctx = make_context(run, None, None, "smoke", cfg)
+    ctx.params = cfg["knn"]
+    return ctx
+
+
+def test_eval_command_writes_one_record_per_protocol_and_never_overwrites(fresh_run, capsys):
+    args = ["eval", "--run", str(fresh_run), "--protocol", "knn,linear,attentive", "--preset", "smoke", *SMALL,
+            "linear.epochs=2", "attentive.epochs=1", "linear.train_size=200", "attentive.train_size=200"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["knn", "linear", "attentive"]
+    records = {p: json.loads((fresh_run / "evals" / f"{p}-fashion_mnist-smoke.json").read_text()) for p in ("knn", "linear", "attentive")}
+    for name, rec in records.items():
+        assert rec["protocol"] == name and rec["data"] == "fashion_mnist" and rec["preset"] == "smoke"
+        assert 0 <= rec["top1"] <= 100 and rec["selected"] and rec["details"]["grid"]
+        assert rec["method"] == "mae" and rec["checkpoint_sha256"] == evals.features.file_sha256(fresh_run / "checkpoint.pt")
+        assert {"wall_time_s", "hardware", "created", "config", "run_dir"} <= set(rec)
+    assert records["knn"]["config"]["knn"]["ks"] == [5, 10]  # the overrides are what ran
+    assert {(r["feature"], r["k"]) for r in records["knn"]["details"]["grid"]} == {(f, k) for f in ("cls", "mean") for k in (5, 10)}
+
+    first = (fresh_run / "evals" / "knn-fashion_mnist-smoke.json").read_bytes()
+    assert main(["eval", "--run", str(fresh_run), "--protocol", "knn", "--preset", "smoke", *SMALL]) == 0
+    assert (fresh_run / "evals" / "knn-fashion_mnist-smoke.json").read_bytes() == first
+    again = json.loads((fresh_run / "evals" / "knn-fashion_mnist-smoke-1.json").read_text())
+    assert again["top1"] == records["knn"]["top1"]  # same cached features, same result
+
+
+def test_feature_cache_is_reused_and_invalidated_by_a_changed_checkpoint(fresh_run, extractions):
+    first = context(fresh_run).features("train")
+    assert extractions == [["cls", "labels", "mean"]]
+    cls = np.array(first.arrays["cls"])
+    assert isinstance(first.arrays["cls"], np.memmap) and first.arrays["cls"].dtype == np.float16
+
+    again = context(fresh_run).features("train")  # a new context: nothing carried over in memory
+    assert len(extractions) == 1
+    assert np.array_equal(np.array(again.arrays["cls"]), cls)
+
+    ckpt = torch.load(fresh_run / "checkpoint.pt", weights_only=False)
+    ckpt["encoder"]["vit.patch_embed.proj.weight"] += 0.5  # as if training had gone on
+    torch.save(ckpt, fresh_run / "checkpoint.pt")
+    changed = context(fresh_run).features("train")
+    assert len(extractions) == 2
+    assert not np.array_equal(np.array(changed.arrays["cls"]), cls)
+    assert len(list((fresh_run / "features").iterdir())) == 2
+
+
+def test_features_are_those_of_the_frozen_encoder_on_unaugmented_images(fresh_run):
+    ctx = context(fresh_run)
+    feats = ctx.features("heldout", ("cls", "mean", "patches"))
+    ds, _ = ctx.dataset("train")
+    idx = ctx.split_indices("heldout")[:4]
+    images = torch.stack([ctx.transform()(ds[int(i)][0]) for i in idx])
+    with torch.no_grad():
+        cls, patches = ctx.frozen_encoder()(images)
+    torch.testing.assert_close(feats.tensor("cls")[:4], cls, atol=2e-2, rtol=1e-2)  # float16 storage
+    torch.testing.assert_close(feats.tensor("mean")[:4], patches.mean(1), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(feats.tensor("patches")[:4], patches, atol=2e-2, rtol=1e-2)
+    assert np.array_equal(feats.labels[:4], [ds[int(i)][1] for i in idx])
+
+
+def test_patch_tokens_over_the_budget_are_streamed_not_cached(fresh_run):
+    cached = context(fresh_run).features("heldout", ("patches",))
+    streamed = context(fresh_run, "features.cache_mb=0", "features.cache_dir=" + str(fresh_run / "other")).features("heldout", ("patches",))
+    assert "patches" in cached.arrays and "patches" not in streamed.arrays
+    assert not list((fresh_run / "other").rglob("patches.npy"))
+    order = np.array([5, 1, 3, 2])
+    (a, la), = cached.batches(["patches"], order, 4)
+    (b, lb), = streamed.batches(["patches"], order, 4)
+    torch.testing.assert_close(a["patches"], b["patches"], atol=2e-2, rtol=1e-2)
+    assert torch.equal(la, lb)
+
+
+def test_heldout_train_and_test_subsets(fresh_run):
+    ctx = context(fresh_run)
+    ctx.params = resolve_eval_config("smoke")["linear"]
+    train, held, test = (ctx.split_indices(s) for s in ("train", "heldout", "test"))
+    assert len(train) == 1000 and len(held) == 250 and len(test) == 500
+    assert not set(train) & set(held)  # hyper-parameters are chosen on images the probe never fits
+    ctx.params = {**ctx.params, "train_size": 300}  # the held-out set does not move with the train size
+    assert np.array_equal(ctx.split_indices("heldout"), held)
+    assert set(ctx.split_indices("train")) < set(train)
+
+
+def one_line_error(capsys, args) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_missing_or_corrupt_runs_give_one_clear_line(tmp_path, fresh_run, capsys):
+    assert "does not exist" in one_line_error(capsys, ["eval", "--run", str(tmp_path / "nope"), "--preset", "smoke"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "run.json not found" in one_line_error(capsys, ["eval", "--run", str(empty), "--preset", "smoke"])
+
+    (empty / "run.json").write_text('{"status": "fini')
+    assert "corrupt" in one_line_error(capsys, ["eval", "--run", str(empty), "--preset", "smoke"])
+
+    (fresh_run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert "corrupt" in one_line_error(capsys, ["eval", "--run", str(fresh_run), "--preset", "smoke", "--protocol", "knn"])
+
+    (fresh_run / "checkpoint.pt").unlink()
+    assert "checkpoint" in one_line_error(capsys, ["eval", "--run", str(fresh_run), "--preset", "smoke", "--protocol", "knn"])
+    assert not (fresh_run / "evals").exists()
+
+
+def test_bad_protocol_preset_or_override_gives_one_clear_line(run_dir, capsys):
+    base = ["eval", "--run", str(run_dir)]
+    assert "unknown protocol 'svm'" in one_line_error(capsys, [*base, "--protocol", "knn,svm"])
+    assert "unknown eval preset" in one_line_error(capsys, [*base, "--preset", "huge"])
+    assert "knn.kk" in one_line_error(capsys, [*base, "--preset", "smoke", "knn.kk=3"])

@@ -1,0 +1,93 @@
+"""kNN (DINO's weighted vote): the faiss search agrees with a brute-force torch implementation."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evals.features import Features
+from evals.knn import KNNClassifier, knn_protocol
+from ssl_bench.errors import UserError
+
+KS = (1, 5, 20, 100)
+
+
+def brute_force_knn(train, train_labels, queries, k, temperature, num_classes):
+    """DINO's eval_knn, written directly: full similarity matrix, top-k, exp(s/T)-weighted one-hot votes."""
+    x, q = F.normalize(train, dim=1), F.normalize(queries, dim=1)
+    sims, idx = (q @ x.T).topk(k, dim=1)  # (nq, k)
+    one_hot = F.one_hot(train_labels[idx], num_classes).float()  # (nq, k, C)
+    return (one_hot * (sims / temperature).exp().unsqueeze(-1)).sum(dim=1), idx  # (nq, C)
+
+
+@pytest.fixture
+def clusters():
+    """Noisy class clusters, so neighbours are informative but not trivially all one class."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 24, generator=g)
+    train_labels = torch.randint(0, 5, (400,), generator=g)
+    query_labels = torch.randint(0, 5, (73,), generator=g)
+    train = centers[train_labels] + 1.5 * torch.randn(400, 24, generator=g)
+    queries = centers[query_labels] + 1.5 * torch.randn(73, 24, generator=g)
+    return train, train_labels, queries, query_labels
+
+
+def test_knn_matches_brute_force_for_every_k_with_chunked_queries(clusters):
+    train, train_labels, queries, _ = clusters
+    clf = KNNClassifier(train, train_labels, num_classes=5, temperature=0.07)
+    scores = clf.scores(queries, KS, chunk=16)  # 73 queries in chunks of 16: the last chunk is ragged
+    _, ids = clf.search(queries, max(KS), chunk=16)
+    for k in KS:
+        expected, expected_ids = brute_force_knn(train, train_labels, queries, k, 0.07, 5)
+        assert torch.equal(ids[:, :k], expected_ids), f"k={k}: different neighbours"
+        assert torch.equal(scores[k].argmax(1), expected.argmax(1)), f"k={k}: different labels"
+        # faiss and torch sum the dot products in different orders: equal to float32 rounding
+        torch.testing.assert_close(scores[k], expected, rtol=1e-5, atol=0.0)
+    # the votes really depend on k (else slicing one search could hide a bug)
+    assert not torch.equal(scores[1].argmax(1), scores[100].argmax(1))
+    # chunking changes nothing
+    whole = clf.scores(queries, KS, chunk=10_000)
+    assert all(torch.equal(whole[k], scores[k]) for k in KS)
+
+
+def test_knn_weights_neighbours_by_exp_similarity_over_temperature():
+    # two train points of class 0 at similarity 0.6, one of class 1 at similarity 1.0
+    train = torch.tensor([[0.6, 0.8], [0.6, -0.8], [1.0, 0.0]])
+    clf = KNNClassifier(train, torch.tensor([0, 0, 1]), num_classes=2, temperature=0.1)
+    scores = clf.scores(torch.tensor([[2.0, 0.0]]), [3])[3][0]
+    torch.testing.assert_close(scores, torch.tensor([2 * np.exp(6.0), np.exp(10.0)], dtype=torch.float32))
+    assert scores.argmax() == 1  # one close neighbour outweighs two far ones at T = 0.1
+
+
+def test_knn_accuracy_counts_correct_predictions(clusters):
+    train, train_labels, queries, query_labels = clusters
+    clf = KNNClassifier(train, train_labels, num_classes=5)
+    acc = clf.accuracy(queries, query_labels, KS, chunk=8)
+    for k in KS:
+        expected, _ = brute_force_knn(train, train_labels, queries, k, 0.07, 5)
+        assert acc[k] == pytest.approx(100.0 * (expected.argmax(1) == query_labels).float().mean().item())
+    assert acc[20] > 60  # the clusters are learnable
+
+
+def test_k_larger_than_the_memory_is_a_clear_error(clusters):
+    train, train_labels, queries, _ = clusters
+    with pytest.raises(UserError, match="k=500"):
+        KNNClassifier(train, train_labels, 5).scores(queries, [10, 500])
+
+
+def _features(cls, mean, labels):
+    return Features(np.asarray(labels), {"cls": cls.numpy().astype(np.float16), "mean": mean.numpy().astype(np.float16)})
+
+
+def test_feature_and_k_are_chosen_on_heldout_never_on_test(clusters):
+    train, train_labels, queries, query_labels = clusters
+    noise = torch.randn_like(queries)
+    # held-out: only the cls token carries the class; test: only the mean feature does
+    heldout = _features(queries, noise, query_labels)
+    test = _features(noise, queries, query_labels)
+    result = knn_protocol(_features(train, train, train_labels), heldout, test, 5, (5, 20), 0.07, 32)
+    assert result["selected"]["feature"] == "cls"
+    row = {(r["feature"], r["k"]): r for r in result["details"]["grid"]}
+    chosen = row[("cls", result["selected"]["k"])]
+    assert result["top1"] == chosen["test_top1"]
+    assert chosen["heldout_top1"] == max(r["heldout_top1"] for r in row.values())
+    assert result["top1"] < max(r["test_top1"] for r in row.values()) - 20  # test would have picked "mean"
