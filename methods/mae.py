@@ -33,16 +33,25 @@ class MAEDecoder(nn.Module):
         self.head = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        # latent: (B, 1 + N_vis, D_enc); ids_restore: (B, N)
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, extra_embed: torch.Tensor | None = None) -> torch.Tensor:
+        # latent: (B, 1 + N_vis, D_enc); ids_restore: (B, N); extra_embed: broadcastable to (B, 1 + N, d),
+        # added with the position embedding (MixedAE's segment embeddings); None for MAE.
         x = self.embed(latent)  # (B, 1 + N_vis, d)
         b, n = ids_restore.shape
         mask_tokens = self.mask_token.expand(b, n - (x.shape[1] - 1), -1)  # (B, N_mask, d)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # visible first, then masked
         patches = gather_tokens(patches, ids_restore)  # (B, N, d), original patch order
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        if extra_embed is not None:
+            x = x + extra_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 1:])  # (B, N, p*p*C), cls dropped
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean over the patches flagged in ``where`` (B, N) of the per-patch MSE of (B, N, P) tensors."""
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+    return (per_patch * where).sum() / where.sum()
 
 
 @register_method
@@ -88,6 +97,4 @@ class MAE(Method):
         ids_keep, _, ids_restore = split_by_mask(mask)
         latent = self.backbone.forward_visible(images, ids_keep)  # (B, 1 + N_vis, D): visible patches only
         pred = self.decoder(latent, ids_restore)  # (B, N, p*p*C)
-        per_patch = (pred.float() - self.reconstruction_target(images)).pow(2).mean(dim=-1)  # (B, N)
-        loss = (per_patch * mask).sum() / mask.sum()  # masked patches only
-        return {"loss_recon": loss}
+        return {"loss_recon": masked_mse(pred, self.reconstruction_target(images), mask)}  # masked patches only
