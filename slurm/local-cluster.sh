@@ -20,7 +20,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 say() { echo "local-cluster: $*"; }
 die() { echo "local-cluster: error: $*" >&2; exit 1; }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { local pid; pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
 install_packages() {
     local missing=()
@@ -73,7 +73,7 @@ JobCompType=jobcomp/none
 ReturnToService=2
 # finished jobs stay visible to scontrol for an hour (there is no accounting database for sacct)
 MinJobAge=3600
-KillWait=5
+KillWait=2
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30

@@ -438,10 +438,14 @@ def wait_for(jobs: list, poll_s: float = 1.0, on_change: Callable[[Any, str], No
             outcomes = [job_outcome(job.paths.folder, jid, t) for t in range(job.num_tasks)]
             if all(o is not None for o in outcomes) and state not in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
                 final[jid] = "COMPLETED" if all(o == "success" for o in outcomes) else "FAILED"
-            elif state.split()[0] in TERMINAL:
+            elif state.split()[0] in TERMINAL or state == "UNKNOWN":
+                # ended, yet no result (after a grace period for slow file systems); a job SLURM no
+                # longer knows at all (purged, no accounting) is given longer before giving up on it
                 ended_at.setdefault(jid, time.time())
-                if time.time() - ended_at[jid] > 10:
-                    final[jid] = state if state != "COMPLETED" else "FAILED"  # ended, yet wrote no result
+                if time.time() - ended_at[jid] > (10 if state != "UNKNOWN" else 300):
+                    final[jid] = state if state != "COMPLETED" else "FAILED"
+            else:
+                ended_at.pop(jid, None)
             if jid in final:
                 del pending[jid]
                 if on_done:

@@ -141,8 +141,10 @@ def _eval_args(sweep: Sweep, run: RunSpec, ev: EvalSpec) -> tuple:
 
 
 def run_inline(sweep: Sweep, launcher: str) -> list[str]:
-    """local / debug: every step in this process, in order; returns the keys that failed."""
+    """local / debug: every step in this process, in order; a run or evaluation that fails (bad input,
+    divergence) is reported and the others go on. Returns one line per failure."""
     from evals.run import evaluate
+    from ssl_bench.errors import TrainingDiverged
     from ssl_bench.launch import Job, _run_debug
     from ssl_bench.trainer import pretrain
 
@@ -155,21 +157,17 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
         refuse_partial(run)
     failed = []
     for run in sweep.runs:
-        if run.state != "finished":
-            print(f"{run.key}: pretraining", flush=True)
-            try:
-                record = call(pretrain, (run.cfg, run.run_dir), {"resume": run.state == "resumable"}, run.key)
-            except UserError as exc:
-                print(f"{run.key}: failed: {exc}", flush=True)
-                failed.append(run.key)
-                continue
-            if record.get("status") != "finished":
-                failed.append(run.key)
-                continue
-        for ev in run.evals:
-            if not ev.done:
-                print(f"{ev.key}: evaluating", flush=True)
-                call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
+        try:
+            if run.state != "finished":
+                print(f"{run.key}: pretraining", flush=True)
+                call(pretrain, (run.cfg, run.run_dir), {"resume": run.state == "resumable"}, run.key)
+            for ev in run.evals:
+                if not ev.done:
+                    print(f"{ev.key}: evaluating", flush=True)
+                    call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
+        except (UserError, TrainingDiverged) as exc:
+            print(f"{run.key}: failed: {exc}", flush=True)
+            failed.append(f"{run.key}: {exc}")
     return failed
 
 
@@ -273,7 +271,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.launcher in ("local", "debug"):
         failed = run_inline(sweep, args.launcher)
         if failed:
-            raise UserError(f"{len(failed)} run(s) did not finish: {', '.join(failed)}; rerun the sweep to resume them")
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise UserError(f"{len(failed)} run(s) failed; first: {failed[0]}{more}; fix it and rerun the sweep: finished steps are skipped")
     else:
         cluster = cluster_from_args(args)
         submitted = submit(sweep, cluster)

@@ -46,7 +46,7 @@ def _result(entry: dict) -> str:
 
 
 def collect_status(results: str | Path) -> list[dict]:
-    from ssl_bench.launch import job_outcome, read_index, slurm_states
+    from ssl_bench.launch import TERMINAL, job_outcome, read_index, slurm_states
 
     rows = []
     for index in find_indexes(Path(results)):
@@ -56,9 +56,11 @@ def collect_status(results: str | Path) -> list[dict]:
     for r in rows:
         jid = r.get("job_id")
         state = states.get(jid) if jid else None
-        if jid and state is None:
+        if jid and (state is None or state.split()[0] not in TERMINAL):
+            # submitit's result is the job's last word (a requeued or preempted job leaves none), so it
+            # wins over a SLURM state that has not caught up yet, or that SLURM no longer keeps
             outcome = job_outcome(Path(r["folder"]), jid)
-            state = {"success": "COMPLETED", "error": "FAILED"}.get(outcome, "UNKNOWN")
+            state = {"success": "COMPLETED", "error": "FAILED"}.get(outcome, state or "UNKNOWN")
         r["state"] = state or r.get("state", "-")
         r["result"] = _result(r)
     return rows
