@@ -57,7 +57,7 @@ _ATTENTIVE = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "num_hea
 
 _FINETUNE = {
     "optimizer": "adamw", "weight_decay": 0.05, "min_lr": 1e-6, "drop_path": 0.1, "mixup": 0.8, "cutmix": 1.0,
-    "label_smoothing": 0.1, "randaug": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "seed": 0,
+    "label_smoothing": 0.1, "randaug": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "crop_scale": (0.08, 1.0), "seed": 0,
 }
 
 EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -130,6 +130,9 @@ def test_heldout_train_and_test_subsets(fresh_run):
     ctx.params = {**ctx.params, "train_size": 300}  # the held-out set does not move with the train size
     assert np.array_equal(ctx.split_indices("heldout"), held)
     assert set(ctx.split_indices("train")) < set(train)
+    ctx.params = {**ctx.params, "train_size": None}  # all the rest of the train split
+    everything = np.concatenate([ctx.split_indices("train"), held])
+    assert len(everything) == len(ctx.dataset("train")[0]) == len(set(everything))
 
 
 def one_line_error(capsys, args) -> str:
