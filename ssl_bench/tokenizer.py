@@ -327,7 +327,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     out = Path(out_dir)
     if (out / TOKENIZER_FILE).exists():
         raise UserError(f"{out} already holds a tokenizer ({TOKENIZER_FILE}); choose a new --out or use it as it is")
-    out.mkdir(parents=True, exist_ok=True)
+    # out/ is created only when the tokenizer is saved: a failed run leaves nothing behind
     train, tcfg = cfg["train"], cfg["tokenizer"]
     if train["device"] == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -389,7 +389,6 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
         bar.close()
     tokenizer.eval().requires_grad_(False)
     after = evaluate_tokenizer(tokenizer, heldout)
-    save_tokenizer(tokenizer.cpu(), out / TOKENIZER_FILE)
     record = {
         "status": "finished",
         "kind": "tokenizer",
@@ -415,6 +414,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
         "finished": now_iso(),
     }
     write_json_atomic(out / RECORD_FILE, record)
+    save_tokenizer(tokenizer.cpu(), out / TOKENIZER_FILE)  # last: its presence means the record is there too
     return record
 
 
