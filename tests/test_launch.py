@@ -4,14 +4,12 @@ and the sweep's plan and skip rules (run in-process with --launcher local)."""
 import argparse
 import json
 import os
-from pathlib import Path
 
 import pytest
 import submitit
 from submitit.core.utils import JobPaths, cloudpickle_dump
 
 from ssl_bench import launch
-from ssl_bench.cli import main
 from ssl_bench.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 
