@@ -278,8 +278,11 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     except TrainingDiverged as exc:
         finish("diverged", error=str(exc))
         raise
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or a preempted/requeued job: resumable
+        finish("interrupted", error=f"{exc.__class__.__name__}: {exc}")
+        raise
     except BaseException as exc:
-        finish("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=f"{exc.__class__.__name__}: {exc}")
+        finish("failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
     return finish("finished")
 
