@@ -75,9 +75,10 @@ class EMAQuantizer(nn.Module):
             self.ema_sum.copy_(self.codebook)
             self.initialized.fill_(True)
             ids = self.nearest(z)
-        onehot = F.one_hot(ids, self.vocab_size).type_as(z)  # (M, K)
-        self.ema_count.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(onehot.t() @ z, alpha=1 - self.decay)
+        count = torch.bincount(ids, minlength=self.vocab_size).type_as(z)  # (K,) vectors per code
+        total = torch.zeros_like(self.ema_sum).index_add_(0, ids, z)  # (K, d) their sum
+        self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
         self.codebook.copy_(F.normalize(self.ema_sum, dim=1, eps=self.eps))
         dead = self.ema_count < self.restart_threshold
         n_dead = int(dead.sum())
@@ -282,36 +283,43 @@ def tokenizer_config(preset: str = "quick", overrides=()) -> dict:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tokenizer: Tokenizer, images: torch.Tensor, batch_size: int = 256) -> dict:
-    """On normalized images (M, C, H, W): reconstruction MSE through the tokens, codebook use, perplexity."""
+def evaluate_tokenizer(tokenizer: Tokenizer, batches) -> dict:
+    """Over batches of normalized images (B, C, H, W): reconstruction MSE through the tokens, codebook
+    use, perplexity, and the pixel variance (the MSE of predicting the mean pixel: a scale for the MSE)."""
     device = next(tokenizer.parameters()).device
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)
-    sq_err = 0.0
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device)
-        tokens = tokenizer.tokenize(x)
+    sq_err = pix_sum = pix_sq = 0.0
+    n_pix = n_img = 0
+    for x in batches:
+        x = x.to(device)
+        tokens = tokenizer.tokenize(x)  # (B, N)
         sq_err += float((tokenizer.decode(tokens) - x).pow(2).sum())
+        pix_sum, pix_sq = pix_sum + float(x.double().sum()), pix_sq + float(x.double().pow(2).sum())
+        n_pix, n_img = n_pix + x.numel(), n_img + len(x)
         counts += torch.bincount(tokens.flatten().cpu(), minlength=tokenizer.vocab_size).double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {
-        "recon_mse": sq_err / images.numel(),
-        "codebook_usage": float((counts > 0).float().mean()),  # fraction of codes used at least once
+        "recon_mse": sq_err / n_pix,
+        "codebook_usage": float((counts > 0).double().mean()),  # fraction of codes used at least once
         "codes_used": int((counts > 0).sum()),
         "perplexity": float(entropy.exp()),  # effective number of codes
+        "pixel_variance": pix_sq / n_pix - (pix_sum / n_pix) ** 2,
+        "heldout_images": n_img,
     }
 
 
-def _heldout_images(cfg: dict, img_size: int, info) -> torch.Tensor:
-    """The first ``holdout`` images of a fixed random order of the test split, normalized, no augmentation."""
+def _heldout_batches(cfg: dict, img_size: int, info, batch_size: int = 256):
+    """Batches of ``train.holdout`` images of the test split (a fixed random subset), normalized, not augmented."""
     from ssl_bench.data.datasets import fixed_subset, load_dataset
     from ssl_bench.data.transforms import eval_transform
 
     test, _ = load_dataset(cfg["data"]["name"], cfg["data"]["root"], "test", img_size=cfg["data"]["img_size"])
     idx = fixed_subset(len(test), cfg["train"]["holdout"], seed=1)
-    idx = range(len(test)) if idx is None else idx
+    idx = list(range(len(test)) if idx is None else idx)
     tf = eval_transform(img_size, info.img_size, info.mean, info.std)
-    return torch.stack([tf(test[int(i)][0]) for i in idx])
+    for i in range(0, len(idx), batch_size):
+        yield torch.stack([tf(test[int(j)][0]) for j in idx[i : i + batch_size]])
 
 
 def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "quick", overrides=()) -> dict:
@@ -348,10 +356,9 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     sampler = ResumableSampler(len(dataset), batch, seed=cfg["seed"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg["data"]["num_workers"],
                                          drop_last=True, generator=torch.Generator())
-    heldout = _heldout_images(cfg, img_size, info)
 
     tokenizer = Tokenizer(img_size, cfg["model"]["patch_size"], info.in_chans, data=info.name, mean=info.mean, std=info.std, **tcfg).to(device)
-    before = evaluate_tokenizer(tokenizer.eval(), heldout)
+    before = evaluate_tokenizer(tokenizer.eval(), _heldout_batches(cfg, img_size, info))
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
     steps = train["steps"]
     curve, restarts, step, epoch = [], 0, 0, 0
@@ -388,7 +395,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     if bar is not None:
         bar.close()
     tokenizer.eval().requires_grad_(False)
-    after = evaluate_tokenizer(tokenizer, heldout)
+    after = evaluate_tokenizer(tokenizer, _heldout_batches(cfg, img_size, info))
     record = {
         "status": "finished",
         "kind": "tokenizer",
@@ -398,10 +405,8 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
         "grid_size": tokenizer.grid_size,
         "patch_size": tokenizer.patch_size,
         "img_size": img_size,
-        "heldout_images": len(heldout),
         **after,
         "recon_mse_untrained": before["recon_mse"],
-        "pixel_variance": float(heldout.var()),  # the MSE of predicting the mean pixel: a scale for recon_mse
         "codebook_restarts": restarts,
         "steps": step,
         "loss_curve": curve,
