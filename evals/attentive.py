@@ -22,6 +22,9 @@ from ssl_bench.errors import UserError
 from ssl_bench.layers import CrossAttention
 
 
+FEATURE_KINDS = ("patches",)  # what evals.run extracts for this protocol
+
+
 class AttentiveProbe(nn.Module):
     """Patch tokens (B, N, D) -> logits (B, C) through one learned query's cross-attention."""
 

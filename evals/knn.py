@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ssl_bench.errors import UserError
 
 FEATURE_TYPES = ("cls", "mean")
+FEATURE_KINDS = FEATURE_TYPES  # what evals.run extracts for this protocol
 
 
 class KNNClassifier:

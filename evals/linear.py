@@ -24,6 +24,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.optim import build_optimizer, cosine_with_warmup
 
 FEATURE_TYPES = ("cls", "mean")
+FEATURE_KINDS = FEATURE_TYPES  # what evals.run extracts for this protocol
 
 
 class LinearHead(nn.Module):

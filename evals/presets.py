@@ -20,6 +20,8 @@ a tiny init, so it needs thousands of steps; an epoch on 54k Fashion-MNIST image
 epoch, hence a grid above MAE's 0.1. The short presets (a few hundred steps) use SGD with momentum 0.9,
 as DINOv2's linear eval does: measured on linearly separable features (margin 1) at the smoke preset,
 LARS reached 90.6% where SGD reached 99.4%; on raw Fashion-MNIST pixels (quick) both reach ~83.6%.
+The attentive grids sit above CAE's 0.0125 for the same reason (fewer steps); measured at quick on an MAE
+encoder (10 epochs), held-out top-1 was 70.2 / 75.2 / 51.5 at blr 0.05 / 0.2 / 0.8.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             **_SPLITS["smoke"], **_PROBE, "optimizer": "sgd", "epochs": 10, "warmup_epochs": 1, "batch_size": 128,
             "blrs": (0.01, 0.1, 1.0),
         },
-        "attentive": {**_SPLITS["smoke"], **_ATTENTIVE, "epochs": 5, "warmup_epochs": 1, "batch_size": 128, "blrs": (0.05, 0.2)},
+        "attentive": {**_SPLITS["smoke"], **_ATTENTIVE, "epochs": 5, "warmup_epochs": 1, "batch_size": 128, "blrs": (0.1, 0.3)},
         "finetune": {
             **_FINETUNE, "train_size": 500, "heldout_size": 250, "test_size": 500, "epochs": 1, "warmup_epochs": 0,
             "batch_size": 64, "blr": 1e-3, "layer_decay": 0.75,
@@ -79,9 +81,9 @@ EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "knn": {**_SPLITS["quick"], **_KNN},
         "linear": {
             **_SPLITS["quick"], **_PROBE, "optimizer": "sgd", "epochs": 30, "warmup_epochs": 3, "batch_size": 256,
-            "blrs": (0.003, 0.01, 0.03, 0.1, 0.3),
+            "blrs": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
         },
-        "attentive": {**_SPLITS["quick"], **_ATTENTIVE, "epochs": 15, "warmup_epochs": 2, "batch_size": 256, "blrs": (0.0125, 0.05, 0.2)},
+        "attentive": {**_SPLITS["quick"], **_ATTENTIVE, "epochs": 8, "warmup_epochs": 1, "batch_size": 256, "blrs": (0.1, 0.3)},
         "finetune": {
             **_FINETUNE, "train_size": 5000, "heldout_size": 1000, "test_size": 2000, "epochs": 5, "warmup_epochs": 1,
             "batch_size": 128, "blr": 1e-3, "layer_decay": 0.75,
@@ -91,7 +93,7 @@ EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "features": _FEATURES["full"],
         "knn": {**_SPLITS["full"], **_KNN, "query_chunk": 4096},
         "linear": {**_SPLITS["full"], **_PROBE, "epochs": 90, "warmup_epochs": 10, "batch_size": 1024, "blrs": (0.1, 0.3, 1.0, 3.0, 10.0)},
-        "attentive": {**_SPLITS["full"], **_ATTENTIVE, "epochs": 90, "warmup_epochs": 10, "batch_size": 1024, "blrs": (0.003, 0.0125, 0.05)},
+        "attentive": {**_SPLITS["full"], **_ATTENTIVE, "epochs": 90, "warmup_epochs": 10, "batch_size": 1024, "blrs": (0.0125, 0.05, 0.2)},
         "finetune": {
             **_FINETUNE, **_SPLITS["full"], "epochs": 100, "warmup_epochs": 5, "batch_size": 256, "blr": 5e-4,
             "layer_decay": 0.65,

@@ -132,7 +132,9 @@ class EvalContext:
         return np.sort(rest if p["train_size"] is None else rest[: p["train_size"]])
 
     def features(self, split: str, kinds: Sequence[str] = ("cls", "mean")) -> Features:
-        """Frozen-encoder features of ``split``: cached under ``cache_dir``, extracted when missing."""
+        """Frozen-encoder features of ``split``: cached under ``cache_dir``, extracted when missing.
+        A missing split is extracted with every kind the protocols of this evaluation declare
+        (``FEATURE_KINDS``), so one pass of the encoder serves them all."""
         ds, _ = self.dataset("test" if split == "test" else "train")
         mean, std = self.normalization()
         key = {
@@ -143,14 +145,16 @@ class EvalContext:
         f = self.feature_cfg
         return load_features(
             cache_dir=self.cache_dir, key_fields=key, dataset=ds, indices=self.split_indices(split),
-            transform=self.transform(), encoder_fn=self.frozen_encoder, kinds=kinds, cache_mb=f["cache_mb"],
+            transform=self.transform(), encoder_fn=self.frozen_encoder,
+            kinds=sorted({*kinds, *self._shared.get("kinds", ())}), cache_mb=f["cache_mb"],
             batch_size=f["batch_size"], num_workers=f["num_workers"], device=self.device,
         )
 
 
 def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
     """"knn,linear" or ["knn", "linear"] -> validated list; unknown or unavailable names: UserError."""
-    names = [p.strip() for p in (protocols.split(",") if isinstance(protocols, str) else protocols) if p.strip()]
+    given = protocols.split(",") if isinstance(protocols, str) else protocols
+    names = list(dict.fromkeys(p.strip() for p in given if p.strip()))  # in order, once each
     if not names:
         raise UserError(f"no protocol given; choose from {', '.join(PROTOCOLS)}")
     for name in names:
@@ -195,11 +199,13 @@ def evaluate(
     names = parse_protocols(protocols)
     cfg = resolve_eval_config(preset, list(overrides))
     base = make_context(run_dir, data, data_root, preset, cfg)
+    modules = {name: importlib.import_module(f"evals.{name}") for name in names}
+    base._shared["kinds"] = {k for m in modules.values() for k in getattr(m, "FEATURE_KINDS", ())}
     paths = []
-    for name in names:
+    for name, module in modules.items():
         ctx = dataclasses.replace(base, params=cfg[name])  # shares the loaded encoder and data sets
         start = time.perf_counter()
-        result = importlib.import_module(f"evals.{name}").evaluate(ctx)
+        result = module.evaluate(ctx)
         missing = {"top1", "selected", "details"} - set(result)
         if missing:
             raise RuntimeError(f"evals.{name}.evaluate returned no {sorted(missing)}")

@@ -14,7 +14,8 @@ from ssl_bench.trainer import pretrain
 from tests.conftest import smoke_config
 
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.max_steps=2"]
-SMALL = ["knn.ks=(5,10)", "knn.train_size=200", "knn.heldout_size=100", "knn.test_size=100"]
+SIZES = ["train_size=200", "heldout_size=100", "test_size=100"]
+SMALL = ["knn.ks=(5,10)", *(f"knn.{s}" for s in SIZES)]
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +55,13 @@ def context(run, *overrides):
     return ctx
 
 
-def test_eval_command_writes_one_record_per_protocol_and_never_overwrites(fresh_run, capsys):
+def test_eval_command_writes_one_record_per_protocol_and_never_overwrites(fresh_run, capsys, extractions):
     args = ["eval", "--run", str(fresh_run), "--protocol", "knn,linear,attentive", "--preset", "smoke", *SMALL,
-            "linear.epochs=2", "attentive.epochs=1", "linear.train_size=200", "attentive.train_size=200"]
+            "linear.epochs=2", "attentive.epochs=1", *(f"{p}.{s}" for p in ("linear", "attentive") for s in SIZES)]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    # one pass of the encoder per split, giving what every protocol of the call needs
+    assert extractions == [["cls", "labels", "mean", "patches"]] * 3
     assert [ln.split()[0] for ln in lines] == ["knn", "linear", "attentive"]
     records = {p: json.loads((fresh_run / "evals" / f"{p}-fashion_mnist-smoke.json").read_text()) for p in ("knn", "linear", "attentive")}
     for name, rec in records.items():
