@@ -88,6 +88,18 @@ def layer_decay_groups(model: FineTuneModel, weight_decay: float, layer_decay: f
 
 
 # -- data ---------------------------------------------------------------------------------------------
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, keeping 0 bits as a black image: at the top magnitude (10) RandAugment's increasing
+    posterize asks for 0 bits, which old Pillow turned black and Pillow >= 10 rejects with a ValueError."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def train_transform(img_size: int, mean, std, p: dict):
     """uint8 (C, H, W) -> float (C, img, img): RandomResizedCrop + flip [+ RandAugment] [+ random erasing]."""
     ops = [
@@ -99,7 +111,11 @@ def train_transform(img_size: int, mean, std, p: dict):
         from timm.data.auto_augment import rand_augment_transform
 
         fill = tuple(int(round(255 * m)) for m in mean)
-        ops += [T.ToPILImage(), rand_augment_transform(str(randaug), {"img_mean": fill if len(fill) > 1 else fill[0]}), T.PILToTensor()]
+        randaugment = rand_augment_transform(str(randaug), {"img_mean": fill if len(fill) > 1 else fill[0]})
+        for op in randaugment.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+        ops += [T.ToPILImage(), randaugment, T.PILToTensor()]
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     if p.get("reprob", 0) > 0:
         from timm.data.random_erasing import RandomErasing

@@ -70,6 +70,18 @@ def test_weight_decay_only_on_matrices():
             assert g["weight_decay"] == (0.05 if p.ndim > 1 and not n.endswith("cls_token") else 0.0), n
 
 
+def test_randaugment_top_magnitude_posterize_does_not_crash():
+    """rand-m9-mstd0.5 reaches magnitude 10 now and then, where posterize keeps 0 bits (black image)."""
+    from PIL import Image
+
+    aug = ft.train_transform(28, (0.5,), (0.5,), params(randaug="rand-m9-mstd0.5-inc1"))
+    randaugment = next(t for t in aug.transforms if hasattr(t, "ops"))
+    op = next(o for o in randaugment.ops if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    out = op(Image.new("L", (28, 28), color=200))
+    assert out.getextrema() == (0, 0)
+
+
 def _blobs(n, seed):
     """Two classes told apart by brightness: learnable in a few steps."""
     g = torch.Generator().manual_seed(seed)
