@@ -71,20 +71,21 @@ def train_heads(heads: Sequence[nn.Module], lrs: Sequence[float], data, p: dict,
     optimizer = build_optimizer(groups, p["optimizer"], lr=0.0, momentum=p["momentum"])
     generator = torch.Generator().manual_seed(p["seed"])
     last_epoch = torch.zeros(len(heads))
-    for epoch in range(p["epochs"]):
-        order = torch.randperm(n, generator=generator)[: steps_per_epoch * batch].numpy()
-        last_epoch.zero_()
-        for i, (feats, labels) in enumerate(data.batches(kinds, order, batch)):
-            factor = cosine_with_warmup(epoch * steps_per_epoch + i, total, warmup, 1.0)
-            for g in optimizer.param_groups:
-                g["lr"] = g["peak_lr"] * factor
-            feats = {k: v.to(device, non_blocking=True) for k, v in feats.items()}
-            labels = labels.to(device, non_blocking=True)
-            losses = torch.stack([F.cross_entropy(h(feats), labels) for h in model])  # (H,)
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            last_epoch += losses.detach().cpu()
+    with cpu_threads(p.get("cpu_threads"), device):
+        for epoch in range(p["epochs"]):
+            order = torch.randperm(n, generator=generator)[: steps_per_epoch * batch].numpy()
+            last_epoch.zero_()
+            for i, (feats, labels) in enumerate(data.batches(kinds, order, batch)):
+                factor = cosine_with_warmup(epoch * steps_per_epoch + i, total, warmup, 1.0)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["peak_lr"] * factor
+                feats = {k: v.to(device, non_blocking=True) for k, v in feats.items()}
+                labels = labels.to(device, non_blocking=True)
+                losses = torch.stack([F.cross_entropy(h(feats), labels) for h in model])  # (H,)
+                optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                optimizer.step()
+                last_epoch += losses.detach().cpu()
     return (last_epoch / max(1, steps_per_epoch)).tolist()
 
 
@@ -104,8 +105,8 @@ def top1(heads: Sequence[nn.Module], data, batch_size: int, device: torch.device
 def fit_and_select(heads: Sequence[nn.Module], specs: list[dict], train, heldout, test, p: dict, device: torch.device) -> dict:
     """Train the grid (``specs[i]`` describes ``heads[i]`` and holds its ``lr``), choose the head on the
     held-out split, report its test top-1 and the whole grid."""
+    losses = train_heads(heads, [s["lr"] for s in specs], train, p, device)
     with cpu_threads(p.get("cpu_threads"), device):
-        losses = train_heads(heads, [s["lr"] for s in specs], train, p, device)
         held = top1(heads, heldout, p["batch_size"], device)
         tested = top1(heads, test, p["batch_size"], device)
     grid = [{**s, "heldout_top1": h, "test_top1": t, "train_loss": loss} for s, h, t, loss in zip(specs, held, tested, losses)]

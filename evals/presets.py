@@ -83,7 +83,7 @@ EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             **_SPLITS["quick"], **_PROBE, "optimizer": "sgd", "epochs": 30, "warmup_epochs": 3, "batch_size": 256,
             "blrs": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
         },
-        "attentive": {**_SPLITS["quick"], **_ATTENTIVE, "epochs": 8, "warmup_epochs": 1, "batch_size": 256, "blrs": (0.1, 0.3)},
+        "attentive": {**_SPLITS["quick"], **_ATTENTIVE, "epochs": 10, "warmup_epochs": 1, "batch_size": 256, "blrs": (0.1, 0.3)},
         "finetune": {
             **_FINETUNE, "train_size": 5000, "heldout_size": 1000, "test_size": 2000, "epochs": 5, "warmup_epochs": 1,
             "batch_size": 128, "blr": 1e-3, "layer_decay": 0.75,
