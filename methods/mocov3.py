@@ -24,6 +24,7 @@ from torch import nn
 
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.distributed import concat_all_gather
+from ssl_bench.errors import UserError
 from ssl_bench.heads import build_mlp, cosine_momentum, ema_update_, momentum_copy, sync_batchnorm
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
@@ -42,6 +43,7 @@ class MoCoV3(Method):
         "full": {
             "method": {"mlp_dim": 4096, "out_dim": 256},
             "train": {**_ADAMW, "blr": 1.5e-4, "epochs": 100, "warmup_epochs": 10},
+            "model": {"drop_path": 0.0},  # the key encoder must not drop paths; the reference code uses none
         },
     }
 
@@ -55,6 +57,11 @@ class MoCoV3(Method):
         freeze_patch_embed: bool = True,
     ):
         super().__init__(backbone)
+        if temperature <= 0 or not 0.0 <= base_momentum <= 1.0 or min(mlp_dim, out_dim) < 1:
+            raise UserError(
+                f"mocov3 needs method.temperature > 0, 0 <= method.base_momentum <= 1 and positive widths; got "
+                f"temperature={temperature}, base_momentum={base_momentum}, mlp_dim={mlp_dim}, out_dim={out_dim}"
+            )
         self.temperature, self.base_momentum = temperature, base_momentum
         self.momentum = base_momentum  # set each step by on_step_start
         if freeze_patch_embed:

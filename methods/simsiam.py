@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_bench.backbone import ViTBackbone
+from ssl_bench.errors import UserError
 from ssl_bench.heads import build_mlp, sync_batchnorm
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
@@ -40,11 +41,17 @@ class SimSiam(Method):
     recipes = {
         "smoke": {"method": {"proj_dim": 64, "pred_dim": 16}, "train": dict(_SGD)},
         "quick": {"method": {"proj_dim": 512, "pred_dim": 128}, "train": dict(_SGD)},
-        "full": {"method": {"proj_dim": 2048, "pred_dim": 512}, "train": {**_SGD, "warmup_epochs": 0}},
+        "full": {
+            "method": {"proj_dim": 2048, "pred_dim": 512},
+            "train": {**_SGD, "warmup_epochs": 0},
+            "model": {"drop_path": 0.0},
+        },
     }
 
     def __init__(self, backbone: ViTBackbone, proj_dim: int = 2048, pred_dim: int = 512, stop_gradient: bool = True):
         super().__init__(backbone)
+        if min(proj_dim, pred_dim) < 1:
+            raise UserError(f"simsiam needs positive widths; got method.proj_dim={proj_dim}, method.pred_dim={pred_dim}")
         self.stop_gradient = stop_gradient
         self.projector = sync_batchnorm(build_mlp(backbone.embed_dim, proj_dim, proj_dim, 3, last_bn_affine=False))
         self.predictor = sync_batchnorm(build_mlp(proj_dim, pred_dim, proj_dim, 2, last_bn=False))
