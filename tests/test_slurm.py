@@ -27,8 +27,10 @@ from tests.test_cli import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slurm
 
-# MAE smoke, long enough (96 steps) that a requeue at the first checkpoint lands mid-run.
-REQUEUE_OVERRIDES = ["data.subset=3072", "train.ckpt_every=2", "train.log_every=50", "train.progress=false"]
+# MAE smoke, long enough (288 steps: a few seconds even on an idle machine) that a requeue at the
+# first checkpoint lands mid-run; with 96 steps an idle machine sometimes finished before the kill.
+REQUEUE_OVERRIDES = ["data.subset=3072", "train.epochs=3", "train.ckpt_every=2", "train.log_every=50", "train.progress=false"]
+STEPS = 3 * 3072 // 32
 
 
 def _slurm_reason() -> str | None:
@@ -98,8 +100,8 @@ def test_pretrain_with_slurm_launcher_finishes_and_writes_record(runs):
     assert m, runs["out"]
     assert Path(m.group(2)).exists()  # the log path it printed
     record = json.loads((runs["tmp"] / "reference" / "run.json").read_text())
-    assert record["status"] == "finished" and record["steps"] == record["total_steps"] == 3072 // 32
-    assert "finished after 96 steps" in runs["out"]
+    assert record["status"] == "finished" and record["steps"] == record["total_steps"] == STEPS
+    assert f"finished after {STEPS} steps" in runs["out"]
 
 
 def test_requeued_job_resumes_to_the_same_weights(runs):
@@ -107,16 +109,16 @@ def test_requeued_job_resumes_to_the_same_weights(runs):
     assert "error" not in seen, seen.get("error")
     assert seen.get("requeued"), "the job was never requeued"
     # it really was killed mid-run: the record still said running, the checkpoint was short of the end
-    assert seen["status_when_killed"] == "running" and seen["step_when_killed"] < 96, seen
+    assert seen["status_when_killed"] == "running" and seen["step_when_killed"] < STEPS, seen
     assert runs["final"] == "COMPLETED", launch.job_failure_message(job, runs["final"])
     log = job.paths.stdout.read_text()
     assert "requeued (restart 1); resuming" in log, log[-2000:]
 
     record = json.loads((tmp / "requeued" / "run.json").read_text())
-    assert record["status"] == "finished" and record["steps"] == 96
+    assert record["status"] == "finished" and record["steps"] == STEPS
     resumed = torch.load(tmp / "requeued" / "checkpoint.pt", map_location="cpu", weights_only=False)
     reference = torch.load(tmp / "reference" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert resumed["step"] == reference["step"] == 96
+    assert resumed["step"] == reference["step"] == STEPS
     assert resumed["model"].keys() == reference["model"].keys()
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
