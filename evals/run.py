@@ -27,6 +27,7 @@ from ssl_bench.backbone import ViTBackbone
 from ssl_bench.checkpoint import CHECKPOINT_NAME, load_encoder, read_run
 from ssl_bench.data.datasets import DatasetInfo, fixed_subset, load_dataset
 from ssl_bench.data.transforms import eval_transform
+from ssl_bench.distributed import resolve_device
 from ssl_bench.errors import UserError
 from ssl_bench.records import git_commit, hardware, now_iso, write_json_new
 
@@ -165,14 +166,6 @@ def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("features.device=cuda but no CUDA GPU is visible; use features.device=cpu or auto")
-    return torch.device(name)
-
-
 def make_context(run_dir: str | Path, data: str | None, data_root: str | None, preset: str, cfg: dict) -> EvalContext:
     """Validate the run (one clear error for a missing / unfinished run or checkpoint) and set up."""
     run_dir = Path(run_dir)
@@ -183,7 +176,7 @@ def make_context(run_dir: str | Path, data: str | None, data_root: str | None, p
     f = cfg["features"]
     ctx = EvalContext(
         run_dir=run_dir, record=record, data=data or record.get("data") or record["config"]["data"]["name"],
-        data_root=data_root, preset=preset, params={}, device=_device(f["device"]),
+        data_root=data_root, preset=preset, params={}, device=resolve_device(f["device"], "features.device"),
         checkpoint_sha256=file_sha256(ckpt), feature_cfg=f,
         cache_dir=Path(f["cache_dir"]) if f.get("cache_dir") else run_dir / "features",
     )

@@ -18,12 +18,11 @@ resume) but has ``requires_grad=False``, so the optimiser, weight decay and DDP 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ssl_bench.backbone import ViTBackbone
-from ssl_bench.distributed import concat_all_gather
+from ssl_bench.distributed import concat_all_gather, rank
 from ssl_bench.errors import UserError
 from ssl_bench.heads import build_mlp, cosine_momentum, ema_update_, momentum_copy, sync_batchnorm
 from ssl_bench.method import DataSpec, Method
@@ -90,8 +89,7 @@ class MoCoV3(Method):
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
         k = concat_all_gather(k)  # (world * B, d): every process's keys are negatives
         logits = q @ k.T / self.temperature  # (B, world * B)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        labels = torch.arange(len(q), device=q.device) + rank * len(q)  # own key in the gathered batch
+        labels = torch.arange(len(q), device=q.device) + rank() * len(q)  # own key in the gathered batch
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:

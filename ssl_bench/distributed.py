@@ -45,6 +45,21 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank)
 
 
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """'auto' -> CUDA when visible, else CPU; asking for CUDA without a GPU is an error naming ``option``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ssl_bench.errors import UserError
+
+        raise UserError(f"{option}=cuda but no CUDA GPU is visible; use {option}=cpu or auto")
+    return torch.device(name)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -22,7 +22,7 @@ import torch
 from ssl_bench.build import build_method
 from ssl_bench.checkpoint import CHECKPOINT_NAME, RECORD_NAME, check_signature, load_checkpoint, save_checkpoint
 from ssl_bench.data.pipeline import build_pretrain_loader
-from ssl_bench.distributed import DistInfo, init_distributed
+from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
 from ssl_bench.logging import MetricLogger
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
@@ -47,14 +47,6 @@ def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def _autocast(amp: str, device: torch.device):
@@ -127,7 +119,7 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         cfg = box[0]
 
     train = cfg["train"]
-    device = _device(train["device"])
+    device = resolve_device(train["device"])
     _seed_everything(cfg["seed"] + dist_info.rank)
 
     # The data set's size and channels decide the backbone, so data comes first; the method's
