@@ -157,10 +157,6 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         _set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
     model = method
-    if dist_info.world_size > 1 and device.type == "cuda":
-        # projector/predictor BatchNorm statistics over the global batch, as SimSiam's and MoCo v3's recipes do
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        model = method
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
     if train["compile"]:
