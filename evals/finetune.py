@@ -227,6 +227,8 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
             t_train += time.perf_counter() - t0
             held = accuracy(model, held_loader, device, autocast)
             curve.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "heldout_top1": held})
+            print(f"  finetune epoch {epoch + 1}/{p['epochs']}: train loss {curve[-1]['train_loss']:.4f}, held-out top-1 {held:.2f}% "
+                  f"({seen / t_train:.0f} img/s)", flush=True)
             if held > best["heldout_top1"]:  # the earliest epoch on ties
                 best = {"epoch": epoch + 1, "heldout_top1": held, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
 

@@ -149,7 +149,11 @@ def collect(results_dir: str | Path) -> Leaderboard:
         latest_per_seed[key] = entry
 
     rows: dict[tuple, Row] = {}
-    for (data, preset, method, seed), (_, _, record, run_dir) in sorted(latest_per_seed.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    def order(item):  # numeric seeds in numeric order (2 before 10)
+        data, preset, method, seed = item[0]
+        return (data, preset, method, (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed)))
+
+    for (data, preset, method, seed), (_, _, record, run_dir) in sorted(latest_per_seed.items(), key=order):
         row = rows.setdefault((data, preset, method), Row(method, record.get("family", ""), data, preset))
         row.seeds.append(seed)
         for col, top1 in _run_evals(run_dir, record, notes, rel).items():
