@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_bench.backbone import ViTBackbone
+from ssl_bench.data.datasets import TransformedSubset
 from ssl_bench.records import write_json_atomic
 
 KINDS = ("cls", "mean", "patches")
@@ -44,20 +45,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-class _Images(Dataset):
-    """``base[indices[i]]`` with the eval transform applied: (float image, label)."""
-
-    def __init__(self, base: Dataset, indices: np.ndarray, transform):
-        self.base, self.indices, self.transform = base, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        image, label = self.base[int(self.indices[i])]
-        return self.transform(image), label
 
 
 @torch.no_grad()
@@ -131,7 +118,7 @@ def load_features(
     fields = {**key_fields, "version": FORMAT_VERSION, "indices": hashlib.sha256(indices.tobytes()).hexdigest()}
     folder = Path(cache_dir) / cache_key(fields)
     path = {k: folder / f"{k}.npy" for k in ("labels", *KINDS)}
-    images = _Images(dataset, indices, transform)
+    images = TransformedSubset(dataset, indices, transform)
 
     def loader(batch_sampler=None) -> DataLoader:
         kw = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size, "shuffle": False}

@@ -35,6 +35,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from ssl_bench.backbone import ViTBackbone
+from ssl_bench.data.datasets import TransformedSubset
 from ssl_bench.errors import UserError
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
 
@@ -122,20 +123,6 @@ def train_transform(img_size: int, mean, std, p: dict):
 
         ops.append(RandomErasing(p["reprob"], mode="pixel", device="cpu"))  # MAE: per-pixel normal noise
     return T.Compose(ops)
-
-
-class Split(Dataset):
-    """``base[indices[i]]`` through ``transform``: (float image, label)."""
-
-    def __init__(self, base: Dataset, indices, transform):
-        self.base, self.indices, self.transform = base, np.asarray(indices), transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        image, label = self.base[int(self.indices[i])]
-        return self.transform(image), label
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -256,9 +243,9 @@ def evaluate(ctx) -> dict:
     mean, std = ctx.normalization()
     train_images, _ = ctx.dataset("train")
     test_images, _ = ctx.dataset("test")
-    train = Split(train_images, ctx.split_indices("train"), train_transform(ctx.img_size, mean, std, p))
-    heldout = Split(train_images, ctx.split_indices("heldout"), ctx.transform())
-    test = Split(test_images, ctx.split_indices("test"), ctx.transform())
+    train = TransformedSubset(train_images, ctx.split_indices("train"), train_transform(ctx.img_size, mean, std, p))
+    heldout = TransformedSubset(train_images, ctx.split_indices("heldout"), ctx.transform())
+    test = TransformedSubset(test_images, ctx.split_indices("test"), ctx.transform())
     # the preset's seed plus the run's, so repeated pretraining seeds also vary the fine-tuning noise
     seed = int(p["seed"]) + int(ctx.record.get("seed", 0))
     result = finetune(

@@ -67,6 +67,21 @@ class ImageFileDataset(Dataset):
         return pil_to_tensor(img), label
 
 
+class TransformedSubset(Dataset):
+    """``base[indices[i]]`` through ``transform``: (transformed image, label). Probes and fine-tuning
+    use it to take fixed train / held-out / test subsets of a data set."""
+
+    def __init__(self, base: Dataset, indices, transform):
+        self.base, self.indices, self.transform = base, np.asarray(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[int(self.indices[i])]
+        return self.transform(image), label
+
+
 # -- Fashion-MNIST (idx files) ----------------------------------------------------------------
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
