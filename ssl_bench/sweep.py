@@ -64,6 +64,17 @@ class Sweep:
         return self.out / INDEX_NAME
 
 
+def add_grid_args(parser: argparse.ArgumentParser) -> None:
+    """The options `sweep` and `bench` share: which seeds, data, preset and overrides make the grid."""
+    parser.add_argument("--seeds", default="0", help="comma-separated pretraining seeds (default: 0)")
+    parser.add_argument("--data", default="fashion_mnist", help="data set for pretraining and evaluation (default: fashion_mnist)")
+    parser.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
+    parser.add_argument("--preset", default="quick", help="smoke | quick | full, for pretraining and evaluation (default: quick)")
+    parser.add_argument("--eval-override", action="append", default=[], metavar="protocol.key=value",
+                        help="evaluation preset override, e.g. --eval-override finetune.epochs=2 (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides for every run, e.g. train.epochs=1")
+
+
 def split_list(text: str, what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:

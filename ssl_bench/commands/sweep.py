@@ -7,17 +7,13 @@ from ssl_bench.launch import add_launcher_args
 
 
 def register(sub) -> None:
+    from ssl_bench.sweep import add_grid_args
+
     p = sub.add_parser("sweep", help="pretrain + evaluate methods x seeds (SLURM job array), then the leaderboard", description=__doc__)
     p.add_argument("--methods", required=True, help="comma-separated method names, e.g. mae,simsiam")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--protocols", default="knn,linear", help="comma-separated evaluation protocols (default: knn,linear)")
-    p.add_argument("--data", default="fashion_mnist", help="data set for pretraining and evaluation (default: fashion_mnist)")
-    p.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
-    p.add_argument("--preset", default="quick", help="smoke | quick | full, for pretraining and evaluation (default: quick)")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep directory (default: results/sweep-<data>-<preset>)")
-    p.add_argument("--eval-override", action="append", default=[], metavar="protocol.key=value",
-                   help="evaluation preset override, e.g. --eval-override linear.epochs=20 (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides for every run")
+    add_grid_args(p)
     add_launcher_args(p, default="slurm")
     p.set_defaults(func=run)
 
