@@ -98,7 +98,6 @@ def _snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json")) if "features" not in p.parts}
 
 
-@pytest.mark.slow
 def test_bench_end_to_end_and_rerun_skips_finished_work(tmp_path, capsys):
     code, out = _bench(tmp_path, capsys)
     assert code == 0, out
