@@ -15,6 +15,13 @@ transform RandomResizedCrop + flip (+ RandAugment and random erasing when the pr
 MAE ViT-B recipe: blr 5e-4, layer decay 0.65 (0.75 in MAE's paper), wd 0.05, drop path 0.1, 100 epochs,
 5 warmup, mixup 0.8, cutmix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, reprob 0.25.
 
+Optional LP-FT (Kumar et al., ICLR 2022; ``probe_epochs`` > 0): before fine-tuning, the new norm + head are
+fitted on the frozen encoder's features of the un-augmented training images (AdamW, cosine, ``probe_lr``).
+Short budgets need it: the un-normed mean token of a briefly pretrained encoder is dominated by a few
+large dimensions, so a LayerNorm head starting near zero learns slowly, and a few hundred fine-tuning
+steps are spent fitting the head while the near-chance gradients it sends back disturb the encoder.
+Off in the full preset (the published recipe).
+
 Model selection: after every epoch the model is scored on a held-out part of the TRAIN split; the
 epoch with the best held-out top-1 is kept and only that model is scored on the test split.
 """
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
@@ -102,11 +110,15 @@ def _posterize(img, bits_to_keep, **_):
 
 
 def train_transform(img_size: int, mean, std, p: dict):
-    """uint8 (C, H, W) -> float (C, img, img): RandomResizedCrop + flip [+ RandAugment] [+ random erasing]."""
-    ops = [
-        T.RandomResizedCrop(img_size, scale=tuple(p.get("crop_scale", DEFAULT_CROP_SCALE)), interpolation=InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(),
-    ]
+    """uint8 (C, H, W) -> float (C, img, img): RandomResizedCrop (``crop_scale`` None: a plain resize)
+    [+ flip] [+ RandAugment] [+ random erasing]."""
+    ops = []
+    if p.get("crop_scale", DEFAULT_CROP_SCALE) is not None:
+        ops.append(T.RandomResizedCrop(img_size, scale=tuple(p.get("crop_scale", DEFAULT_CROP_SCALE)), interpolation=InterpolationMode.BICUBIC, antialias=True))
+    else:
+        ops.append(T.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True))
+    if p.get("hflip", True):
+        ops.append(T.RandomHorizontalFlip())
     randaug = p.get("randaug")
     if randaug and str(randaug).lower() != "none":
         from timm.data.auto_augment import rand_augment_transform
@@ -126,6 +138,41 @@ def train_transform(img_size: int, mean, std, p: dict):
 
 
 # -- training ------------------------------------------------------------------------------------------
+def fit_head(model: FineTuneModel, data: Dataset, epochs: float, lr: float, device: torch.device, autocast,
+             batch_size: int = 128, heldout: Dataset | None = None) -> dict:
+    """LP-FT's first stage: train ``model.fc_norm`` + ``model.head`` on the frozen encoder's mean patch
+    tokens of ``data`` (extracted once, in eval mode), AdamW with a cosine schedule, no weight decay."""
+    def pooled(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        model.eval()
+        with torch.no_grad():
+            for images, y in DataLoader(dataset, batch_size=256):
+                with autocast():
+                    _, patches = model.encoder(images.to(device))  # (B, N, D), no final norm
+                feats.append(patches.float().mean(dim=1))
+                labels.append(y.to(device))
+        return torch.cat(feats), torch.cat(labels)
+
+    feats, labels = pooled(data)
+    head = nn.Sequential(model.fc_norm, model.head)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    batch = min(batch_size, len(feats))
+    total = max(1, int(round(epochs * len(feats) / batch)))
+    for step in range(total):
+        set_lr(optimizer, cosine_with_warmup(step, total, 0, lr))
+        idx = torch.randint(0, len(feats), (batch,)).to(device)  # the caller's seeded RNG
+        loss = F.cross_entropy(head(feats[idx]), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    out = {"epochs": epochs, "lr": lr, "steps": total, "train_loss": loss.item()}
+    if heldout is not None:
+        held_feats, held_labels = pooled(heldout)
+        with torch.no_grad():
+            out["heldout_top1"] = 100.0 * (head(held_feats).argmax(dim=1) == held_labels).float().mean().item()
+    return out
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, autocast) -> float:
     model.eval()
@@ -154,9 +201,10 @@ def _seeded(seed: int):
 
 
 def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Dataset, num_classes: int, p: dict,
-             device: torch.device, seed: int = 0, num_workers: int = 0) -> dict:
+             device: torch.device, seed: int = 0, num_workers: int = 0, train_plain: Dataset | None = None) -> dict:
     """Fine-tune ``encoder`` (built with its drop path rate) on ``train``, select the epoch on ``heldout``,
-    report ``test``. ``train`` yields augmented float images, ``heldout`` / ``test`` un-augmented ones."""
+    report ``test``. ``train`` yields augmented float images, ``heldout`` / ``test`` un-augmented ones;
+    ``train_plain`` (the same images un-augmented) is needed when ``p["probe_epochs"]`` > 0 (LP-FT)."""
     batch = min(p["batch_size"], len(train)) // 2 * 2  # Mixup pairs samples within a batch: even size
     if batch < 2:
         raise UserError(f"fine-tuning needs at least 2 training images, got {len(train)}; raise finetune.train_size")
@@ -171,6 +219,12 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
 
     with _seeded(seed):
         model = FineTuneModel(encoder, num_classes).to(device)
+        probe = None
+        if p.get("probe_epochs", 0) > 0:
+            if train_plain is None:
+                raise UserError("finetune.probe_epochs > 0 needs the un-augmented training images (train_plain)")
+            probe = fit_head(model, train_plain, p["probe_epochs"], p["probe_lr"], device, autocast, heldout=heldout)
+            print(f"  finetune head fitted on frozen features: held-out top-1 {probe['heldout_top1']:.2f}%", flush=True)
         groups = layer_decay_groups(model, p["weight_decay"], p["layer_decay"])
         for g in groups:
             g.pop("names")
@@ -228,8 +282,8 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
         "details": {
             "curve": curve, "epochs": p["epochs"], "steps": step, "batch_size": batch, "lr": lr, "blr": p["blr"],
             "layer_decay": p["layer_decay"], "weight_decay": p["weight_decay"], "drop_path": p["drop_path"],
-            "mixup": p["mixup"], "cutmix": p["cutmix"], "label_smoothing": p["label_smoothing"],
-            "randaug": p.get("randaug"), "reprob": p.get("reprob", 0), "crop_scale": list(p.get("crop_scale", DEFAULT_CROP_SCALE)),
+            "probe": probe, "mixup": p["mixup"], "cutmix": p["cutmix"], "label_smoothing": p["label_smoothing"],
+            "randaug": p.get("randaug"), "reprob": p.get("reprob", 0), "crop_scale": p.get("crop_scale", DEFAULT_CROP_SCALE), "hflip": p.get("hflip", True),
             "pooling": "mean of patch tokens + LayerNorm (encoder's final norm removed)",
             "n_train": len(train), "n_heldout": len(heldout), "n_test": len(test),
             "train_images_per_s": seen / t_train if t_train > 0 else None, "wall_time_s": time.perf_counter() - start,
@@ -244,13 +298,14 @@ def evaluate(ctx) -> dict:
     train_images, _ = ctx.dataset("train")
     test_images, _ = ctx.dataset("test")
     train = TransformedSubset(train_images, ctx.split_indices("train"), train_transform(ctx.img_size, mean, std, p))
+    train_plain = TransformedSubset(train_images, ctx.split_indices("train"), ctx.transform())
     heldout = TransformedSubset(train_images, ctx.split_indices("heldout"), ctx.transform())
     test = TransformedSubset(test_images, ctx.split_indices("test"), ctx.transform())
     # the preset's seed plus the run's, so repeated pretraining seeds also vary the fine-tuning noise
     seed = int(p["seed"]) + int(ctx.record.get("seed", 0))
     result = finetune(
         ctx.load_encoder(drop_path=p["drop_path"]), train, heldout, test, ctx.num_classes, p, ctx.device,
-        seed=seed, num_workers=ctx.feature_cfg["num_workers"],
+        seed=seed, num_workers=ctx.feature_cfg["num_workers"], train_plain=train_plain,
     )
     result["details"]["seed"] = seed
     return result

@@ -15,6 +15,11 @@ Learning rates are base rates: lr = blr x batch_size / 256.
   * finetune (MAE/BEiT/CAE): AdamW, blr 5e-4, layer decay 0.65 (CAE ViT-B; MAE uses 0.75), wd 0.05,
     drop path 0.1, 5 warmup epochs, mixup 0.8, cutmix 1.0, label smoothing 0.1, RandAugment (9, 0.5),
     random erasing 0.25.
+Quick fine-tuning is LP-FT without augmentation (evals.finetune): measured on the quick MAE run (held-out
+top-1 after 3-4 epochs on 5k images, 2 CPU cores), the published recipe stayed at 16-38% and light crops
+(scale 0.35-1) at 50-63%, while the head alone fitted on frozen features scores 63.8% and crops move those
+features (55.6% -> 30.4% under scale 0.35-1 crops); no augmentation after the head fit: 61.8 / 60.9 / 66.9%
+over 3 epochs, flips 58.9 / 60.1 / 64.7%. The quick preset is a budget proxy; full keeps the recipe.
 The full preset keeps MAE's LARS. Its step moves a head by ~lr x 0.001 of the head's norm, starting from
 a tiny init, so it needs thousands of steps; an epoch on 54k Fashion-MNIST images is 1/24 of an ImageNet
 epoch, hence a grid above MAE's 0.1. The short presets (a few hundred steps) use SGD with momentum 0.9,
@@ -59,7 +64,8 @@ _ATTENTIVE = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "num_hea
 
 _FINETUNE = {
     "optimizer": "adamw", "weight_decay": 0.05, "min_lr": 1e-6, "drop_path": 0.1, "mixup": 0.8, "cutmix": 1.0,
-    "label_smoothing": 0.1, "randaug": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "crop_scale": (0.08, 1.0), "seed": 0,
+    "label_smoothing": 0.1, "randaug": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "crop_scale": (0.08, 1.0), "hflip": True, "seed": 0,
+    "probe_epochs": 0, "probe_lr": 3e-2,  # LP-FT's head fit on frozen features (evals.finetune); 0: off
 }
 
 EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -84,9 +90,12 @@ EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "blrs": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
         },
         "attentive": {**_SPLITS["quick"], **_ATTENTIVE, "epochs": 10, "warmup_epochs": 1, "batch_size": 256, "blrs": (0.1, 0.3)},
+        # LP-FT without augmentation (see the module docstring): the published recipe stayed below the linear
+        # probe at this budget (16-38% top-1 after 5 epochs on 5k images).
         "finetune": {
-            **_FINETUNE, "train_size": 5000, "heldout_size": 1000, "test_size": 2000, "epochs": 5, "warmup_epochs": 1,
-            "batch_size": 128, "blr": 1e-3, "layer_decay": 0.75,
+            **_FINETUNE, "train_size": 5000, "heldout_size": 1000, "test_size": 2000, "epochs": 6, "warmup_epochs": 0.5,
+            "batch_size": 32, "blr": 1e-3, "layer_decay": 0.75, "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0,
+            "randaug": None, "reprob": 0.0, "crop_scale": None, "hflip": False, "probe_epochs": 80,
         },
     },
     "full": {

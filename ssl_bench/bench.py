@@ -7,7 +7,7 @@ run evaluated with every protocol, one leaderboard.
 The benchmark is a sweep (``ssl_bench.sweep``) with the benchmark's defaults: all registered methods, all
 four protocols (the eval preset of the same name), this process as the launcher, and a results
 directory named by data set and preset. Like a sweep, a rerun skips what already finished (runs whose
-run.json says finished, evaluations whose record exists), resumes interrupted runs from their
+run.json says finished, evaluations with a record under the same protocol settings), resumes interrupted runs from their
 checkpoint, and never overwrites a record. At the end it prints the leaderboard and what each step cost.
 """
 from __future__ import annotations

@@ -8,12 +8,13 @@
 On SLURM the pretraining runs are one job array (``executor.batch()``); each evaluation is a job that
 starts only after its run's pretraining succeeded (``--dependency=afterok:<array task>``; it is
 cancelled if that fails). A rerun skips what is done: runs whose run.json says finished, evaluations
-whose record exists, and jobs of an earlier submission still queued or running. An unfinished run
+with a record made under the same protocol settings, and jobs of an earlier submission still queued or running. An unfinished run
 with a checkpoint is resumed.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,19 @@ def refuse_partial(run: RunSpec) -> None:
                         f"move it away and rerun the sweep")
 
 
-def eval_done(run_dir: Path, protocol: str, data: str, preset: str) -> bool:
-    """An evaluation record exists (``write_json_new`` names reruns stem-1.json, stem-2.json, ...)."""
+def eval_done(run_dir: Path, protocol: str, data: str, preset: str, params: dict | None = None) -> bool:
+    """An evaluation record exists (``write_json_new`` names reruns stem-1.json, stem-2.json, ...) and, when
+    ``params`` is given, was made with those protocol settings: a record from an older or overridden
+    preset is not reused, it is kept and a new one is written beside it."""
     stem = f"{protocol}-{data}-{preset}"
     evals = run_dir / "evals"
-    return (evals / f"{stem}.json").exists() or any(p.stem.removeprefix(stem + "-").isdigit() for p in evals.glob(f"{stem}-*.json"))
+    records = [p for p in evals.glob(f"{stem}*.json") if p.stem == stem or p.stem.removeprefix(stem + "-").isdigit()]
+    if params is None:
+        return bool(records)
+    from ssl_bench.records import read_json
+
+    wanted = json.loads(json.dumps(params))  # tuples -> lists, as stored
+    return any(read_json(p).get("config", {}).get(protocol) == wanted for p in records)
 
 
 def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | None, preset: str, out: str | Path,
@@ -128,7 +137,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
     protocol_list = parse_protocols(protocols)
     if data not in DATASETS:
         raise UserError(f"unknown data set '{data}'; known data sets: {', '.join(DATASETS)}")
-    resolve_eval_config(preset, list(eval_overrides))
+    eval_cfg = resolve_eval_config(preset, list(eval_overrides))
     out = Path(out)
     runs = []
     for name in method_names:
@@ -139,7 +148,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
             run_dir = out / f"{name}-s{seed}"
             spec = RunSpec(name, seed, cfg, run_dir, run_state(run_dir))
             spec.evals = [
-                EvalSpec(p, f"eval/{run_dir.name}/{p}", spec.state == "finished" and eval_done(run_dir, p, data, preset))
+                EvalSpec(p, f"eval/{run_dir.name}/{p}", spec.state == "finished" and eval_done(run_dir, p, data, preset, eval_cfg[p]))
                 for p in protocol_list
             ]
             runs.append(spec)

@@ -120,3 +120,24 @@ def test_short_finetune_learns_with_mixup_and_augmentation():
     assert out["top1"] >= 90.0  # chance is 50
     assert not torch.equal(start, encoder.blocks[0].attn.qkv.weight)  # the encoder itself was trained
     assert np.isfinite([c["train_loss"] for c in out["details"]["curve"]]).all()
+
+
+def test_lp_ft_fits_the_head_on_frozen_features_first():
+    """LP-FT's first stage trains only fc_norm + head (the encoder is bit-for-bit unchanged) and already
+    separates the classes; fine-tuning then starts from that head."""
+    torch.manual_seed(0)
+    model = FineTuneModel(tiny_encoder(), num_classes=2)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.head.weight.detach().clone()
+    out = ft.fit_head(model, _blobs(128, 0), epochs=20, lr=3e-2, device=torch.device("cpu"),
+                      autocast=ft.contextlib.nullcontext, heldout=_blobs(64, 1))
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(head_before, model.head.weight)
+    assert out["heldout_top1"] >= 90.0 and out["steps"] == 20
+
+    p = params(epochs=1, probe_epochs=20, probe_lr=3e-2)
+    with pytest.raises(ft.UserError, match="train_plain"):
+        ft.finetune(tiny_encoder(), _blobs(64, 0), _blobs(32, 1), _blobs(32, 2), 2, p, torch.device("cpu"))
+    result = ft.finetune(tiny_encoder(), _blobs(64, 0), _blobs(32, 1), _blobs(32, 2), 2, p, torch.device("cpu"),
+                         train_plain=_blobs(64, 0))
+    assert result["details"]["probe"]["heldout_top1"] >= 90.0

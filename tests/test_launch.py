@@ -175,6 +175,7 @@ def test_sweep_plan_validates_before_submitting(tmp_path):
 
 
 def test_sweep_skip_rules(tmp_path):
+    from evals.presets import resolve_eval_config
     from ssl_bench.sweep import eval_done, plan, run_state
 
     run = tmp_path / "mae-s0"
@@ -187,11 +188,15 @@ def test_sweep_skip_rules(tmp_path):
     (run / "run.json").write_text(json.dumps({"status": "finished"}))
     assert run_state(run) == "finished"
     (run / "evals").mkdir()
-    (run / "evals" / "knn-fashion_mnist-smoke-1.json").write_text("{}")
-    assert eval_done(run, "knn", "fashion_mnist", "smoke")
+    knn_smoke = resolve_eval_config("smoke")["knn"]
+    (run / "evals" / "knn-fashion_mnist-smoke-1.json").write_text(json.dumps({"config": {"knn": knn_smoke}}))
+    assert eval_done(run, "knn", "fashion_mnist", "smoke", knn_smoke)
     assert not eval_done(run, "knn", "fashion_mnist", "quick") and not eval_done(run, "linear", "fashion_mnist", "smoke")
     sweep = plan("mae", "0", "knn,linear", "fashion_mnist", None, "smoke", tmp_path)
     assert sweep.runs[0].state == "finished" and [e.done for e in sweep.runs[0].evals] == [True, False]
+    # a record made under other settings (an older preset, or an override) is not reused
+    sweep = plan("mae", "0", "knn", "fashion_mnist", None, "smoke", tmp_path, eval_overrides=["knn.temperature=0.1"])
+    assert [e.done for e in sweep.runs[0].evals] == [False]
 
 
 def test_local_sweep_runs_then_skips_what_is_done(capsys, tmp_path):
