@@ -116,7 +116,7 @@ def train_transform(img_size: int, mean, std, p: dict):
     if p.get("crop_scale", DEFAULT_CROP_SCALE) is not None:
         ops.append(T.RandomResizedCrop(img_size, scale=tuple(p.get("crop_scale", DEFAULT_CROP_SCALE)), interpolation=InterpolationMode.BICUBIC, antialias=True))
     else:
-        ops.append(T.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True))
+        ops += [T.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(img_size)]
     if p.get("hflip", True):
         ops.append(T.RandomHorizontalFlip())
     randaug = p.get("randaug")

@@ -141,3 +141,16 @@ def test_lp_ft_fits_the_head_on_frozen_features_first():
     result = ft.finetune(tiny_encoder(), _blobs(64, 0), _blobs(32, 1), _blobs(32, 2), 2, p, torch.device("cpu"),
                          train_plain=_blobs(64, 0))
     assert result["details"]["probe"]["heldout_top1"] >= 90.0
+
+
+def test_transform_without_crop_and_flip_is_the_eval_transform():
+    """The quick preset fine-tunes on un-augmented images: the train transform must then equal the eval one."""
+    from ssl_bench.data.transforms import eval_transform
+
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    plain = ft.train_transform(28, (0.3,), (0.4,), params(crop_scale=None, hflip=False))
+    assert torch.equal(plain(image), eval_transform(28, 28, (0.3,), (0.4,))(image))
+    flipped = ft.train_transform(28, (0.3,), (0.4,), params(crop_scale=None, hflip=True))
+    outs = {tuple(flipped(image).flatten()[:28].tolist()) for _ in range(20)}
+    assert len(outs) == 2  # the image and its mirror
+    assert ft.train_transform(14, (0.3,), (0.4,), params(crop_scale=None, hflip=False))(image).shape == (1, 14, 14)
