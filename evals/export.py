@@ -31,6 +31,8 @@ def timm_create_kwargs(backbone: ViTBackbone) -> tuple[str, dict]:
     """(timm model name, kwargs) that build a ``timm.create_model`` ViT with the encoder's exact keys/shapes."""
     sig = backbone.signature()
     kwargs = {k: sig[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    if "layer_scale" in sig:
+        kwargs["init_values"] = sig["layer_scale"]
     kwargs["num_classes"] = 0  # no head: forward() returns the cls token, forward_features() all tokens
     return ARCHS[sig["arch"]][0], kwargs
 

@@ -46,7 +46,7 @@ class BEiT(Method):
         "quick": {"train": {"blr": 10 * BLR, "betas": (0.9, 0.999)}},
         "full": {
             "train": {"blr": BLR, "betas": (0.9, 0.999), "weight_decay": 0.05, "epochs": 100, "warmup_epochs": 10},
-            "model": {"drop_path": 0.1},
+            "model": {"drop_path": 0.1, "layer_scale": 0.1},
         },
     }
 

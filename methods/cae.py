@@ -146,7 +146,7 @@ class CAE(Method):
                 "blr": 1.5e-3 * 256 / 2048, "betas": (0.9, 0.999), "weight_decay": 0.05, "clip_grad": 3.0,
                 "epochs": 100, "warmup_epochs": 10,
             },
-            "model": {"drop_path": 0.1},
+            "model": {"drop_path": 0.1, "layer_scale": 0.1},
         },
     }
 

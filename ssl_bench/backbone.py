@@ -59,6 +59,7 @@ class ViTBackbone(nn.Module):
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
+        layer_scale: float | None = None,
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -82,7 +83,9 @@ class ViTBackbone(nn.Module):
             depth=self.depth,
             num_heads=self.num_heads,
             drop_path_rate=drop_path,
+            init_values=layer_scale,  # LayerScale (CaiT), used by BEiT and CAE: residual branches start at x layer_scale
         )
+        self.layer_scale = layer_scale
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         pos = sincos_pos_embed(self.embed_dim, self.grid_size)
@@ -93,12 +96,16 @@ class ViTBackbone(nn.Module):
 
     # -- metadata -----------------------------------------------------------------------------------
     def signature(self) -> dict:
-        """What must match for a checkpoint to load into this backbone."""
-        return {
+        """What must match for a checkpoint to load into this backbone (``layer_scale`` only when used,
+        so signatures of encoders without it read as before)."""
+        sig = {
             "arch": self.arch, "img_size": self.img_size, "patch_size": self.patch_size,
             "in_chans": self.in_chans, "embed_dim": self.embed_dim, "depth": self.depth,
             "num_heads": self.num_heads,
         }
+        if self.layer_scale is not None:
+            sig["layer_scale"] = self.layer_scale
+        return sig
 
     @property
     def blocks(self) -> nn.Sequential:

@@ -35,7 +35,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def check_signature(saved: dict, expected: dict, path: str | Path) -> None:
     """A checkpoint of another architecture must not be loaded (nor silently half-loaded)."""
-    diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    diff = {k: (saved.get(k), expected.get(k)) for k in {**saved, **expected} if saved.get(k) != expected.get(k)}
     if diff:
         parts = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise UserError(f"checkpoint {path} is from another architecture ({parts}); use a matching config or another checkpoint")

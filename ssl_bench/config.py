@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "depth": None,
         "num_heads": None,
         "drop_path": 0.0,
+        "layer_scale": None,  # LayerScale init value (BEiT / CAE: 0.1); None: no LayerScale
     },
     "method": {},  # filled from the method's __init__ keyword defaults
     "train": {

@@ -48,3 +48,30 @@ def test_export_never_overwrites(run_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == first
     assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "enc.txt")]) == 2
+
+
+def test_layer_scale_encoder_exports_and_guards_its_signature(tmp_path):
+    """BEiT / CAE's LayerScale (model.layer_scale) is a timm option too: the export carries it, loads strictly
+    and computes the same features; a checkpoint with it never loads into an encoder without it."""
+    from ssl_bench.backbone import ViTBackbone
+    from ssl_bench.checkpoint import check_signature
+    from ssl_bench.errors import UserError
+
+    out = tmp_path / "mae-ls"
+    cfg = resolve_config(get_method("mae"), "smoke", ["train.max_steps=2", "train.progress=false", "model.layer_scale=0.1"])
+    pretrain(cfg, out)
+    encoder, _ = load_encoder(out)
+    gammas = [b.ls1.gamma for b in encoder.blocks]
+    assert gammas and all(torch.allclose(g, torch.full_like(g, 0.1), atol=0.01) for g in gammas)  # init 0.1, 2 steps
+    weights, sidecar = export_encoder(out, tmp_path / "encoder.pth")
+    spec = json.loads(sidecar.read_text())
+    assert spec["create_kwargs"]["init_values"] == 0.1
+    model = timm.create_model(spec["model_name"], **spec["create_kwargs"]).eval()
+    model.load_state_dict(load_exported(weights), strict=True)
+    images = torch.randn(2, spec["input"]["in_chans"], spec["input"]["img_size"], spec["input"]["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images)[:, 1:], encoder(images)[1])
+    plain = {k: v for k, v in encoder.signature().items() if k != "layer_scale"}
+    assert ViTBackbone(**plain).signature() == plain  # no LayerScale: the signature reads as before
+    with pytest.raises(UserError, match="layer_scale: checkpoint 0.1 vs this run None"):
+        check_signature(encoder.signature(), plain, "x.pt")
