@@ -9,7 +9,8 @@ Choices (the spec in /work/shared/specs/methods.md; the paper's recipe is ViT-B/
 * tokenizer: DALL-E's dVAE (8192 codes) cannot be downloaded, so ``method.tokenizer`` is a VQ-VAE from
   ``ssl_bench.tokenizer`` trained without labels on the run's own pretraining images ("auto": trained in
   ``prepare`` into ``RUN_DIR/tokenizer/`` with the run's preset, 64 / 512 / 8192 codes for smoke / quick /
-  full) or the path of one trained with ``ssl-bench tokenizer train``. It reads the same augmented view
+  full) or the path of one trained with ``ssl-bench tokenizer train``; a user holding OpenAI's released
+  encoder passes ``dalle:/path/to/encoder.pkl`` (``ssl_bench.dalle``). It reads the same augmented view
   as the ViT (DALL-E reads a half-resolution copy of the same crop).
 * masking: block-wise (BEiT's generator: blocks of >= 16 of 196 patches, aspect 0.3-3.3), 40% (75/196).
 * head: linear D -> vocab on the final (layer-normed) features, trunc-normal init std 0.02 like the

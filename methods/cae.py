@@ -33,7 +33,8 @@ Choices, checked against the paper's public code (github.com/Atten4Vis/CAE):
   the encoder's drop-path rate there too).
 * Token targets: DALL-E's 8192-code dVAE cannot be downloaded, so ``target="tokens"`` uses a VQ-VAE from
   ``ssl_bench.tokenizer`` trained without labels on the run's own images (``tokenizer="auto"``, trained in
-  ``prepare``; the paper's d-VAE trained on ImageNet-1K is the precedent) or one at a given path. It reads
+  ``prepare``; the paper's d-VAE trained on ImageNet-1K is the precedent), one at a given path, or OpenAI's
+  released encoder as ``dalle:/path/to/encoder.pkl`` (``ssl_bench.dalle``). It reads
   the same augmented view as the encoder, uncorrupted.
 * The alignment target runs the encoder in whatever mode the method is in, as the official copied
   encoder does (so drop path also applies to the target while training).

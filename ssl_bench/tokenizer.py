@@ -36,6 +36,7 @@ from ssl_bench.errors import UserError
 TOKENIZER_FILE = "tokenizer.pt"
 RECORD_FILE = "tokenizer.json"
 FORMAT = "ssl-bench-tokenizer/1"
+DALLE_PREFIX = "dalle:"  # method.tokenizer=dalle:/path/to/encoder.pkl (ssl_bench.dalle)
 TRAIN_HINT = "train one with `ssl-bench tokenizer train --data D --out DIR` (or set method.tokenizer=auto)"
 
 
@@ -205,7 +206,12 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A trained tokenizer (a ``tokenizer.pt`` or the directory holding one), frozen, in eval mode."""
+    """A trained tokenizer (a ``tokenizer.pt`` or the directory holding one), or a DALL-E sidecar
+    (``ssl_bench.dalle``), frozen, in eval mode."""
+    from ssl_bench import dalle
+
+    if dalle.is_sidecar(path):
+        return dalle.load_sidecar(path)
     file = _tokenizer_file(path)
     if not file.is_file():
         raise UserError(f"no tokenizer at {path}; {TRAIN_HINT}")
@@ -426,7 +432,8 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
 def ensure_tokenizer(cfg: dict, run_dir) -> str:
     """For ``Method.prepare`` (BEiT, CAE): the path of the tokenizer named by ``cfg["method"]["tokenizer"]``.
 
-    A path is validated (loadable, right patch grid and data set) and returned absolute. ``"auto"`` trains a
+    A path is validated (loadable, right patch grid and data set) and returned absolute; ``"dalle:PATH"``
+    (OpenAI's released encoder) gets a sidecar in ``run_dir/tokenizer/`` that ``load_tokenizer`` reads. ``"auto"`` trains a
     tokenizer for this run's data set, images, patch grid and preset into ``run_dir/tokenizer/``, or reuses
     the one already there (prepare runs again on resume).
     """
@@ -434,6 +441,14 @@ def ensure_tokenizer(cfg: dict, run_dir) -> str:
     data, model = cfg["data"], cfg["model"]
     if choice is None or choice == "":
         raise UserError(f"method.tokenizer is not set; pass method.tokenizer=auto or a path; {TRAIN_HINT}")
+    if str(choice).startswith(DALLE_PREFIX):  # OpenAI's released dVAE encoder, from a local file
+        from ssl_bench import dalle
+        from ssl_bench.data.datasets import load_dataset
+
+        _, info = load_dataset(data["name"], data["root"], "pretrain", img_size=data["img_size"])
+        sidecar = dalle.write_sidecar(choice[len(DALLE_PREFIX):], Path(run_dir) / "tokenizer", data["img_size"] or info.img_size,
+                                      model["patch_size"], info.in_chans, info.mean, info.std, info.name)
+        return str(sidecar.resolve())
     if choice != "auto":
         path = Path(choice).expanduser().resolve()
         tokenizer = load_tokenizer(path)
