@@ -135,7 +135,7 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     if steps_per_epoch == 0:
         raise UserError(f"one epoch has {sampler.steps_per_epoch} micro-batches, fewer than train.accum_steps={accum}; lower accum_steps or batch_size")
     total_steps = steps_per_epoch * train["epochs"]
-    stop_step = min(total_steps, train["max_steps"] or total_steps)
+    stop_step = min(total_steps, total_steps if train["max_steps"] is None else train["max_steps"])
     effective_batch = train["batch_size"] * accum * dist_info.world_size
     base_lr = train["lr"] if train["lr"] is not None else train["blr"] * effective_batch / 256
     warmup_steps = int(round(train["warmup_epochs"] * steps_per_epoch))
@@ -272,6 +272,8 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     except BaseException as exc:
         finish("failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
+    if stop_step == 0:  # a 0-step run (the random_init control) still leaves the weights it was built with
+        checkpoint()
     return finish("finished")
 
 

@@ -32,6 +32,7 @@ def run(args) -> int:
     from ssl_bench.trainer import pretrain
 
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
+    names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
     overrides = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false", *args.overrides]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
