@@ -171,7 +171,7 @@ def collect(results_dir: str | Path) -> Leaderboard:
         if summary and summary not in row.hardware:
             row.hardware.append(summary)
 
-    ordered = [rows[k] for k in sorted(rows)]
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], rows[k].family == CONTROL, k[2]))]  # controls last
     columns = sorted({c for r in ordered for c in r.top1}, key=_column_key)
     return Leaderboard(
         ordered, columns, notes,
@@ -221,6 +221,9 @@ def _scope(lb: Leaderboard) -> str:
     return ", ".join(parts)
 
 
+CONTROL = "control"  # Method.family of baselines such as random_init
+
+
 FOOTNOTE = (
     "Top-1 (%) on the test split; hyper-parameters / epoch selected on a held-out part of the train split. "
     "Several seeds: mean ± sample std (n runs). Cost columns are means per pretraining run."
@@ -239,6 +242,9 @@ def to_markdown(lb: Leaderboard) -> str:
     else:
         lines += ["No finished runs.", ""]
     lines += [FOOTNOTE, ""]
+    controls = sorted({r.method for r in lb.rows if r.family == CONTROL})
+    if controls:
+        lines += [f"Control rows (never pretrained; what every method should beat): {', '.join(controls)}.", ""]
     if lb.notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in lb.notes] + [""]
     return "\n".join(lines)

@@ -133,3 +133,15 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # validated before anything ran
+
+
+def test_control_rows_come_last_and_are_named(results):
+    """A random_init run (family "control") sorts after the methods and is named under the table."""
+    src = results / "fashion_mnist-quick" / "runs" / "mae-s0"
+    dst = results / "fashion_mnist-quick" / "runs" / "random_init-s0"
+    shutil.copytree(src, dst)
+    record = json.loads((dst / "run.json").read_text())
+    (dst / "run.json").write_text(json.dumps({**record, "method": "random_init", "family": "control"}))
+    lb, _ = write_leaderboard(results, ["md"], plot=False)
+    assert [r.method for r in lb.rows] == ["mae", "simsiam", "random_init"]
+    assert "Control rows (never pretrained; what every method should beat): random_init." in (results / "leaderboard.md").read_text()
