@@ -296,7 +296,8 @@ def make_figure(lb: Leaderboard):
     import matplotlib.pyplot as plt
 
     labels = [
-        r.method + (f"\n{r.data}" if lb.show_data else "") + (f"\n{r.preset}" if lb.show_preset else "") for r in lb.rows
+        r.method + (f"\n{r.data}" if lb.show_data else "") + (f"\n{r.preset}" if lb.show_preset else "")
+        + ("\n(control)" if r.family == CONTROL else "") for r in lb.rows
     ]
     n_cols = max(1, len(lb.columns))
     width = 0.8 / n_cols
@@ -306,6 +307,11 @@ def make_figure(lb: Leaderboard):
         stats = [r.top1.get(col) for r in lb.rows]
         heights = [s.mean if s else math.nan for s in stats]
         bars = ax.bar(xs, heights, width, label=col)
+        for bar, row in zip(bars, lb.rows):
+            if row.family == CONTROL:  # the baseline reads as a reference, not as one more method
+                bar.set_hatch("//")
+                bar.set_edgecolor("white")  # light hatch lines keep the white value labels readable
+                bar.set_linewidth(0)
         ax.bar_label(bars, labels=[f"{h:.1f}" if s else "" for h, s in zip(heights, stats)], label_type="center", rotation=90, fontsize=7, color="white")
         spread = [(x, s) for x, s in zip(xs, stats) if s and s.n > 1]  # error bars only where there are seeds
         if spread:

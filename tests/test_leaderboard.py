@@ -145,3 +145,7 @@ def test_control_rows_come_last_and_are_named(results):
     lb, _ = write_leaderboard(results, ["md"], plot=False)
     assert [r.method for r in lb.rows] == ["mae", "simsiam", "random_init"]
     assert "Control rows (never pretrained; what every method should beat): random_init." in (results / "leaderboard.md").read_text()
+    ax = make_figure(lb).axes[0]
+    hatched = [b.get_hatch() == "//" for b in ax.patches]  # per protocol column: mae, simsiam, random_init
+    assert hatched == [False, False, True] * len(lb.columns)
+    assert ax.get_xticklabels()[-1].get_text() == "random_init\n(control)"
