@@ -113,8 +113,9 @@ def train_transform(img_size: int, mean, std, p: dict):
     """uint8 (C, H, W) -> float (C, img, img): RandomResizedCrop (``crop_scale`` None: a plain resize)
     [+ flip] [+ RandAugment] [+ random erasing]."""
     ops = []
-    if p.get("crop_scale", DEFAULT_CROP_SCALE) is not None:
-        ops.append(T.RandomResizedCrop(img_size, scale=tuple(p.get("crop_scale", DEFAULT_CROP_SCALE)), interpolation=InterpolationMode.BICUBIC, antialias=True))
+    crop_scale = p.get("crop_scale", DEFAULT_CROP_SCALE)
+    if crop_scale is not None:
+        ops.append(T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC, antialias=True))
     else:
         ops += [T.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(img_size)]
     if p.get("hflip", True):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssl_bench.errors import UserError
+from ssl_bench.records import CONTROL_FAMILY
 
 PROTOCOL_ORDER = ("knn", "linear", "attentive", "finetune")
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
@@ -171,7 +172,7 @@ def collect(results_dir: str | Path) -> Leaderboard:
         if summary and summary not in row.hardware:
             row.hardware.append(summary)
 
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], rows[k].family == CONTROL, k[2]))]  # controls last
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], rows[k].family == CONTROL_FAMILY, k[2]))]  # controls last
     columns = sorted({c for r in ordered for c in r.top1}, key=_column_key)
     return Leaderboard(
         ordered, columns, notes,
@@ -221,9 +222,6 @@ def _scope(lb: Leaderboard) -> str:
     return ", ".join(parts)
 
 
-CONTROL = "control"  # Method.family of baselines such as random_init
-
-
 FOOTNOTE = (
     "Top-1 (%) on the test split; hyper-parameters / epoch selected on a held-out part of the train split. "
     "Several seeds: mean ± sample std (n runs). Cost columns are means per pretraining run."
@@ -242,7 +240,7 @@ def to_markdown(lb: Leaderboard) -> str:
     else:
         lines += ["No finished runs.", ""]
     lines += [FOOTNOTE, ""]
-    controls = sorted({r.method for r in lb.rows if r.family == CONTROL})
+    controls = sorted({r.method for r in lb.rows if r.family == CONTROL_FAMILY})
     if controls:
         lines += [f"Control rows (never pretrained; what every method should beat): {', '.join(controls)}.", ""]
     if lb.notes:
@@ -297,7 +295,7 @@ def make_figure(lb: Leaderboard):
 
     labels = [
         r.method + (f"\n{r.data}" if lb.show_data else "") + (f"\n{r.preset}" if lb.show_preset else "")
-        + ("\n(control)" if r.family == CONTROL else "") for r in lb.rows
+        + ("\n(control)" if r.family == CONTROL_FAMILY else "") for r in lb.rows
     ]
     n_cols = max(1, len(lb.columns))
     width = 0.8 / n_cols
@@ -308,7 +306,7 @@ def make_figure(lb: Leaderboard):
         heights = [s.mean if s else math.nan for s in stats]
         bars = ax.bar(xs, heights, width, label=col)
         for bar, row in zip(bars, lb.rows):
-            if row.family == CONTROL:  # the baseline reads as a reference, not as one more method
+            if row.family == CONTROL_FAMILY:  # the baseline reads as a reference, not as one more method
                 bar.set_hatch("//")
                 bar.set_edgecolor("white")  # light hatch lines keep the white value labels readable
                 bar.set_linewidth(0)

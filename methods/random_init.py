@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ssl_bench.errors import UserError
+from ssl_bench.records import CONTROL_FAMILY
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
 
@@ -21,7 +22,7 @@ from ssl_bench.registry import register_method
 class RandomInit(Method):
     name = "random_init"
     description = "Control: the backbone at its initialization, never trained (0 steps)"
-    family = "control"
+    family = CONTROL_FAMILY
     pretrains = False
 
     @classmethod

@@ -36,7 +36,7 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     description: ClassVar[str]  # one line, shown by `ssl-bench methods`
-    family: ClassVar[str] = "mim"  # "mim", "siamese" or "control": which family, for tables
+    family: ClassVar[str] = "mim"  # "mim", "siamese" or "control" (ssl_bench.records.CONTROL_FAMILY): for tables
     pretrains: ClassVar[bool] = True  # False for controls (random_init) that have no training step
     # preset name -> partial config merged over the common preset ({"train": {...}, "model": {...}, ...})
     recipes: ClassVar[dict[str, dict]] = {}

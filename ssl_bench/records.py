@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+CONTROL_FAMILY = "control"  # run.json "family" of baselines that are not trained (random_init); tables list them last
+
 from ssl_bench.errors import UserError
 
 
