@@ -100,6 +100,19 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _checked(key: str, current: Any, value: Any, raw: str) -> Any:
+    """``value`` for a key now holding ``current``: a number stays a number and a switch a switch (None is
+    always allowed), so a typo such as ``train.epochs=1o`` is a one-line error, not a crash deep in a run."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' takes true or false, got '{raw}'")
+    elif isinstance(current, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f"config key '{key}' takes a number, got '{raw}'")
+    return value
+
+
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` strings; unknown keys are an error that lists the valid ones."""
     cfg = copy.deepcopy(cfg)
@@ -117,7 +130,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             if i == len(parts) - 1:
                 if isinstance(node[part], dict):
                     raise UserError(f"config key '{key}' is a section; set one of its keys: {', '.join(sorted(node[part]))}")
-                node[part] = parse_value(raw)
+                node[part] = _checked(key, node[part], parse_value(raw), raw)
             else:
                 node = node[part]
     return cfg

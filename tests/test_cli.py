@@ -62,6 +62,9 @@ def test_missing_data_path(capsys, tmp_path):
     ("optim.lr=1", "unknown config key 'optim.lr'"),
     ("method.mask_ration=0.5", "unknown config key 'method.mask_ration'"),
     ("train", "not of the form key=value"),
+    ("train.epochs=1o", "config key 'train.epochs' takes a number, got '1o'"),
+    ("train.progress=1", "config key 'train.progress' takes true or false"),
+    ("method.mask_ratio=true", "config key 'method.mask_ratio' takes a number"),
 ])
 def test_unknown_override_key(capsys, tmp_path, override, fragment):
     code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--preset", "smoke", "--out", str(tmp_path / "r"), override)
@@ -100,3 +103,13 @@ def test_resume_with_checkpoint_of_other_architecture(capsys, tmp_path):
 def test_resume_of_empty_dir(capsys, tmp_path):
     code, _, err = run_cli(capsys, "pretrain", "--method", "mae", "--out", str(tmp_path), "--resume")
     assert_one_line_error(code, err, "nothing to resume")
+
+
+def test_overrides_keep_their_types_but_allow_none_and_numbers_of_either_kind():
+    from ssl_bench.config import resolve_config
+    from ssl_bench.registry import get_method
+
+    cfg = resolve_config(get_method("mae"), "smoke", ["train.epochs=2.5", "train.blr=1e-3", "data.subset=none", "train.lr=0.01",
+                                                      "model.arch=vit_small", "train.betas=(0.9,0.99)"])
+    assert (cfg["train"]["epochs"], cfg["train"]["blr"], cfg["data"]["subset"]) == (2.5, 1e-3, None)
+    assert (cfg["train"]["lr"], cfg["model"]["arch"], cfg["train"]["betas"]) == (0.01, "vit_small", (0.9, 0.99))

@@ -168,3 +168,4 @@ def test_bad_protocol_preset_or_override_gives_one_clear_line(run_dir, capsys):
     assert "unknown protocol 'svm'" in one_line_error(capsys, [*base, "--protocol", "knn,svm"])
     assert "unknown eval preset" in one_line_error(capsys, [*base, "--preset", "huge"])
     assert "knn.kk" in one_line_error(capsys, [*base, "--preset", "smoke", "knn.kk=3"])
+    assert "takes a number, got 'bad'" in one_line_error(capsys, [*base, "--preset", "smoke", "finetune.probe_epochs=bad"])
