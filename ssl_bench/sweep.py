@@ -105,16 +105,15 @@ def refuse_partial(run: RunSpec) -> None:
                         f"move it away and rerun the sweep")
 
 
-def eval_done(run_dir: Path, protocol: str, data: str, preset: str, params: dict | None = None) -> bool:
-    """An evaluation record exists (``write_json_new`` names reruns stem-1.json, stem-2.json, ...) and, when
-    ``params`` is given, was made with those protocol settings: a record from an older or overridden
-    preset is not reused, it is kept and a new one is written beside it."""
+def eval_done(run_dir: Path, protocol: str, data: str, preset: str, params: dict) -> bool:
+    """An evaluation record (``write_json_new`` names reruns stem-1.json, stem-2.json, ...) made with the
+    protocol settings ``params`` exists: a record from an older or overridden preset is not reused, it is
+    kept and a new one is written beside it."""
+    from ssl_bench.records import read_json
+
     stem = f"{protocol}-{data}-{preset}"
     evals = run_dir / "evals"
     records = [p for p in evals.glob(f"{stem}*.json") if p.stem == stem or p.stem.removeprefix(stem + "-").isdigit()]
-    if params is None:
-        return bool(records)
-    from ssl_bench.records import read_json
 
     wanted = json.loads(json.dumps(params))  # tuples -> lists, as stored
     return any(read_json(p).get("config", {}).get(protocol) == wanted for p in records)

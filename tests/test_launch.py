@@ -191,7 +191,8 @@ def test_sweep_skip_rules(tmp_path):
     knn_smoke = resolve_eval_config("smoke")["knn"]
     (run / "evals" / "knn-fashion_mnist-smoke-1.json").write_text(json.dumps({"config": {"knn": knn_smoke}}))
     assert eval_done(run, "knn", "fashion_mnist", "smoke", knn_smoke)
-    assert not eval_done(run, "knn", "fashion_mnist", "quick") and not eval_done(run, "linear", "fashion_mnist", "smoke")
+    linear_smoke = resolve_eval_config("smoke")["linear"]
+    assert not eval_done(run, "knn", "fashion_mnist", "quick", knn_smoke) and not eval_done(run, "linear", "fashion_mnist", "smoke", linear_smoke)
     sweep = plan("mae", "0", "knn,linear", "fashion_mnist", None, "smoke", tmp_path)
     assert sweep.runs[0].state == "finished" and [e.done for e in sweep.runs[0].evals] == [True, False]
     # a record made under other settings (an older preset, or an override) is not reused
