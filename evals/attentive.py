@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from evals.linear import fit_and_select
+from evals.registry import register_protocol
 from ssl_bench.errors import UserError
 from ssl_bench.layers import CrossAttention
 
@@ -64,6 +65,7 @@ def attentive_probe(train, heldout, test, num_classes: int, num_heads: int, p: d
     return result
 
 
+@register_protocol("attentive", feature_kinds=FEATURE_KINDS, description="attentive probe on frozen patch tokens")
 def evaluate(ctx) -> dict:
     p = ctx.params
     train, heldout, test = (ctx.features(split, ("patches",)) for split in ("train", "heldout", "test"))

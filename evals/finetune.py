@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from evals.registry import register_protocol
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
 from ssl_bench.errors import UserError
@@ -292,6 +293,7 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
     }
 
 
+@register_protocol("finetune", description="end-to-end fine-tuning")
 def evaluate(ctx) -> dict:
     """The ``finetune`` protocol on ``ctx.data``: the pretraining data set, or another one (transfer)."""
     p = ctx.params

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evals.registry import register_protocol
 from ssl_bench.errors import UserError
 
 FEATURE_TYPES = ("cls", "mean")
@@ -89,6 +90,7 @@ def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temp
     }
 
 
+@register_protocol("knn", feature_kinds=FEATURE_KINDS, description="weighted kNN on frozen features")
 def evaluate(ctx) -> dict:
     p = ctx.params
     train, heldout, test = (ctx.features(split, FEATURE_TYPES) for split in ("train", "heldout", "test"))

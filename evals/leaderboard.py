@@ -27,10 +27,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evals.registry import protocol_order
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY
 
-PROTOCOL_ORDER = ("knn", "linear", "attentive", "finetune")
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
 PLOT_NAME = "leaderboard.png"
 MISSING = "-"
@@ -100,8 +100,7 @@ def _column(protocol: str, eval_data: str, eval_preset: str, run_data: str, run_
 
 def _column_key(col: str) -> tuple:
     base = col.split(" (")[0]
-    order = PROTOCOL_ORDER.index(base) if base in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
-    return (order, base, col)
+    return (protocol_order(base), base, col)
 
 
 def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, float]:

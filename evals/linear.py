@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evals.registry import register_protocol
 from ssl_bench.errors import UserError
 from ssl_bench.optim import build_optimizer, cosine_with_warmup
 
@@ -133,6 +134,7 @@ def linear_probe(train, heldout, test, num_classes: int, p: dict, device: torch.
     return fit_and_select(heads, specs, train, heldout, test, p, device)
 
 
+@register_protocol("linear", feature_kinds=FEATURE_KINDS, description="linear probe on frozen features")
 def evaluate(ctx) -> dict:
     p = ctx.params
     train, heldout, test = (ctx.features(split, p["feature_types"]) for split in ("train", "heldout", "test"))

@@ -1,7 +1,7 @@
 """Evaluation presets: smoke (seconds on CPU), quick (a couple of minutes per protocol on 2 CPU cores),
 full (the published recipes scaled to the data set; meant for a GPU).
 
-One section per protocol plus ``features`` (extraction and cache); every key can be overridden on the
+One section per protocol (``evals.registry``; a plug-in protocol brings its own) plus ``features`` (extraction and cache); every key can be overridden on the
 command line as ``section.key=value`` and an unknown key is an error that lists the valid ones.
 
 Splits (every protocol): hyper-parameters are chosen on ``heldout_size`` images held out of the labelled
@@ -35,8 +35,6 @@ from typing import Any
 
 from ssl_bench.config import apply_overrides
 from ssl_bench.errors import UserError
-
-PROTOCOLS = ("knn", "linear", "attentive", "finetune")
 
 _SPLITS = {
     "smoke": {"train_size": 1000, "heldout_size": 250, "test_size": 500},
@@ -115,7 +113,13 @@ def resolve_eval_config(preset: str, overrides: list[str] | tuple[str, ...] = ()
     """The eval preset ``preset`` with ``section.key=value`` overrides applied (unknown key: UserError)."""
     if preset not in EVAL_PRESETS:
         raise UserError(f"unknown eval preset '{preset}'; choose one of: {', '.join(EVAL_PRESETS)}")
-    cfg = apply_overrides(copy.deepcopy(EVAL_PRESETS[preset]), list(overrides))
+    from evals.registry import get_protocol, protocol_names
+
+    base = copy.deepcopy(EVAL_PRESETS[preset])
+    for name in protocol_names():  # a plug-in protocol's section: the preset's splits, then its own settings
+        if name not in base:
+            base[name] = {**_SPLITS[preset], **copy.deepcopy((get_protocol(name).presets or {}).get(preset, {}))}
+    cfg = apply_overrides(base, list(overrides))
     for section in cfg.values():  # a grid given on the command line as a scalar is a grid of one
         for key in ("ks", "blrs", "feature_types"):
             if key in section and not isinstance(section[key], (list, tuple)):

@@ -3,15 +3,14 @@
     evaluate(run_dir, ["knn", "linear"], "fashion_mnist", None, "quick")
       -> RUN_DIR/evals/knn-fashion_mnist-quick.json, RUN_DIR/evals/linear-fashion_mnist-quick.json
 
-A protocol is a module ``evals/<name>.py`` exposing ``evaluate(ctx: EvalContext) -> dict`` with at least
-``top1`` (test split, percent), ``selected`` (what was chosen on the held-out split) and ``details``.
+A protocol is a function ``evaluate(ctx: EvalContext) -> dict`` registered in ``evals.registry`` (built-ins
+in ``evals/<name>.py``, plug-ins through entry points) returning at least ``top1`` (test split, percent),
+``selected`` (what was chosen on the held-out split) and ``details``.
 Records are written with ``write_json_new``: atomic, and never overwriting an earlier result.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 
 from evals.features import Features, file_sha256, load_features
-from evals.presets import PROTOCOLS, resolve_eval_config
+from evals.presets import resolve_eval_config
+from evals.registry import get_protocol, protocol_names
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.checkpoint import CHECKPOINT_NAME, load_encoder, read_run
 from ssl_bench.data.datasets import DatasetInfo, fixed_subset, load_dataset
@@ -157,12 +157,9 @@ def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
     given = protocols.split(",") if isinstance(protocols, str) else protocols
     names = list(dict.fromkeys(p.strip() for p in given if p.strip()))  # in order, once each
     if not names:
-        raise UserError(f"no protocol given; choose from {', '.join(PROTOCOLS)}")
+        raise UserError(f"no protocol given; choose from {', '.join(protocol_names())}")
     for name in names:
-        if name not in PROTOCOLS:
-            raise UserError(f"unknown protocol '{name}'; choose from {', '.join(PROTOCOLS)}")
-        if importlib.util.find_spec(f"evals.{name}") is None:
-            raise UserError(f"protocol '{name}' is not available in this checkout (evals/{name}.py is missing)")
+        get_protocol(name)
     return names
 
 
@@ -192,16 +189,16 @@ def evaluate(
     names = parse_protocols(protocols)
     cfg = resolve_eval_config(preset, list(overrides))
     base = make_context(run_dir, data, data_root, preset, cfg)
-    modules = {name: importlib.import_module(f"evals.{name}") for name in names}
-    base._shared["kinds"] = {k for m in modules.values() for k in getattr(m, "FEATURE_KINDS", ())}
+    chosen = {name: get_protocol(name) for name in names}
+    base._shared["kinds"] = {k for p in chosen.values() for k in p.feature_kinds}
     paths = []
-    for name, module in modules.items():
+    for name, protocol in chosen.items():
         ctx = dataclasses.replace(base, params=cfg[name])  # shares the loaded encoder and data sets
         start = time.perf_counter()
-        result = module.evaluate(ctx)
+        result = protocol.evaluate(ctx)
         missing = {"top1", "selected", "details"} - set(result)
         if missing:
-            raise RuntimeError(f"evals.{name}.evaluate returned no {sorted(missing)}")
+            raise RuntimeError(f"protocol {name} ({protocol.evaluate.__module__}) returned no {sorted(missing)}")
         record: dict[str, Any] = {
             "protocol": name, "data": ctx.data, "preset": preset, "top1": float(result["top1"]),
             "selected": result["selected"], "details": result["details"],

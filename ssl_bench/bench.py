@@ -5,7 +5,7 @@ run evaluated with every protocol, one leaderboard.
     RESULTS/<data>-<preset>/leaderboard.{md,csv,tex,png}
 
 The benchmark is a sweep (``ssl_bench.sweep``) with the benchmark's defaults: all registered methods, all
-four protocols (the eval preset of the same name), this process as the launcher, and a results
+registered protocols (the eval preset of the same name), this process as the launcher, and a results
 directory named by data set and preset. Like a sweep, a rerun skips what already finished (runs whose
 run.json says finished, evaluations with a record under the same protocol settings), resumes interrupted runs from their
 checkpoint, and never overwrites a record. At the end it prints the leaderboard and what each step cost.
@@ -18,8 +18,6 @@ from pathlib import Path
 
 from ssl_bench.records import read_json
 
-DEFAULT_PROTOCOLS = "knn,linear,attentive,finetune"
-
 
 def bench_dir(results: str | Path, data: str, preset: str) -> Path:
     return Path(results) / f"{data}-{preset}"
@@ -29,7 +27,7 @@ def cost_table(out: Path) -> str:
     """Seconds spent per run: pretraining and each evaluation, from the records (all invocations)."""
     from tabulate import tabulate
 
-    from evals.leaderboard import PROTOCOL_ORDER
+    from evals.registry import protocol_order
     from ssl_bench.errors import UserError
 
     rows, protocols = [], set()
@@ -47,7 +45,7 @@ def cost_table(out: Path) -> str:
         rows.append((record_path.parent.name, record.get("status"), record.get("wall_time_s"), evals))
     if not rows:
         return "no runs yet"
-    order = sorted(protocols, key=lambda p: (PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else len(PROTOCOL_ORDER), p))
+    order = sorted(protocols, key=lambda p: (protocol_order(p), p))
     table = [
         [name, status, f"{pre:.0f}" if isinstance(pre, (int, float)) else "-"]
         + [f"{evals[p]:.0f}" if p in evals else "-" for p in order]
@@ -63,6 +61,7 @@ def cost_table(out: Path) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``ssl-bench bench``: plan, run (or submit) through the sweep machinery, then report."""
+    from evals.registry import protocol_names
     from ssl_bench.registry import available_methods
     from ssl_bench.sweep import run_sweep
 
@@ -70,12 +69,13 @@ def run_bench(args: argparse.Namespace) -> int:
     sweep_args = argparse.Namespace(**{
         **vars(args),
         "methods": args.methods or ",".join(available_methods()),
+        "protocols": args.protocols or ",".join(protocol_names()),
         "out": str(out),
         "eval_override": list(args.eval_override),
         "overrides": list(args.overrides),
     })
     print(f"ssl-bench bench: preset {args.preset}, data {args.data}, methods {sweep_args.methods}, seeds {args.seeds}, "
-          f"protocols {args.protocols} -> {out}", flush=True)
+          f"protocols {sweep_args.protocols} -> {out}", flush=True)
     start = time.perf_counter()
     code = run_sweep(sweep_args)
     elapsed = time.perf_counter() - start

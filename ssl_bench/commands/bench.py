@@ -6,12 +6,11 @@ from ssl_bench.launch import add_launcher_args
 
 
 def register(sub) -> None:
-    from ssl_bench.bench import DEFAULT_PROTOCOLS
     from ssl_bench.sweep import add_grid_args
 
     p = sub.add_parser("bench", help="pretrain + evaluate every method, then the leaderboard (the main job)", description=__doc__)
     p.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
-    p.add_argument("--protocols", default=DEFAULT_PROTOCOLS, help=f"comma-separated evaluation protocols (default: {DEFAULT_PROTOCOLS})")
+    p.add_argument("--protocols", default=None, help="comma-separated evaluation protocols (default: every registered protocol, plug-ins included)")
     p.add_argument("--results", default="results", metavar="DIR", help="results root; the benchmark writes DIR/<data>-<preset>/ (default: results)")
     add_grid_args(p)
     add_launcher_args(p, default="local")

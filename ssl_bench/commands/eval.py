@@ -10,7 +10,7 @@ from ssl_bench.launch import add_launcher_args, run_job
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a pretrained run (knn, linear, attentive, finetune)", description=__doc__)
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="the --out directory of `ssl-bench pretrain`")
-    p.add_argument("--protocol", default="knn,linear,attentive", help="comma-separated: knn,linear,attentive,finetune (default: knn,linear,attentive)")
+    p.add_argument("--protocol", default="knn,linear,attentive", help="comma-separated protocols: knn,linear,attentive,finetune or a plug-in's (default: knn,linear,attentive)")
     p.add_argument("--data", default=None, help="evaluation data set (default: the one the run was pretrained on)")
     p.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
     p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
