@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,
         "ckpt_every": 200,
         "log_every": 10,
-        "progress": True,
+        "progress": "auto",  # auto (a bar on a terminal, a line every 30 s otherwise) | bar | lines | off (or true/false)
         "device": "auto",  # auto | cpu | cuda
     },
 }
@@ -100,9 +100,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# keys whose value is one of a few choices (a switch that may also be a word)
+CHOICES: dict[str, tuple] = {"train.progress": (True, False, "auto", "bar", "lines", "off")}
+
+
 def _checked(key: str, current: Any, value: Any, raw: str) -> Any:
     """``value`` for a key now holding ``current``: a number stays a number and a switch a switch (None is
     always allowed), so a typo such as ``train.epochs=1o`` is a one-line error, not a crash deep in a run."""
+    if key in CHOICES:
+        if value not in CHOICES[key] or isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise UserError(f"config key '{key}' takes one of {', '.join(str(c).lower() for c in CHOICES[key])}, got '{raw}'")
+        return value
     if value is None or current is None:
         return value
     if isinstance(current, bool):

@@ -1,15 +1,17 @@
 """Training logs: metrics.jsonl (every logged step, every key), metrics.csv (fixed columns from the
-first row), TensorBoard scalars when tensorboard is installed, and a tqdm progress bar."""
+first row), TensorBoard scalars when tensorboard is installed, and progress (``ssl_bench.progress``: a bar
+on a terminal, a periodic line in logs)."""
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
+
+from ssl_bench.progress import StepProgress
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, progress: bool = True, total: int = 0, initial: int = 0, log_every: int = 1):
+    def __init__(self, run_dir: Path, enabled: bool = True, progress: bool | str = "auto", total: int = 0, initial: int = 0, log_every: int = 1):
         self.enabled, self.log_every = enabled, log_every
         self.run_dir = Path(run_dir)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a") if enabled else None
@@ -21,18 +23,15 @@ class MetricLogger:
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
-        if enabled and progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        if enabled:
+            self._bar = StepProgress(total=total, initial=initial, mode=progress)
 
     def step(self, step: int, epoch: int, lr: float, losses: dict, metrics: dict, images_per_s: float) -> None:
         if not self.enabled:
             return
         row = {"step": step, "epoch": epoch, "lr": lr, **losses, **metrics, "images_per_s": images_per_s}
         if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+            self._bar.update(1, loss=f"{losses.get('loss', float('nan')):.4f}", img_s=f"{images_per_s:.0f}")
         if step % self.log_every and step != 1:
             return
         self._jsonl.write(json.dumps(row) + "\n")

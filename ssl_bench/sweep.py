@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_bench.errors import UserError
+from ssl_bench.progress import StageClock
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
 
@@ -142,7 +143,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
     for name in method_names:
         cls = get_method(name)
         for seed in seed_list:
-            base = [f"data.name={data}", *([f"data.root={data_root}"] if data_root else []), "train.progress=false"]
+            base = [f"data.name={data}", *([f"data.root={data_root}"] if data_root else [])]
             cfg = resolve_config(cls, preset, [*base, *overrides, f"seed={seed}"])
             run_dir = out / f"{name}-s{seed}"
             spec = RunSpec(name, seed, cfg, run_dir, run_state(run_dir))
@@ -157,6 +158,10 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
 # -- running --------------------------------------------------------------------------------------
 def _eval_args(sweep: Sweep, run: RunSpec, ev: EvalSpec) -> tuple:
     return (run.run_dir, [ev.protocol], sweep.data, sweep.data_root, sweep.preset, sweep.eval_overrides)
+
+
+def _stage_kind(ev: EvalSpec | None) -> str:
+    return "pretrain" if ev is None else f"eval/{ev.protocol}"
 
 
 def run_inline(sweep: Sweep, launcher: str) -> list[str]:
@@ -174,19 +179,26 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
 
     for run in sweep.runs:
         refuse_partial(run)
+    steps = {id(run): ["pretrain"] * (run.state != "finished") + [_stage_kind(ev) for ev in run.evals if not ev.done]
+             for run in sweep.runs}
+    clock = StageClock([kind for run in sweep.runs for kind in steps[id(run)]])
     failed = []
     for run in sweep.runs:
+        left = steps[id(run)]  # this run's stages not started yet
         try:
             if run.state != "finished":
-                print(f"{run.key}: pretraining", flush=True)
+                clock.start(left.pop(0), f"{run.key}: pretraining")
                 call(pretrain, (run.cfg, run.run_dir), {"resume": run.state == "resumable"}, run.key)
             for ev in run.evals:
                 if not ev.done:
-                    print(f"{ev.key}: evaluating", flush=True)
+                    clock.start(left.pop(0), f"{ev.key}: evaluating")
                     call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
         except (UserError, TrainingDiverged) as exc:
             print(f"{run.key}: failed: {exc}", flush=True)
             failed.append(f"{run.key}: {exc}")
+            clock.finish()
+            clock.skip(left)
+    clock.finish()
     return failed
 
 

@@ -63,7 +63,7 @@ def test_missing_data_path(capsys, tmp_path):
     ("method.mask_ration=0.5", "unknown config key 'method.mask_ration'"),
     ("train", "not of the form key=value"),
     ("train.epochs=1o", "config key 'train.epochs' takes a number, got '1o'"),
-    ("train.progress=1", "config key 'train.progress' takes true or false"),
+    ("train.progress=1", "config key 'train.progress' takes one of true, false, auto, bar, lines, off"),
     ("method.mask_ratio=true", "config key 'method.mask_ratio' takes a number"),
 ])
 def test_unknown_override_key(capsys, tmp_path, override, fragment):

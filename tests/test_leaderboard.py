@@ -91,7 +91,8 @@ def _bench(results, capsys, *extra):
     for o in TINY_EVALS:
         argv[1:1] = ["--eval-override", o]
     code = main(argv)
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def _snapshot(root):
@@ -112,6 +113,11 @@ def test_bench_end_to_end_and_rerun_skips_finished_work(tmp_path, capsys):
     table = [ln for ln in (bench / "leaderboard.md").read_text().splitlines() if ln.startswith("| ")]
     assert len(table) == 3 and all(ln in out for ln in table)  # header, mae, simsiam  # the final table is printed
     assert (bench / "leaderboard.png").exists()
+    # progress all the way: a line per stage with elapsed time and what is left, and each run's own progress
+    stages = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert len(stages) == 10 and stages[0].startswith("[1/10, elapsed") and stages[-1].startswith("[10/10, elapsed")
+    assert "left" in stages[-1] and "not known yet" not in stages[-1]
+    assert out.count("step 2/2 (100%)") == 2  # each pretraining run's closing progress line (stderr, not a terminal)
 
     # A rerun finds everything done: no step runs again and no record is rewritten or duplicated.
     before = _snapshot(bench)
