@@ -109,6 +109,15 @@ EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# The reference study on one GPU (pretraining preset "standard"): the full protocols on the whole splits,
+# with fine-tuning shortened to 50 epochs to fit its time budget.
+_SPLITS["standard"] = _SPLITS["full"]
+EVAL_PRESETS["standard"] = {
+    **copy.deepcopy(EVAL_PRESETS["full"]),
+    "finetune": {**EVAL_PRESETS["full"]["finetune"], "epochs": 50},
+}
+
+
 def resolve_eval_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """The eval preset ``preset`` with ``section.key=value`` overrides applied (unknown key: UserError)."""
     if preset not in EVAL_PRESETS:

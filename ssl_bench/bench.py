@@ -63,7 +63,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """``ssl-bench bench``: plan, run (or submit) through the sweep machinery, then report."""
     from evals.registry import protocol_names
     from ssl_bench.registry import available_methods
-    from ssl_bench.sweep import run_sweep
+    from ssl_bench.sweep import DEFAULT_SEEDS, run_sweep
 
     out = bench_dir(args.results, args.data, args.preset)
     sweep_args = argparse.Namespace(**{
@@ -74,7 +74,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "eval_override": list(args.eval_override),
         "overrides": list(args.overrides),
     })
-    print(f"ssl-bench bench: preset {args.preset}, data {args.data}, methods {sweep_args.methods}, seeds {args.seeds}, "
+    print(f"ssl-bench bench: preset {args.preset}, data {args.data}, methods {sweep_args.methods}, seeds {args.seeds or DEFAULT_SEEDS.get(args.preset, '0')}, "
           f"protocols {sweep_args.protocols} -> {out}", flush=True)
     start = time.perf_counter()
     code = run_sweep(sweep_args)

@@ -67,6 +67,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"arch": "vit_tiny", "patch_size": 4, "depth": 6},
         "train": {"epochs": 2, "batch_size": 128, "ckpt_every": 100, "log_every": 10, "warmup_epochs": 0.2},
     },
+    # the reference study for one GPU: every method's `full` recipe (the published one) with its schedule
+    # scaled to one budget for all (RECIPE_FROM), the whole training set, ViT-S/4
+    "standard": {
+        "data": {"subset": None, "num_workers": 8},
+        "model": {"arch": "vit_small", "patch_size": 4, "drop_path": 0.1},
+        "train": {"epochs": 50, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 5},
+    },
     # the published recipe scaled to the data set; meant for a GPU
     "full": {
         "data": {"subset": None, "num_workers": 8},
@@ -74,6 +81,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 100, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 10},
     },
 }
+
+
+# Presets that borrow each method's recipe from another preset (unless the method has one of its own):
+# the recipe's hyper-parameters apply, its schedule is rescaled to the preset's epochs (warmup in proportion).
+RECIPE_FROM: dict[str, str] = {"standard": "full"}
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -150,11 +162,17 @@ def resolve_config(method_cls: type, preset: str, overrides: list[str] | None = 
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     cfg = deep_merge(base or DEFAULTS, {"method": method_cls.option_defaults()})
     cfg = deep_merge(cfg, PRESETS[preset])
-    recipe = method_cls.recipes.get(preset, {})
+    borrowed = preset not in method_cls.recipes and preset in RECIPE_FROM
+    recipe = method_cls.recipes.get(RECIPE_FROM[preset] if borrowed else preset, {})
     unknown = [k for k in recipe if k not in cfg]
     if unknown:
         raise TypeError(f"{method_cls.__name__}.recipes['{preset}'] has unknown sections {unknown}")
     cfg = deep_merge(cfg, recipe)
+    if borrowed:  # one budget for every method: the preset's epochs, with the recipe's share of warmup
+        source = deep_merge(PRESETS[RECIPE_FROM[preset]], recipe)["train"]
+        epochs = PRESETS[preset]["train"]["epochs"]
+        cfg["train"]["epochs"] = epochs
+        cfg["train"]["warmup_epochs"] = source.get("warmup_epochs", 0.0) * epochs / source["epochs"]
     cfg["method_name"] = method_cls.name
     cfg["preset"] = preset
     return apply_overrides(cfg, overrides or [])

@@ -22,6 +22,7 @@ from typing import Any
 from ssl_bench.errors import UserError
 from ssl_bench.progress import StageClock
 
+DEFAULT_SEEDS = {"standard": "0,1,2"}  # the reference study reports a spread over seeds
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
 
 
@@ -68,10 +69,11 @@ class Sweep:
 
 def add_grid_args(parser: argparse.ArgumentParser) -> None:
     """The options `sweep` and `bench` share: which seeds, data, preset and overrides make the grid."""
-    parser.add_argument("--seeds", default="0", help="comma-separated pretraining seeds (default: 0)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated pretraining seeds (default: 0,1,2 at the standard preset, else 0)")
     parser.add_argument("--data", default="fashion_mnist", help="data set for pretraining and evaluation (default: fashion_mnist)")
     parser.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
-    parser.add_argument("--preset", default="quick", help="smoke | quick | full, for pretraining and evaluation (default: quick)")
+    parser.add_argument("--preset", default="quick", help="smoke | quick | standard | full, for pretraining and evaluation (default: quick)")
     parser.add_argument("--eval-override", action="append", default=[], metavar="protocol.key=value",
                         help="evaluation preset override, e.g. --eval-override finetune.epochs=2 (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides for every run, e.g. train.epochs=1")
@@ -130,6 +132,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
     from ssl_bench.registry import get_method
 
     method_names = split_list(methods, "methods")
+    seeds = seeds if seeds is not None else DEFAULT_SEEDS.get(preset, "0")
     try:
         seed_list = [int(s) for s in split_list(seeds, "seeds")]
     except ValueError:

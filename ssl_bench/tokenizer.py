@@ -265,6 +265,11 @@ TOKENIZER_PRESETS: dict = {
         "tokenizer": {"vocab_size": 512, "hidden_dim": 64, "code_dim": 32, "num_res_blocks": 2},
         "train": {"steps": 400, "batch_size": 128, "lr": 2e-3, "holdout": 2000, "log_every": 50},
     },
+    "standard": {  # the reference study on one GPU: BEiT's vocabulary, a shorter schedule than full
+        "data": {"num_workers": 8},
+        "tokenizer": {"vocab_size": 8192, "hidden_dim": 128, "code_dim": 32, "num_res_blocks": 2},
+        "train": {"steps": 8000, "batch_size": 256, "lr": 1e-3, "holdout": 10000, "log_every": 500},
+    },
     "full": {  # BEiT's vocabulary; meant for a GPU
         "data": {"num_workers": 8},
         "tokenizer": {"vocab_size": 8192, "hidden_dim": 128, "code_dim": 32, "num_res_blocks": 2},

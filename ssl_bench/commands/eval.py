@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--protocol", default="knn,linear,attentive", help="comma-separated protocols: knn,linear,attentive,finetune or a plug-in's (default: knn,linear,attentive)")
     p.add_argument("--data", default=None, help="evaluation data set (default: the one the run was pretrained on)")
     p.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
-    p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
+    p.add_argument("--preset", default="quick", help="smoke | quick | standard | full (default: quick)")
     p.add_argument("overrides", nargs="*", metavar="protocol.key=value", help="eval preset overrides, e.g. linear.epochs=50 features.cache_mb=0")
     add_launcher_args(p)
     p.set_defaults(func=run)

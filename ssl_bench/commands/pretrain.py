@@ -12,7 +12,7 @@ def register(sub) -> None:
     p.add_argument("--method", required=True, help="a registered method (see `ssl-bench methods`)")
     p.add_argument("--data", default="fashion_mnist", help="data set name (default: fashion_mnist)")
     p.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
-    p.add_argument("--preset", default="quick", help="smoke | quick | full (default: quick)")
+    p.add_argument("--preset", default="quick", help="smoke | quick | standard | full (default: quick)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<data>-<preset>-<time>)")
     p.add_argument("--seed", type=int, default=None, help="shorthand for seed=N")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")

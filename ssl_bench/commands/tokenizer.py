@@ -12,7 +12,7 @@ def register(sub) -> None:
     t.add_argument("--data", default="fashion_mnist", help="data set name (default: fashion_mnist)")
     t.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
     t.add_argument("--out", required=True, help="directory for tokenizer.pt and tokenizer.json")
-    t.add_argument("--preset", default="quick", help="smoke | quick | full: vocabulary, size and patch grid of that pretraining preset (default: quick)")
+    t.add_argument("--preset", default="quick", help="smoke | quick | standard | full: vocabulary, size and patch grid of that pretraining preset (default: quick)")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. model.patch_size=4 tokenizer.vocab_size=1024 train.steps=2000 data.subset=none")
     add_launcher_args(t)
