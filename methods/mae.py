@@ -6,6 +6,10 @@ embeddings, and regresses the per-patch normalized pixels; the loss is the MSE o
 
 Recipe (ViT-B, ImageNet-1K): mask ratio 0.75, decoder 512 wide x 8 blocks (16 heads), AdamW
 betas (0.9, 0.95), wd 0.05, base lr 1.5e-4 x B/256, 40 warmup epochs, cosine, RandomResizedCrop + flip.
+As the official models_mae.py: every LayerNorm has eps 1e-6; xavier_uniform init of every Linear
+(encoder and decoder, zero biases) and of the patch projection seen as a Linear, cls and mask token
+normal(0.02) (``init="mae"``; ``"timm"`` keeps timm's ViT init); weight decay on every weight with
+more than one dimension, cls and mask token included; int(N * (1 - mask_ratio)) patches kept.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_bench.backbone import ViTBackbone, gather_tokens, normalized_pixel_targets, patchify, sincos_pos_embed
+from ssl_bench.backbone import ViTBackbone, gather_tokens, init_linears_, normalized_pixel_targets, patchify, sincos_pos_embed
 from ssl_bench.masking import RandomMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
@@ -29,7 +33,7 @@ class MAEDecoder(nn.Module):
         pos = torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, grid_size)])  # slot 0: cls
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # as the blocks' norms (official: eps 1e-6 everywhere)
         self.head = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -77,6 +81,7 @@ class MAE(Method):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         norm_pix_loss: bool = True,
+        init: str = "mae",
     ):
         super().__init__(backbone)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
@@ -84,9 +89,17 @@ class MAE(Method):
         self.decoder = MAEDecoder(
             backbone.embed_dim, backbone.num_patches, backbone.grid_size, p * p * c, decoder_dim, decoder_depth, decoder_heads
         )
+        backbone.init_weights(init)
+        init_linears_(self.decoder, init)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def data_spec(self) -> DataSpec:
         return DataSpec(augmentation="mim", mask=RandomMaskGenerator(self.backbone.grid_size, self.mask_ratio))
+
+    def no_weight_decay(self) -> set[str]:
+        """None by name: the official optimizer decays cls and mask token too (only biases and norm
+        weights are exempt; the position embeddings are fixed)."""
+        return set()
 
     def reconstruction_target(self, images: torch.Tensor) -> torch.Tensor:
         p = self.backbone.patch_size

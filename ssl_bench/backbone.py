@@ -43,6 +43,35 @@ def sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
+INIT_SCHEMES = ("timm", "mae", "moco")
+
+
+def init_linears_(module: nn.Module, scheme: str) -> None:
+    """Re-initialise every Linear in ``module`` by a named scheme (zero biases) and its LayerNorms to 1 / 0.
+
+    timm: trunc-normal(0.02), timm's ViT default. mae: xavier_uniform (MAE's models_mae.py, after JAX ViT).
+    moco: xavier_uniform, with a ``qkv`` weight treated as three (D, D) blocks (MoCo v3's vits.py, timm's
+    ``weight_init='moco'``).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise UserError(f"unknown init scheme '{scheme}'; choose one of: {', '.join(INIT_SCHEMES)}")
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            if scheme == "timm":
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif scheme == "moco" and name.endswith("qkv"):
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class ViTBackbone(nn.Module):
     """A timm ViT with fixed sin-cos position embeddings and a cls token.
 
@@ -93,6 +122,28 @@ class ViTBackbone(nn.Module):
         self.vit.pos_embed.data.copy_(torch.cat([torch.zeros(1, self.embed_dim), pos]).unsqueeze(0))
         self.vit.pos_embed.requires_grad_(False)
         nn.init.normal_(self.vit.cls_token, std=0.02)
+
+    def init_weights(self, scheme: str = "timm") -> None:
+        """Re-initialise the weights as a method's official code does (see :func:`init_linears_`).
+
+        timm: timm's Linears, PyTorch's default Conv2d patch projection, cls token normal(0.02) (the
+        constructor's init). mae: patch projection initialised as a Linear with xavier_uniform, cls
+        normal(0.02). moco: the same patch projection (MoCo v3's uniform(+-sqrt(6 / (C*p*p + D))) for
+        C = 3), cls normal(1e-6), and MoCo v3's sin-cos table, whose first half encodes the row (MAE's,
+        the default, encodes the column first: the same table with its two halves swapped).
+        """
+        init_linears_(self.vit, scheme)
+        proj = self.vit.patch_embed.proj  # Conv2d (D, C, p, p): a linear map of each flattened patch
+        if scheme == "timm":
+            proj.reset_parameters()
+        else:
+            nn.init.xavier_uniform_(proj.weight.data.view(proj.weight.shape[0], -1))
+            nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.vit.cls_token, std=1e-6 if scheme == "moco" else 0.02)
+        pos = sincos_pos_embed(self.embed_dim, self.grid_size)  # (N, D): column half, row half
+        if scheme == "moco":
+            pos = pos.roll(self.embed_dim // 2, dims=1)  # row half first
+        self.vit.pos_embed.data.copy_(torch.cat([torch.zeros(1, self.embed_dim), pos]).unsqueeze(0))
 
     # -- metadata -----------------------------------------------------------------------------------
     def signature(self) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 
 class RandomMaskGenerator:
-    """MAE's uniform random masking: a random subset of ``round(ratio * N)`` patches."""
+    """MAE's uniform random masking: a random subset of patches, keeping int(N * (1 - ratio)) as MAE's code."""
 
     kind = "random"
 
@@ -21,7 +21,7 @@ class RandomMaskGenerator:
             raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
         self.grid_size = grid_size
         self.num_patches = grid_size**2
-        self.num_masked = int(round(ratio * self.num_patches))
+        self.num_masked = self.num_patches - int(self.num_patches * (1 - ratio))
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         mask = np.zeros(self.num_patches, dtype=bool)

@@ -68,3 +68,18 @@ def test_loss_falls_on_real_images(tmp_path):
     curve = [v for _, v in record["loss"]["loss"]["curve"]]
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert record["status"] == "finished" and last < 0.85 * first, (first, last)
+
+
+def test_official_init_and_weight_decay(fashion_info):
+    """models_mae.py: xavier_uniform on every Linear (zero bias) and on the patch projection seen as a
+    Linear; LayerNorm eps 1e-6 throughout; the optimizer decays cls and mask token too."""
+    method = build_method(smoke_config("mae"), fashion_info)
+    linears = [m for m in method.modules() if isinstance(m, torch.nn.Linear)]
+    proj = method.backbone.vit.patch_embed.proj.weight
+    for w in [m.weight for m in linears] + [proj.flatten(1)]:
+        bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # uniform over the whole xavier range
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    assert all(m.eps == 1e-6 for m in method.modules() if isinstance(m, torch.nn.LayerNorm))
+    decayed = {id(p) for g in method.param_groups(0.05) if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(method.backbone.vit.cls_token) in decayed and id(method.decoder.mask_token) in decayed
