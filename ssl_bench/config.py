@@ -1,6 +1,10 @@
 """Run configuration: a nested dict resolved as
 
-    common defaults < common preset < method's recipe for that preset < command-line overrides
+    common defaults < common preset < method's recipe for that preset < config file < command-line overrides
+
+A config file (``pretrain --config``) is TOML, YAML or JSON holding the same nested keys (``method_name``
+and ``preset`` at the top pick the method and preset), or a run's ``run.json``, whose resolved config
+repeats that run.
 
 Every key that may be overridden exists in the defaults, so a typo is an error, not a silent no-op.
 """
@@ -8,6 +12,9 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
+import tomllib
+from pathlib import Path
 from typing import Any
 
 from ssl_bench.errors import UserError
@@ -156,8 +163,63 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     return cfg
 
 
-def resolve_config(method_cls: type, preset: str, overrides: list[str] | None = None, base: dict | None = None) -> dict:
-    """The full config of a run of ``method_cls`` at ``preset``, with ``overrides`` applied."""
+def read_config_file(path: str | Path) -> dict:
+    """The config in a ``.toml``, ``.yaml`` / ``.yml`` or ``.json`` file, or the resolved config of a run
+    record (``run.json``); parsing only, nothing in the file runs."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}; pass an existing .toml, .yaml or .json file (or a run's run.json)") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the config as .toml or .json") from None
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"config file {path} is not valid {path.suffix[1:].upper()}: {' '.join(str(e).split())}") from None
+    except Exception as e:  # yaml.YAMLError, without importing yaml when it is not needed
+        if type(e).__module__.startswith("yaml"):
+            raise UserError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "status" in data:
+        data = data["config"]  # a run record: repeat its resolved config
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of config keys (e.g. [train] epochs = 5), not {type(data).__name__}")
+    return data
+
+
+def merge_config_file(cfg: dict, data: dict, source: str, prefix: str = "") -> dict:
+    """``cfg`` with the values of a config file merged in; an unknown key is a one-line error naming it."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in cfg:
+            choices = ", ".join(sorted(cfg))
+            raise UserError(f"{source}: unknown config key '{name}'; valid keys {'under ' + prefix[:-1] if prefix else 'at the top level'}: {choices}")
+        if isinstance(cfg[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: config key '{name}' is a section; give a table of its keys ({', '.join(sorted(cfg[key]))})")
+            cfg[key] = merge_config_file(cfg[key], value, source, f"{name}.")
+        else:
+            if isinstance(value, list) and isinstance(cfg[key], tuple):
+                value = tuple(value)  # JSON / TOML / YAML have lists where the defaults hold tuples
+            cfg[key] = _checked(name, cfg[key], value, json.dumps(value))
+    return cfg
+
+
+def resolve_config(method_cls: type, preset: str, overrides: list[str] | None = None, base: dict | None = None,
+                   file_cfg: dict | None = None, file_source: str = "config file") -> dict:
+    """The full config of a run of ``method_cls`` at ``preset``, with a config file's values ``file_cfg``
+    (from ``read_config_file``) and then ``overrides`` applied."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     cfg = deep_merge(base or DEFAULTS, {"method": method_cls.option_defaults()})
@@ -175,4 +237,6 @@ def resolve_config(method_cls: type, preset: str, overrides: list[str] | None = 
         cfg["train"]["warmup_epochs"] = source.get("warmup_epochs", 0.0) * epochs / source["epochs"]
     cfg["method_name"] = method_cls.name
     cfg["preset"] = preset
+    if file_cfg:
+        cfg = merge_config_file(cfg, file_cfg, file_source)
     return apply_overrides(cfg, overrides or [])

@@ -1,4 +1,8 @@
-"""``ssl-bench pretrain``: pretrain one method on one data set at a preset, with key=value overrides."""
+"""``ssl-bench pretrain``: pretrain one method on one data set at a preset, with key=value overrides.
+
+``--config FILE`` starts from a config file (TOML, YAML or JSON with the config's nested keys; ``method_name``
+and ``preset`` at its top) or from a run's run.json, which repeats that run: same config, same seed.
+The command-line options and key=value overrides apply on top of the file."""
 from __future__ import annotations
 
 import time
@@ -9,10 +13,11 @@ from ssl_bench.launch import add_launcher_args, run_job
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain one SSL method", description=__doc__)
-    p.add_argument("--method", required=True, help="a registered method (see `ssl-bench methods`)")
-    p.add_argument("--data", default="fashion_mnist", help="data set name (default: fashion_mnist)")
+    p.add_argument("--method", default=None, help="a registered method (see `ssl-bench methods`); required unless --config names one")
+    p.add_argument("--config", default=None, metavar="FILE", help="start from a config file (.toml, .yaml, .json) or a run's run.json (repeats that run)")
+    p.add_argument("--data", default=None, help="data set name (default: fashion_mnist, or the config file's)")
     p.add_argument("--data-root", default=None, help="where the data set lives (default: its standard location)")
-    p.add_argument("--preset", default="quick", help="smoke | quick | standard | full (default: quick)")
+    p.add_argument("--preset", default=None, help="smoke | quick | standard | full (default: quick, or the config file's)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<data>-<preset>-<time>)")
     p.add_argument("--seed", type=int, default=None, help="shorthand for seed=N")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
@@ -22,17 +27,27 @@ def register(sub) -> None:
 
 
 def resolve(args) -> dict:
-    from ssl_bench.config import resolve_config
-    from ssl_bench.registry import get_method
-
-    overrides = [f"data.name={args.data}", *args.overrides]
-    if args.data_root:
-        overrides.insert(1, f"data.root={args.data_root}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = resolve_config(get_method(args.method), args.preset, overrides)
+    from ssl_bench.config import read_config_file, resolve_config
     from ssl_bench.data.datasets import DATASETS
     from ssl_bench.errors import UserError
+    from ssl_bench.registry import get_method
+
+    file_cfg = read_config_file(args.config) if args.config else {}
+    choice = {}
+    for key, flag, given in (("method_name", "--method", args.method), ("preset", "--preset", args.preset)):
+        in_file = file_cfg.get(key)
+        if in_file is not None and given is not None and in_file != given:
+            raise UserError(f"{args.config} is for {key.split('_')[0]} '{in_file}' but {flag} says '{given}'; drop {flag} or use another config file")
+        choice[key] = given or in_file
+    if not choice["method_name"]:
+        raise UserError("which method? pass --method NAME (see `ssl-bench methods`) or a --config file that sets method_name")
+    overrides = [*([f"data.name={args.data}"] if args.data else []), *args.overrides]
+    if args.data_root:
+        overrides.insert(1 if args.data else 0, f"data.root={args.data_root}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = resolve_config(get_method(choice["method_name"]), choice["preset"] or "quick", overrides,
+                         file_cfg=file_cfg, file_source=str(args.config))
 
     if cfg["data"]["name"] not in DATASETS:
         raise UserError(f"unknown data set '{cfg['data']['name']}'; known data sets: {', '.join(DATASETS)}")
@@ -48,8 +63,9 @@ def run(args) -> int:
     if args.resume and args.overrides:
         raise UserError("a resumed run keeps the config it started with; drop the overrides or start a new run with a new --out")
     cfg = resolve(args)
-    out = Path(args.out or f"runs/{args.method}-{cfg['data']['name']}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    record = run_job(args, pretrain, cfg, out, resume=args.resume, name=f"pretrain-{args.method}", log_dir=str(out))
+    method = cfg["method_name"]
+    out = Path(args.out or f"runs/{method}-{cfg['data']['name']}-{cfg['preset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    record = run_job(args, pretrain, cfg, out, resume=args.resume, name=f"pretrain-{method}", log_dir=str(out))
     loss = record.get("loss", {}).get("loss", {}).get("last")
     ips = record.get("images_per_s")
     print(f"{record['method']}: {record['status']} after {record.get('steps')} steps; final loss {loss:.4f}; "
