@@ -14,15 +14,14 @@ sin-cos table with a zero cls slot, so ``backbone.vit.state_dict()`` already has
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ssl_bench.backbone import ARCHS, ViTBackbone
+from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
-from ssl_bench.records import now_iso, write_json_atomic
+from ssl_bench.records import json_bytes, now_iso
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -42,37 +41,27 @@ def sidecar_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".json")
 
 
-def _publish(tmp: str, out: Path) -> None:
-    """Move a finished temp file to ``out`` atomically, failing (not replacing) if ``out`` appeared meanwhile."""
+def _write_new(out: Path, write) -> None:
+    """Write ``out`` atomically, failing (not replacing) if it appeared meanwhile."""
     try:
-        os.link(tmp, out)
+        atomic_write(out, write, new_names=[out])
     except FileExistsError:
         raise UserError(f"{out} already exists; exports are never overwritten, choose another --out") from None
-    finally:
-        os.unlink(tmp)
 
 
 def _save_weights(state: dict, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=out.suffix)
-    os.close(fd)
-    try:
-        if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save
 
-            save_file(state, tmp)
-        else:
-            torch.save(state, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _publish(tmp, out)
+        data = save(state)
+        _write_new(out, lambda f: f.write(data))
+    else:
+        _write_new(out, lambda f: torch.save(state, f))
 
 
 def _save_json(obj: dict, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".json")
-    os.close(fd)
-    write_json_atomic(tmp, obj)
-    _publish(tmp, out)
+    data = json_bytes(obj)
+    _write_new(out, lambda f: f.write(data))
 
 
 def load_exported(path: str | Path) -> dict:

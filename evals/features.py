@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_bench.atomic import staged
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
 from ssl_bench.records import write_json_atomic
@@ -154,9 +153,8 @@ def _extract(encoder: ViTBackbone, loader: DataLoader, n: int, kinds: list[str],
     encoder.eval()
     n_tok, dim = encoder.num_patches, encoder.embed_dim
     shapes = {"labels": (n,), "cls": (n, dim), "mean": (n, dim), "patches": (n, n_tok, dim)}
-    tmp = {k: path[k].with_name(f".tmp-{k}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy") for k in kinds}
-    path[kinds[0]].parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with contextlib.ExitStack() as stack:  # each .npy is published atomically once all are complete
+        tmp = {k: stack.enter_context(staged(path[k])).tmp for k in kinds}
         out = {
             k: np.lib.format.open_memmap(tmp[k], mode="w+", dtype=np.int64 if k == "labels" else np.float16, shape=shapes[k])
             for k in kinds
@@ -173,8 +171,3 @@ def _extract(encoder: ViTBackbone, loader: DataLoader, n: int, kinds: list[str],
         for k in kinds:
             out[k].flush()
             del out[k]
-            os.replace(tmp[k], path[k])
-    finally:
-        for t in tmp.values():
-            if t.exists():
-                t.unlink()

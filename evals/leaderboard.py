@@ -20,14 +20,13 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from evals.registry import protocol_order
+from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY
 
@@ -328,20 +327,6 @@ def make_figure(lb: Leaderboard):
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def parse_formats(text: str | list[str]) -> list[str]:
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     names = ["latex" if n == "tex" else n for n in names]
@@ -363,11 +348,11 @@ def write_leaderboard(results_dir: str | Path, formats=("md", "csv", "latex"), o
     for fmt in parse_formats(list(formats)):
         path = out / FORMATS[fmt]
         text = render[fmt](lb)
-        _atomic(path, lambda f, t=text: f.write(t.encode()))
+        atomic_write(path, lambda f, t=text: f.write(t.encode()))
         written.append(path)
     if plot and lb.rows:
         fig = make_figure(lb)
-        _atomic(out / PLOT_NAME, lambda f: fig.savefig(f, format="png", dpi=120))
+        atomic_write(out / PLOT_NAME, lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         written.append(out / PLOT_NAME)
     return lb, written

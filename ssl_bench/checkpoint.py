@@ -1,12 +1,11 @@
 """Checkpoints: written atomically, checked against the architecture they are loaded into."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ssl_bench.atomic import atomic_write
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
@@ -16,11 +15,8 @@ RECORD_NAME = "run.json"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic (ssl_bench.atomic): a failed write (full disk) keeps the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:

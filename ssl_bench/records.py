@@ -6,13 +6,13 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 CONTROL_FAMILY = "control"  # run.json "family" of baselines that are not trained (random_init); tables list them last
 
+from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 
 
@@ -30,22 +30,15 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_tmp(directory: Path, obj: Any) -> str:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+def json_bytes(obj: Any) -> bytes:
+    """The JSON text records are written as (NaN/inf and numpy/torch scalars made JSON-safe)."""
+    return (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode()
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write (or replace) ``path`` atomically: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_tmp(path.parent, obj), path)
-    return path
+    data = json_bytes(obj)
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def write_json_new(directory: str | Path, stem: str, obj: Any) -> Path:
@@ -55,19 +48,9 @@ def write_json_new(directory: str | Path, stem: str, obj: Any) -> Path:
     once both keep their records.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = _write_tmp(directory, obj)
-    try:
-        for i in range(10_000):
-            target = directory / (f"{stem}.json" if i == 0 else f"{stem}-{i}.json")
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                continue
-        raise RuntimeError(f"too many records named {stem} in {directory}")
-    finally:
-        os.unlink(tmp)
+    data = json_bytes(obj)
+    names = (directory / (f"{stem}.json" if i == 0 else f"{stem}-{i}.json") for i in range(10_000))
+    return atomic_write(directory / f"{stem}.json", lambda f: f.write(data), new_names=names)
 
 
 def read_json(path: str | Path) -> dict:

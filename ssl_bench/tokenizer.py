@@ -21,8 +21,6 @@ module's train/eval mode, so tokens are a pure function of the weights and the i
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.pt"
@@ -195,14 +194,8 @@ def _tokenizer_file(path: str | Path) -> Path:
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
     """Write the tokenizer atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
     state = {k: v.detach().cpu() for k, v in tokenizer.state_dict().items()}
-    torch.save({"format": FORMAT, "config": tokenizer.config(), "state_dict": state}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, "config": tokenizer.config(), "state_dict": state}, f))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

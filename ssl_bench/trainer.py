@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssl_bench.atomic import WriteFailed
 from ssl_bench.build import build_method
 from ssl_bench.checkpoint import CHECKPOINT_NAME, RECORD_NAME, check_signature, load_checkpoint, save_checkpoint
 from ssl_bench.data.pipeline import build_pretrain_loader
@@ -213,7 +214,12 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         n_gpus = dist_info.world_size if device.type == "cuda" else 0
         record.update(images_per_s=ips, gpu_hours=elapsed * n_gpus / 3600.0)
         if dist_info.is_main:
-            write_json_atomic(run_dir / RECORD_NAME, record)
+            try:
+                write_json_atomic(run_dir / RECORD_NAME, record)
+            except WriteFailed:
+                if status == "finished":
+                    raise
+                # a failed run's error (often this same full disk) is the one worth reporting
         logger.close()
         return record
 

@@ -27,6 +27,7 @@ def run(args) -> int:
     from tabulate import tabulate
 
     from ssl_bench.config import resolve_config
+    from ssl_bench.atomic import atomic_write
     from ssl_bench.records import hardware, now_iso, write_json_new
     from ssl_bench.registry import available_methods, get_method
     from ssl_bench.trainer import pretrain
@@ -61,9 +62,10 @@ def run(args) -> int:
     path = write_json_new(out, stem, {"rows": rows, "preset": args.preset, "data": args.data, "hardware": hw,
                                       "overrides": args.overrides, "created": now_iso()})
     md = path.with_suffix(".md")
-    md.write_text(f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
-                  f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `ssl-bench throughput --preset {args.preset} --data {args.data} "
-                  f"--steps {args.steps}`\n\n{table}\n")
+    text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
+            f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `ssl-bench throughput --preset {args.preset} --data {args.data} "
+            f"--steps {args.steps}`\n\n{table}\n")
+    atomic_write(md, lambda f: f.write(text.encode()))
     print(table)
     print(f"written to {path} and {md}")
     return 0

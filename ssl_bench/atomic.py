@@ -1,0 +1,104 @@
+"""The one atomic file write: every record, checkpoint, cache and table goes through here.
+
+    write into a temp file in the target's directory -> flush + fsync it -> rename (or link) it onto the
+    target -> fsync the directory
+
+A reader sees the old file or the new one, never half of one, and after a crash (power loss included)
+the rename is durable. A write that fails (a full disk, a quota, an I/O error) removes the temp file,
+leaves the previous file as it was and raises :class:`WriteFailed`, one line naming both.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ssl_bench.errors import UserError
+
+TEMP_PREFIX = ".tmp-"  # temp files start with this; a crash may leave one behind, never a torn target
+
+
+class WriteFailed(UserError):
+    """A file could not be written (disk full, ...); the previous version, if any, is untouched."""
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory's data)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _failed(path: Path, exc: OSError) -> WriteFailed:
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+    reason = exc.strerror or exc.__class__.__name__
+    return WriteFailed(f"could not write {path} ({reason}); {kept}; free space or fix the directory and rerun")
+
+
+class Staged:
+    """A temp file beside ``target``: ``tmp`` is filled by the caller; ``path`` is where it ended up."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp = target.with_name(f"{TEMP_PREFIX}{target.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}{target.suffix}")
+        self.path: Path | None = None
+
+
+@contextlib.contextmanager
+def staged(path: str | Path, new_names: Iterable[Path] | None = None) -> Iterator[Staged]:
+    """Yields a :class:`Staged` whose ``tmp`` the caller fills (by name: ``torch.save``, ``np.save``, a
+    memmap...). On a clean exit ``tmp`` is fsynced and renamed onto ``path``; with ``new_names`` it is
+    instead linked to the first of them that does not exist yet (never replacing a file). ``.path`` then
+    names the file written. On any error the temp file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Staged(path)
+    try:
+        yield stage
+        _fsync_file(stage.tmp)
+        if new_names is None:
+            os.replace(stage.tmp, path)
+            stage.path = path
+        else:
+            stage.path = _link_first_free(stage.tmp, new_names)
+        fsync_dir(path.parent)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise _failed(path, exc) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stage.tmp)
+
+
+def _link_first_free(tmp: Path, names: Iterable[Path]) -> Path:
+    for name in names:
+        try:
+            os.link(tmp, name)  # fails if the name exists: two writers both keep their files
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"every name offered for {tmp.name} is taken")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], new_names: Iterable[Path] | None = None) -> Path:
+    """Replace ``path`` atomically with what ``write(f)`` writes into a binary file; with ``new_names``,
+    publish under the first of them that is free instead (see :func:`staged`). Returns the path written."""
+    with staged(path, new_names) as stage:
+        with open(stage.tmp, "wb") as f:
+            write(f)
+            f.flush()
+    return stage.path
