@@ -181,6 +181,17 @@ def make_context(run_dir: str | Path, data: str | None, data_root: str | None, p
     return ctx
 
 
+def _check_applicable(method: str | None, protocols: Sequence[str]) -> None:
+    """A method may declare the protocols its encoder admits (``Method.protocols``): raw pixels cannot be fine-tuned."""
+    from ssl_bench.registry import get_method
+
+    allowed = get_method(method).protocols if method else None
+    refused = [p for p in protocols if allowed is not None and p not in allowed]
+    if refused:
+        raise UserError(f"protocol {', '.join(refused)} does not apply to a {method} run (it admits {', '.join(allowed)}); "
+                        f"drop it from --protocol")
+
+
 def evaluate(
     run_dir: str | Path, protocols: Sequence[str] | str, data: str | None = None, data_root: str | None = None,
     preset: str = "quick", overrides: Sequence[str] = (),
@@ -189,6 +200,7 @@ def evaluate(
     names = parse_protocols(protocols)
     cfg = resolve_eval_config(preset, list(overrides))
     base = make_context(run_dir, data, data_root, preset, cfg)
+    _check_applicable(base.record.get("method"), names)
     chosen = {name: get_protocol(name) for name in names}
     base._shared["kinds"] = {k for p in chosen.values() for k in p.feature_kinds}
     paths = []

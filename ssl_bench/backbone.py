@@ -230,3 +230,36 @@ def normalized_pixel_targets(images: torch.Tensor, patch_size: int, eps: float =
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)
     return (target - mean) / (var + eps).sqrt()
+
+
+class PixelEncoder(nn.Module):
+    """The raw-pixels control: no encoder at all. Every probe sees the (normalised) input pixels.
+
+    Shapes: images (B, C, H, W) -> cls = the flattened image (B, C*H*W) and one "patch token", the same
+    vector (B, 1, C*H*W), so the kNN and linear probes (cls), the mean feature and the attentive probe
+    (over the whole sequence) all read the pixels themselves. It has no weights, so nothing to fine-tune.
+    """
+
+    kind = "pixels"
+
+    def __init__(self, img_size: int, in_chans: int):
+        super().__init__()
+        self.img_size, self.in_chans = img_size, in_chans
+        self.patch_size, self.grid_size, self.num_patches = img_size, 1, 1
+        self.embed_dim = in_chans * img_size * img_size
+        self.num_heads, self.depth = 1, 0
+
+    def signature(self) -> dict:
+        return {"kind": self.kind, "img_size": self.img_size, "in_chans": self.in_chans}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = images.flatten(1)
+        return flat, flat.unsqueeze(1)
+
+
+def build_encoder(signature: dict) -> nn.Module:
+    """The encoder a checkpoint's signature describes: a ViTBackbone, or the raw-pixels control."""
+    signature = dict(signature)
+    if signature.pop("kind", "vit") == PixelEncoder.kind:
+        return PixelEncoder(**signature)
+    return ViTBackbone(**signature)

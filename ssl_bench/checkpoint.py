@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ssl_bench.atomic import atomic_write
-from ssl_bench.backbone import ViTBackbone
+from ssl_bench.backbone import ViTBackbone, build_encoder
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
 
@@ -56,7 +56,7 @@ def load_encoder(run_dir: str | Path) -> tuple[ViTBackbone, dict]:
     sig = ckpt.get("signature")
     if not sig or "encoder" not in ckpt:
         raise UserError(f"checkpoint {path} has no encoder weights; it was not written by ssl-bench pretrain")
-    encoder = ViTBackbone(**sig)
+    encoder = build_encoder(sig)
     encoder.load_state_dict(ckpt["encoder"])
     return encoder.eval(), record
 

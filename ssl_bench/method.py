@@ -38,6 +38,8 @@ class Method(nn.Module):
     description: ClassVar[str]  # one line, shown by `ssl-bench methods`
     family: ClassVar[str] = "mim"  # "mim", "siamese" or "control" (ssl_bench.records.CONTROL_FAMILY): for tables
     pretrains: ClassVar[bool] = True  # False for controls (random_init) that have no training step
+    # the evaluation protocols that apply to its encoder; None: all (raw_pixels has nothing to fine-tune)
+    protocols: ClassVar[tuple[str, ...] | None] = None
     # preset name -> partial config merged over the common preset ({"train": {...}, "model": {...}, ...})
     recipes: ClassVar[dict[str, dict]] = {}
 

@@ -152,7 +152,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
             spec = RunSpec(name, seed, cfg, run_dir, run_state(run_dir))
             spec.evals = [
                 EvalSpec(p, f"eval/{run_dir.name}/{p}", spec.state == "finished" and eval_done(run_dir, p, data, preset, eval_cfg[p]))
-                for p in protocol_list
+                for p in protocol_list if cls.protocols is None or p in cls.protocols
             ]
             runs.append(spec)
     return Sweep(out, data, data_root, preset, list(eval_overrides), runs)

@@ -33,7 +33,7 @@ def test_standard_defaults_to_three_seeds(tmp_path):
 def test_standard_bench_runs_at_smoke_scale(tmp_path, capsys):
     shrink = ["model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.patch_size=7", "data.subset=256",
               "data.num_workers=0", "train.batch_size=32", "train.max_steps=2", "train.progress=false"]
-    argv = ["bench", "--preset", "standard", "--methods", "mae,random_init", "--seeds", "0", "--results", str(tmp_path),
+    argv = ["bench", "--preset", "standard", "--methods", "mae,random_init,raw_pixels", "--seeds", "0", "--results", str(tmp_path),
             "--protocols", "knn,linear", "--eval-override", "features.num_workers=0", *shrink]
     for o in TINY_EVALS:
         if o.startswith(("knn.", "linear.")):
@@ -41,6 +41,31 @@ def test_standard_bench_runs_at_smoke_scale(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     bench = tmp_path / "fashion_mnist-standard"
     assert sorted(p.parent.parent.name + "/" + p.name for p in bench.glob("*/evals/*.json")) == [
-        f"{m}-s0/{p}-fashion_mnist-standard.json" for m in ("mae", "random_init") for p in ("knn", "linear")
+        f"{m}-s0/{p}-fashion_mnist-standard.json" for m in ("mae", "random_init", "raw_pixels") for p in ("knn", "linear")
     ]
     assert (bench / "leaderboard.md").exists()
+
+
+def test_raw_pixels_control_probes_the_input_pixels(tmp_path, capsys):
+    """The raw-pixels row: 0 steps, no weights, and its features are exactly the normalised input pixels."""
+    import torch
+
+    from evals.run import evaluate
+    from ssl_bench.checkpoint import load_encoder
+    from ssl_bench.trainer import pretrain
+    from tests.conftest import smoke_config
+
+    record = pretrain(smoke_config("raw_pixels"), tmp_path / "run")
+    assert record["status"] == "finished" and record["steps"] == 0 and record["family"] == "control"
+    encoder, _ = load_encoder(tmp_path / "run")
+    assert sum(p.numel() for p in encoder.parameters()) == 0
+    images = torch.randn(3, 1, 28, 28)
+    cls, tokens = encoder(images)
+    assert torch.equal(cls, images.flatten(1)) and torch.equal(tokens[:, 0], images.flatten(1))
+    # fine-tuning does not apply: one line, before any work
+    from ssl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="protocol finetune does not apply to a raw_pixels run"):
+        evaluate(tmp_path / "run", ["knn", "finetune"], preset="smoke")
+    paths = evaluate(tmp_path / "run", ["knn"], preset="smoke", overrides=["knn.train_size=500", "knn.test_size=200"])
+    assert len(paths) == 1
