@@ -6,14 +6,19 @@ the same image among all keys of the global batch (InfoNCE, keys gathered over p
     L = ctr(q1, k2) + ctr(q2, k1),  ctr(q, k) = CE(q k^T / tau, own index) * 2 tau,  q, k l2-normalised.
 Stability trick of the paper: the patch projection stays at its random initialisation (frozen).
 
-Recipe (ViT-B/16, ImageNet, reference code): projector 3 layers (hidden 4096, out 256, BN + ReLU after
-hidden layers, BN without affine at the end), predictor 2 layers (hidden 4096, out 256, no last BN),
-Linears without bias; tau 0.2; momentum 0.99 -> 1 by a half-cosine over training; AdamW lr 1.5e-4 x
-B/256, wd 0.1, batch 4096, 40 warmup of 300 epochs; BYOL asymmetric augmentations.
-Choices recorded here: AdamW betas are PyTorch's defaults (0.9, 0.999), as in the authors' released
-code and mmpretrain's port (the paper does not state them); the frozen patch projection gets the
-reference code's Xavier-uniform initialisation. The momentum copy sits in ``state_dict`` (exact
-resume) but has ``requires_grad=False``, so the optimiser, weight decay and DDP never see it.
+Recipe (ViT-B/16, ImageNet, official code): projector 3 layers (hidden 4096, out 256, BN + ReLU after
+hidden layers, BN without affine at the end), predictor 2 layers (hidden 4096, out 256, BN + ReLU after
+the hidden layer and a last BN without affine: the official ViT builder keeps it, only its ResNet variant
+drops it), Linears without bias; tau 0.2; momentum 0.99 -> 1 by a half-cosine over training; AdamW
+lr 1.5e-4 x B/256, wd 0.1 on every parameter (biases, norms and cls token too), batch 4096, 40 warmup
+of 300 epochs; BYOL asymmetric augmentations with RandomResizedCrop scale 0.08-1.
+ViT init as the official vits.py (``init="moco"``; ``"timm"`` keeps timm's): xavier_uniform Linears with
+qkv as three blocks, patch projection xavier-uniform as a Linear, then frozen, cls token normal(1e-6),
+sin-cos table with the row half first. As the official forward, the momentum encoder takes its EMA step
+at the start of each step (with that step's momentum), before the keys are computed.
+AdamW betas are PyTorch's defaults (0.9, 0.999), as in the official code (the paper does not state
+them). The momentum copy sits in ``state_dict`` (exact resume) but has ``requires_grad=False``, so the
+optimiser, weight decay and DDP never see it.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class MoCoV3(Method):
     name = "mocov3"
     description = "MoCo v3 (Chen et al. 2021): InfoNCE between a ViT query encoder and its momentum copy"
     family = "siamese"
+    weight_decay_all = True  # the official AdamW gets model.parameters(): biases, norms, cls token decayed too
     recipes = {
         "smoke": {"method": {"mlp_dim": 256, "out_dim": 64}, "train": {**_ADAMW, "blr": 1.5e-3}},
         "quick": {"method": {"mlp_dim": 1024, "out_dim": 256}, "train": {**_ADAMW, "blr": 1.5e-3}},
@@ -54,6 +60,7 @@ class MoCoV3(Method):
         temperature: float = 0.2,
         base_momentum: float = 0.99,
         freeze_patch_embed: bool = True,
+        init: str = "moco",
     ):
         super().__init__(backbone)
         if temperature <= 0 or not 0.0 <= base_momentum <= 1.0 or min(mlp_dim, out_dim) < 1:
@@ -63,24 +70,24 @@ class MoCoV3(Method):
             )
         self.temperature, self.base_momentum = temperature, base_momentum
         self.momentum = base_momentum  # set each step by on_step_start
+        backbone.init_weights(init)
         if freeze_patch_embed:
-            proj = backbone.vit.patch_embed.proj  # Conv2d (D, C, p, p): a linear map of each patch
-            nn.init.xavier_uniform_(proj.weight.data.view(proj.weight.shape[0], -1))
-            nn.init.zeros_(proj.bias)
-            backbone.vit.patch_embed.requires_grad_(False)
+            backbone.vit.patch_embed.requires_grad_(False)  # stays at its random init
         self.projector = sync_batchnorm(build_mlp(backbone.embed_dim, mlp_dim, out_dim, 3, last_bn_affine=False))
-        self.predictor = sync_batchnorm(build_mlp(out_dim, mlp_dim, out_dim, 2, last_bn=False, last_bias=False))
+        self.predictor = sync_batchnorm(build_mlp(out_dim, mlp_dim, out_dim, 2, last_bn_affine=False))
         # f_k starts equal to f_q's backbone + projector and then only follows it by EMA.
         self.momentum_backbone = momentum_copy(backbone)
         self.momentum_projector = momentum_copy(self.projector)
 
     def data_spec(self) -> DataSpec:
+        # "byol" crops at scale 0.08-1. VIEWS CONTRACT: once ssl_bench/data/views.py lands, this line becomes
+        # return DataSpec(augmentation=views.byol(crop_scale=(0.08, 1.0)), mask=None)
         return DataSpec(augmentation="byol", mask=None)
 
     def on_step_start(self, step: int, total_steps: int) -> None:
+        """This step's momentum, and the EMA step of f_k towards f_q's current weights (the official
+        forward updates the momentum encoder before computing the keys)."""
         self.momentum = cosine_momentum(step, total_steps, self.base_momentum)
-
-    def after_optimizer_step(self) -> None:
         ema_update_(self.momentum_backbone, self.backbone, self.momentum)
         ema_update_(self.momentum_projector, self.projector, self.momentum)
 

@@ -26,7 +26,7 @@ def build_mlp(
     A Linear that feeds a BatchNorm has no bias (the BN's mean subtraction would cancel it), so only
     a last layer without BN can have one (``last_bias``). Shapes: (B, in_dim) -> (B, out_dim).
     SimSiam projector: 3 layers, last BN without affine; predictor: 2 layers, no last BN, bias.
-    MoCo v3 projector: 3 layers, last BN without affine; predictor: 2 layers, no last BN, no bias.
+    MoCo v3 (ViT) projector: 3 layers, last BN without affine; predictor: 2 layers, last BN without affine.
     """
     if num_layers < 1:
         raise ValueError(f"an MLP needs at least one layer, got num_layers={num_layers}")

@@ -42,6 +42,7 @@ class Method(nn.Module):
     protocols: ClassVar[tuple[str, ...] | None] = None
     # preset name -> partial config merged over the common preset ({"train": {...}, "model": {...}, ...})
     recipes: ClassVar[dict[str, dict]] = {}
+    weight_decay_all: ClassVar[bool] = False  # True: decay every trainable parameter, biases and norms too
 
     def __init__(self, backbone: ViTBackbone):
         super().__init__()
@@ -89,17 +90,17 @@ class Method(nn.Module):
         return {n for n, _ in self.named_parameters() if n.endswith(("cls_token", "pos_embed", "mask_token"))}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: decayed vs not. A group may set ``fixed_lr=True`` to skip the schedule."""
+        """Optimizer groups: decayed vs not (only the first with ``weight_decay_all``). A group may set
+        ``fixed_lr=True`` to skip the schedule."""
         skip = self.no_weight_decay()
         decay, no_decay = [], []
         for n, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            exempt = not self.weight_decay_all and (p.ndim <= 1 or n in skip)
+            (no_decay if exempt else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     @property
     def encoder(self) -> ViTBackbone:

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import methods.mocov3 as mocov3_module
+from torchvision.transforms import v2 as T
+
 from ssl_bench.build import build_method
+from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.optim import build_optimizer
 from ssl_bench.trainer import pretrain
@@ -32,7 +35,6 @@ def train_step(method, optimizer, batch, step=0, total=10):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    method.after_optimizer_step()
 
 
 def test_momentum_encoder_gets_no_gradient_and_follows_ema(moco_and_batch):
@@ -46,21 +48,48 @@ def test_momentum_encoder_gets_no_gradient_and_follows_ema(moco_and_batch):
 
     train_step(method, optimizer, batch)  # step 0: m = 0.99, and both encoders start equal
     before = [snapshot(m) for m in target]
+    online_now = [snapshot(m) for m in online]
+    # As the official forward: the EMA step comes first in a step, with that step's momentum, so the
+    # keys of step 3 come from f_k moved towards f_q as the optimizer left it after step 2.
     method.on_step_start(3, 10)
     m = method.momentum
+    for t_mod, o_params, old in zip(target, online_now, before):
+        for t, o, t0 in zip(t_mod.parameters(), o_params, old):
+            torch.testing.assert_close(t, m * t0 + (1 - m) * o, rtol=0, atol=1e-6)
     loss = method.training_step(batch)["loss_contrastive"]
     optimizer.zero_grad()
     loss.backward()
     assert all(p.grad is None for p in momentum_params)
-    optimizer.step()
-    method.after_optimizer_step()
-    for t_mod, o_mod, old in zip(target, online, before):
-        for t, o, t0 in zip(t_mod.parameters(), o_mod.parameters(), old):
-            torch.testing.assert_close(t, m * t0 + (1 - m) * o.detach(), rtol=0, atol=1e-6)
     moved = [not torch.equal(t, t0) for t, t0 in zip(method.momentum_projector.parameters(), before[1])]
     assert any(moved)  # the check above was not vacuous
     assert method.encoder is method.backbone  # evaluation uses the query encoder
     assert any(k.startswith("momentum_backbone.") for k in method.state_dict())  # resumable
+
+
+def test_official_heads_init_decay_and_augmentation(fashion_info):
+    """The official ViT builder: predictor ends in a BN without affine; vits.py init (qkv as three
+    blocks, cls std 1e-6, row-first sin-cos table); AdamW decays every parameter; crops at 0.08-1."""
+    method = build_method(smoke_config("mocov3"), fashion_info)
+    last = method.predictor[-1]
+    assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine
+    assert not any(m.bias is not None for m in method.predictor.modules() if isinstance(m, torch.nn.Linear))
+    qkv = method.backbone.blocks[0].attn.qkv.weight  # (3D, D)
+    d = qkv.shape[1]
+    assert (6 / (2 * d)) ** 0.5 * 0.9 < qkv.abs().max() <= (6 / (2 * d)) ** 0.5  # not xavier over (3D, D)
+    assert method.backbone.vit.cls_token.abs().max() < 1e-5
+    pos = method.backbone.patch_pos_embed[0]  # (N, D): first half encodes the row, constant along a row
+    g = method.backbone.grid_size
+    assert torch.equal(pos[0, : d // 2], pos[g - 1, : d // 2]) and not torch.equal(pos[0, : d // 2], pos[g, : d // 2])
+    groups = method.param_groups(0.1)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.1 and len(groups[0]["params"]) == len(trainable)
+    info = fashion_info
+    policy = build_policy(method.data_spec().augmentation, 28, 3, info.mean * 3, info.std * 3)
+    crops = [t for view in policy.transforms for t in view.transforms if isinstance(t, T.RandomResizedCrop)]
+    jitters = [t for view in policy.transforms for t in view.transforms if isinstance(t, T.RandomApply)
+               and isinstance(t.transforms[0], T.ColorJitter)]
+    assert len(crops) == 2 and all(c.scale == (0.08, 1.0) for c in crops)
+    assert len(jitters) == 2 and all(j.transforms[0].saturation == (0.8, 1.2) for j in jitters)
 
 
 def test_momentum_schedule_is_half_cosine_from_base_to_one(fashion_info):

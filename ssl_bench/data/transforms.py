@@ -1,8 +1,10 @@
 """Augmentation policies per method family, on uint8 tensors (C, H, W).
 
 * "mim":     RandomResizedCrop(0.2-1, bicubic) + flip (MAE: colour jitter hurts MIM).
-* "simsiam": two views of the MoCo v2 set (crop, colour jitter p 0.8, grayscale p 0.2, blur p 0.5, flip).
-* "byol":    two asymmetric views (blur p 1.0 / 0.1, solarize p 0 / 0.2), as MoCo v3 uses.
+* "simsiam": two views of the MoCo v2 set (crop, colour jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale p 0.2,
+             blur p 0.5, flip), as SimSiam's code.
+* "byol":    two asymmetric views (blur p 1.0 / 0.1, solarize p 0 / 0.2, jitter saturation 0.2, crop
+             scale 0.08-1), as MoCo v3's code uses.
 Colour operations that need three channels are left out for grayscale data.
 """
 from __future__ import annotations
@@ -23,14 +25,14 @@ def _blur(img_size: int, p: float):
     return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
 
 
-def _colour(in_chans: int) -> list:
+def _colour(in_chans: int, saturation: float) -> list:
     if in_chans == 3:
-        return [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+        return [T.RandomApply([T.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
     return [T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
 
 
-def _crop(img_size: int):
-    return T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True)
+def _crop(img_size: int, scale: tuple = (0.2, 1.0)):
+    return T.RandomResizedCrop(img_size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
 class MultiView:
@@ -48,14 +50,14 @@ def mim(img_size, in_chans, mean, std):
 
 
 def simsiam(img_size, in_chans, mean, std):
-    view = T.Compose([_crop(img_size), *_colour(in_chans), _blur(img_size, 0.5), T.RandomHorizontalFlip(), *_to_float(mean, std)])
+    view = T.Compose([_crop(img_size), *_colour(in_chans, 0.4), _blur(img_size, 0.5), T.RandomHorizontalFlip(), *_to_float(mean, std)])
     return MultiView(view, view)
 
 
 def byol(img_size, in_chans, mean, std):
     def view(blur_p, solarize_p):
         return T.Compose([
-            _crop(img_size), *_colour(in_chans), _blur(img_size, blur_p),
+            _crop(img_size, (0.08, 1.0)), *_colour(in_chans, 0.2), _blur(img_size, blur_p),
             T.RandomSolarize(threshold=128, p=solarize_p), T.RandomHorizontalFlip(), *_to_float(mean, std),
         ])
 
