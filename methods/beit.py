@@ -12,7 +12,10 @@ Choices (the spec in /work/shared/specs/methods.md; the paper's recipe is ViT-B/
   full) or the path of one trained with ``ssl-bench tokenizer train``; a user holding OpenAI's released
   encoder passes ``dalle:/path/to/encoder.pkl`` (``ssl_bench.dalle``). It reads the same augmented view
   as the ViT (DALL-E reads a half-resolution copy of the same crop).
-* masking: block-wise (BEiT's generator: blocks of >= 16 of 196 patches, aspect 0.3-3.3), 40% (75/196).
+* masking: BEiT's block-wise generator (``ssl_bench.masking.BlockMaskGenerator``), 75 of 196 patches (the
+  official ``--num_mask_patches 75``; ``mask_ratio`` 75/196 keeps that share on other grids). A mask may end
+  a few patches short of the target, as the official one does; the loss is a cross-entropy over the flat set
+  of masked positions of the batch, so the count may differ from sample to sample.
 * head: linear D -> vocab on the final (layer-normed) features, trunc-normal init std 0.02 like the
   [MASK] embedding.
 * optimization: AdamW betas (0.9, 0.999), wd 0.05, lr 1.5e-3 at batch 2048, i.e. base lr 1.875e-4 per
@@ -51,7 +54,7 @@ class BEiT(Method):
         },
     }
 
-    def __init__(self, backbone: ViTBackbone, tokenizer: str | Tokenizer = "auto", mask_ratio: float = 0.4):
+    def __init__(self, backbone: ViTBackbone, tokenizer: str | Tokenizer = "auto", mask_ratio: float = 75 / 196):
         super().__init__(backbone)
         self.mask_ratio = mask_ratio
         if isinstance(tokenizer, str):

@@ -233,7 +233,7 @@ class CAE(Method):
 
     # -- the algorithm -----------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
-        return DataSpec(augmentation="mim", mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio))
+        return DataSpec(augmentation="mim", mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio, exact=True))
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images, mask = batch["views"][0], batch["mask"]  # (B, C, H, W), (B, N) True = masked

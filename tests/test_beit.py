@@ -28,11 +28,11 @@ def beit_and_batch(tokenizer_path, fashion_info):
     return method, next(iter(loader))
 
 
-def test_block_masking_at_forty_percent(beit_and_batch):
+def test_block_masking_at_official_share(beit_and_batch):
     method, batch = beit_and_batch
     spec = method.data_spec()
-    assert spec.mask.kind == "block"
-    assert (batch["mask"].sum(1) == round(0.4 * method.backbone.num_patches)).all()
+    assert spec.mask.kind == "block" and not spec.mask.fixed_count  # BEiT's generator: may end short
+    assert (batch["mask"].sum(1) <= round(75 / 196 * method.backbone.num_patches)).all()
 
 
 def test_loss_covers_masked_positions_only(beit_and_batch, monkeypatch):
