@@ -22,6 +22,7 @@ from ssl_bench.backbone import ARCHS, ViTBackbone
 from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 from ssl_bench.records import json_bytes, now_iso
+from ssl_bench.safe_load import load_torch_file
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -71,7 +72,7 @@ def load_exported(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch_file(path, "exported weights", "export the run again")
 
 
 def export_encoder(run_dir: str | Path, out: str | Path) -> tuple[Path, Path]:

@@ -28,18 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_bench.atomic import staged
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
-from ssl_bench.records import write_json_atomic
+from ssl_bench.errors import UserError
+from ssl_bench.records import file_sha256, write_json_atomic  # noqa: F401 - file_sha256 is part of this module's API
 
 KINDS = ("cls", "mean", "patches")
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(fields: dict) -> str:
@@ -137,8 +130,8 @@ def load_features(
         _extract(encoder_fn(), loader(), len(indices), todo, path, device)
         write_json_atomic(folder / "meta.json", {**fields, "n": len(indices)})
 
-    arrays = {k: np.load(path[k], mmap_mode="r") for k in KINDS if path[k].exists()}
-    labels = np.load(path["labels"])
+    arrays = {k: _load_array(path[k], mmap=True) for k in KINDS if path[k].exists()}
+    labels = _load_array(path["labels"])
     stream = None
     if stream_patches:
         def stream(chunks: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
@@ -146,6 +139,17 @@ def load_features(
             for batch, _ in loader(batch_sampler=chunks):
                 yield encode(encoder, batch, device)
     return Features(labels, arrays, stream)
+
+
+def _load_array(path: Path, mmap: bool = False) -> np.ndarray:
+    """A cached .npy of numbers; a file holding pickled Python objects is refused, never unpickled."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:  # numpy's words for object arrays: "allow_pickle=False" / "Python objects in dtype"
+        if "pickle" in str(exc) or "Python objects" in str(exc):
+            raise UserError(f"feature cache file {path} refused: it holds pickled Python objects, which can run code when loaded; "
+                            f"delete {path.parent} to extract the features again") from None
+        raise UserError(f"feature cache file {path} is corrupt ({exc}); delete {path.parent} to extract the features again") from None
 
 
 def _extract(encoder: ViTBackbone, loader: DataLoader, n: int, kinds: list[str], path: dict[str, Path], device: torch.device) -> None:

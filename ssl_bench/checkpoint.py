@@ -1,14 +1,23 @@
-"""Checkpoints: written atomically, checked against the architecture they are loaded into."""
+"""Checkpoints: written atomically, read without running code (``ssl_bench.safe_load``), checked against
+the architecture they are loaded into.
+
+A checkpoint holds only tensors and plain values: the RNG states are stored as tensors, ints, floats and
+lists (``rng_state_to_plain``), so ``torch.load(weights_only=True)`` reads every part of it. Checkpoints of
+earlier versions of the suite stored numpy's RNG state as a pickled numpy array; they still load (numpy's
+array constructor is the only object they may name) and ``ssl-bench convert-checkpoint`` rewrites them.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ssl_bench.atomic import atomic_write
 from ssl_bench.backbone import ViTBackbone, build_encoder
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
+from ssl_bench.safe_load import load_torch_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RECORD_NAME = "run.json"
@@ -23,10 +32,47 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; has the run saved one yet (train.ckpt_every)?")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated/garbled files
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({exc.__class__.__name__}); rerun or resume from an intact copy") from None
+    ckpt = load_torch_file(path, "checkpoint", "rerun or resume from an intact copy", allow=LEGACY_NUMPY_GLOBALS)
+    if isinstance(ckpt, dict) and ckpt.get("rng") is not None:
+        ckpt["rng"] = rng_state_to_plain(ckpt["rng"])  # an earlier version's numpy/python tuples
+    return ckpt
+
+
+# Checkpoints of earlier versions hold numpy's RNG key as a pickled uint32 array: allowing numpy's array
+# and dtype constructors (under their numpy 2 and numpy 1 names) reads them and nothing else.
+LEGACY_NUMPY_GLOBALS = (
+    np._core.multiarray._reconstruct,
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+)
+
+
+def rng_state_to_plain(state):
+    """A trainer RNG state (or a list of them, one per rank) with numpy's and Python's states as plain
+    values; states already plain pass through unchanged."""
+    if isinstance(state, list):
+        return [rng_state_to_plain(s) for s in state]
+    state = dict(state)
+    if isinstance(state.get("numpy"), tuple):  # np.random.get_state()
+        bit_generator, key, pos, has_gauss, cached_gaussian = state["numpy"]
+        state["numpy"] = {"bit_generator": str(bit_generator), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    if isinstance(state.get("python"), tuple):  # random.getstate()
+        version, internal, gauss_next = state["python"]
+        state["python"] = {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next}
+    return state
+
+
+def numpy_state_from_plain(state: dict) -> tuple:
+    """The argument of ``np.random.set_state`` from ``rng_state_to_plain``'s form."""
+    key = state["key"].numpy() if isinstance(state["key"], torch.Tensor) else np.asarray(state["key"])
+    return (state["bit_generator"], key.astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
+def python_state_from_plain(state: dict) -> tuple:
+    """The argument of ``random.setstate`` from ``rng_state_to_plain``'s form."""
+    return (state["version"], tuple(state["state"]), state["gauss_next"])
 
 
 def check_signature(saved: dict, expected: dict, path: str | Path) -> None:

@@ -8,8 +8,10 @@ per 16 x 16 patch. Nothing is downloaded: a user who has the file passes
     method.tokenizer=dalle:/path/to/encoder.pkl
 
 (unpickling it needs OpenAI's ``DALL-E`` package: ``pip install DALL-E``). ``prepare`` then writes a small
-sidecar, ``RUN_DIR/tokenizer/dalle.json``, naming the file and the run's image geometry and normalization,
-and the method loads that sidecar like any tokenizer. The adapter generalises the half-resolution rule to
+sidecar, ``RUN_DIR/tokenizer/dalle.json``, naming the file, its sha256 and the run's image geometry and
+normalization, and the run's config becomes ``method.tokenizer=dalle:SIDECAR``. This is the one file the suite
+unpickles (a pickled module can run code when loaded), so it loads only through the ``dalle:`` prefix, and
+only while the file still has the sha256 it had when the run started. The adapter generalises the half-resolution rule to
 any patch grid: the image is resized to (grid x 8) pixels, so the encoder's token grid is the ViT's.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_bench.errors import UserError
-from ssl_bench.records import write_json_atomic
+from ssl_bench.records import file_sha256, write_json_atomic
 
 SIDECAR_FORMAT = "ssl-bench-dalle-tokenizer/1"
 SIDECAR_FILE = "dalle.json"
@@ -87,7 +89,8 @@ def write_sidecar(encoder_path: str | Path, out_dir: str | Path, img_size: int, 
         raise UserError(f"img_size {img_size} is not divisible by patch_size {patch_size}; change model.patch_size")
     sidecar = Path(out_dir) / SIDECAR_FILE
     write_json_atomic(sidecar, {
-        "format": SIDECAR_FORMAT, "encoder": str(encoder_path), "img_size": img_size, "patch_size": patch_size,
+        "format": SIDECAR_FORMAT, "encoder": str(encoder_path), "encoder_sha256": file_sha256(encoder_path),
+        "img_size": img_size, "patch_size": patch_size,
         "in_chans": in_chans, "mean": list(mean), "std": list(std), "data": data,
     })
     return sidecar
@@ -104,7 +107,12 @@ def is_sidecar(path: str | Path) -> bool:
 
 
 def load_sidecar(path: str | Path) -> DalleTokenizer:
+    """The tokenizer a sidecar describes; its encoder file must be the one the run started with (same sha256)."""
     spec = json.loads(Path(path).read_text())
+    pinned = spec.get("encoder_sha256")
+    if pinned and Path(spec["encoder"]).is_file() and file_sha256(spec["encoder"]) != pinned:
+        raise UserError(f"DALL-E encoder {spec['encoder']} has changed since this run started (sha256 differs from {path}); "
+                        f"restore the original file or start a new run")
     return DalleTokenizer(
         load_encoder_file(spec["encoder"]), spec["img_size"], spec["patch_size"], spec["in_chans"], spec["mean"], spec["std"], spec["data"],
     )

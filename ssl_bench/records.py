@@ -1,6 +1,7 @@
 """Machine-readable run records: written atomically, never overwriting an earlier result."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -99,6 +100,14 @@ def hardware() -> dict:
         "timm": timm.__version__,
         "summary": f"{len(gpus)}x {gpus[0]}" if gpus else f"CPU: {cpu} ({os.cpu_count()} cores)",
     }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def now_iso() -> str:

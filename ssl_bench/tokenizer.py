@@ -31,6 +31,7 @@ from torch import nn
 
 from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
+from ssl_bench.safe_load import load_torch_file
 
 TOKENIZER_FILE = "tokenizer.pt"
 RECORD_FILE = "tokenizer.json"
@@ -199,17 +200,25 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A trained tokenizer (a ``tokenizer.pt`` or the directory holding one), or a DALL-E sidecar
-    (``ssl_bench.dalle``), frozen, in eval mode."""
+    """A trained tokenizer (a ``tokenizer.pt`` or the directory holding one), or ``dalle:SIDECAR`` (OpenAI's
+    encoder, ``ssl_bench.dalle``: the only tokenizer that is unpickled, so only with that explicit prefix),
+    frozen, in eval mode."""
     from ssl_bench import dalle
 
+    if str(path).startswith(DALLE_PREFIX):
+        sidecar = str(path)[len(DALLE_PREFIX):]
+        if not dalle.is_sidecar(sidecar):
+            raise UserError(f"{path}: a DALL-E encoder is set up when pretraining starts; pass method.tokenizer=dalle:<encoder.pkl> to ssl-bench pretrain")
+        return dalle.load_sidecar(sidecar)
     if dalle.is_sidecar(path):
-        return dalle.load_sidecar(path)
+        raise UserError(f"{path} names a pickled DALL-E encoder, and unpickling runs code: it loads only when asked "
+                        f"explicitly, as method.tokenizer={DALLE_PREFIX}{path}")
     file = _tokenizer_file(path)
     if not file.is_file():
         raise UserError(f"no tokenizer at {path}; {TRAIN_HINT}")
+    fix = f"delete it and {TRAIN_HINT}"
+    blob = load_torch_file(file, "tokenizer file", fix)  # tensors and plain values only: opening it runs no code
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=False)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError("not an ssl-bench tokenizer file")
         tokenizer = Tokenizer(**blob["config"])
@@ -217,7 +226,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except UserError:
         raise
     except Exception as exc:  # truncated / garbled / foreign files raise many types
-        raise UserError(f"tokenizer file {file} is corrupt or not a tokenizer ({exc.__class__.__name__}); delete it and {TRAIN_HINT}") from None
+        raise UserError(f"tokenizer file {file} is corrupt or not a tokenizer ({exc.__class__.__name__}); {fix}") from None
     tokenizer.requires_grad_(False)
     return tokenizer.eval()
 
@@ -431,7 +440,8 @@ def ensure_tokenizer(cfg: dict, run_dir) -> str:
     """For ``Method.prepare`` (BEiT, CAE): the path of the tokenizer named by ``cfg["method"]["tokenizer"]``.
 
     A path is validated (loadable, right patch grid and data set) and returned absolute; ``"dalle:PATH"``
-    (OpenAI's released encoder) gets a sidecar in ``run_dir/tokenizer/`` that ``load_tokenizer`` reads. ``"auto"`` trains a
+    (OpenAI's released encoder) gets a sidecar in ``run_dir/tokenizer/`` and becomes ``"dalle:SIDECAR"``,
+    which ``load_tokenizer`` reads. ``"auto"`` trains a
     tokenizer for this run's data set, images, patch grid and preset into ``run_dir/tokenizer/``, or reuses
     the one already there (prepare runs again on resume).
     """
@@ -443,10 +453,13 @@ def ensure_tokenizer(cfg: dict, run_dir) -> str:
         from ssl_bench import dalle
         from ssl_bench.data.datasets import load_dataset
 
+        target = choice[len(DALLE_PREFIX):]
+        if dalle.is_sidecar(target):
+            return choice  # resumed run: its sidecar is written already
         _, info = load_dataset(data["name"], data["root"], "pretrain", img_size=data["img_size"])
-        sidecar = dalle.write_sidecar(choice[len(DALLE_PREFIX):], Path(run_dir) / "tokenizer", data["img_size"] or info.img_size,
+        sidecar = dalle.write_sidecar(target, Path(run_dir) / "tokenizer", data["img_size"] or info.img_size,
                                       model["patch_size"], info.in_chans, info.mean, info.std, info.name)
-        return str(sidecar.resolve())
+        return f"{DALLE_PREFIX}{sidecar.resolve()}"  # the prefix stays: it is what allows unpickling the encoder
     if choice != "auto":
         path = Path(choice).expanduser().resolve()
         tokenizer = load_tokenizer(path)

@@ -21,7 +21,10 @@ import torch
 
 from ssl_bench.atomic import WriteFailed
 from ssl_bench.build import build_method
-from ssl_bench.checkpoint import CHECKPOINT_NAME, RECORD_NAME, check_signature, load_checkpoint, save_checkpoint
+from ssl_bench.checkpoint import (
+    CHECKPOINT_NAME, RECORD_NAME, check_signature, load_checkpoint, numpy_state_from_plain, python_state_from_plain,
+    rng_state_to_plain, save_checkpoint,
+)
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
@@ -59,20 +62,21 @@ def _autocast(amp: str, device: torch.device):
 
 
 def _rng_state() -> dict:
-    return {
+    """Every RNG state, as tensors and plain values (a checkpoint loads with weights_only=True)."""
+    return rng_state_to_plain({
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-    }
+    })
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(numpy_state_from_plain(state["numpy"]))
+    random.setstate(python_state_from_plain(state["python"]))
 
 
 def _seed_everything(seed: int) -> None:

@@ -58,10 +58,16 @@ def test_beit_pretrains_on_a_dalle_encoder_file(tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "finished"
     sidecar = out / "tokenizer" / "dalle.json"
-    assert record["config"]["method"]["tokenizer"] == str(sidecar.resolve())
-    tok = load_tokenizer(sidecar)
+    assert record["config"]["method"]["tokenizer"] == f"dalle:{sidecar.resolve()}"  # the explicit prefix is kept
+    tok = load_tokenizer(f"dalle:{sidecar}")
     assert isinstance(tok, dalle.DalleTokenizer) and tok.vocab_size == 600 and tok.num_patches == 16
     assert json.loads(sidecar.read_text())["mean"] == [pytest.approx(0.286, abs=1e-3)]  # Fashion-MNIST's normalization
+    # the pickled encoder loads only through the explicit dalle: prefix, and only the file the run started with
+    with pytest.raises(UserError, match="unpickling runs code: it loads only when asked explicitly"):
+        load_tokenizer(sidecar)
+    torch.save(StandInEncoder(vocab_size=600), tmp_path / "encoder.pkl")  # other weights under the same name
+    with pytest.raises(UserError, match="has changed since this run started"):
+        load_tokenizer(f"dalle:{sidecar}")
 
 
 def test_bad_dalle_files_are_one_line_errors(tmp_path):

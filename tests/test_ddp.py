@@ -43,8 +43,8 @@ def test_two_process_ddp_matches_one_process_same_global_batch(tmp_path):
     finally:
         torch.set_num_threads(2)
 
-    ckpt_ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    ckpt_one = torch.load(tmp_path / "single" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt_ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt_one = torch.load(tmp_path / "single" / "checkpoint.pt", map_location="cpu", weights_only=True)
     rec = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert rec["world_size"] == 2 and rec["effective_batch"] == GLOBAL_BATCH == single["effective_batch"]
     assert rec["lr"] == pytest.approx(single["lr"])
@@ -53,7 +53,7 @@ def test_two_process_ddp_matches_one_process_same_global_batch(tmp_path):
     # the initial weights (a run with lr 0), to show that training moved them far beyond the tolerance
     pretrain(smoke_config("mae", "train.device=cpu", f"train.batch_size={GLOBAL_BATCH}", *COMMON, "train.max_steps=1", "train.lr=0.0"),
              tmp_path / "init")
-    init = torch.load(tmp_path / "init" / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    init = torch.load(tmp_path / "init" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     moved = 0.0  # the largest change of any weight during training
     for name, tensor in ckpt_one["model"].items():
         torch.testing.assert_close(ckpt_ddp["model"][name], tensor, rtol=1e-3, atol=ATOL, msg=lambda m: f"{name}: {m}")

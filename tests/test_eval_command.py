@@ -89,7 +89,7 @@ def test_feature_cache_is_reused_and_invalidated_by_a_changed_checkpoint(fresh_r
     assert len(extractions) == 1
     assert np.array_equal(np.array(again.arrays["cls"]), cls)
 
-    ckpt = torch.load(fresh_run / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(fresh_run / "checkpoint.pt", weights_only=True)
     ckpt["encoder"]["vit.patch_embed.proj.weight"] += 0.5  # as if training had gone on
     torch.save(ckpt, fresh_run / "checkpoint.pt")
     changed = context(fresh_run).features("train")

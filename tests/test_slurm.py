@@ -66,7 +66,7 @@ def _requeue_at_first_checkpoint(job, run_dir: Path, seen: dict) -> None:
             assert time.time() < deadline, "the requeued job never went back to PENDING"
             time.sleep(0.2)
         seen["status_when_killed"] = json.loads((run_dir / "run.json").read_text())["status"]
-        seen["step_when_killed"] = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+        seen["step_when_killed"] = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
     except BaseException as exc:  # reported by the test
         seen["error"] = repr(exc)
 
@@ -116,8 +116,8 @@ def test_requeued_job_resumes_to_the_same_weights(runs):
 
     record = json.loads((tmp / "requeued" / "run.json").read_text())
     assert record["status"] == "finished" and record["steps"] == STEPS
-    resumed = torch.load(tmp / "requeued" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    reference = torch.load(tmp / "reference" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(tmp / "requeued" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    reference = torch.load(tmp / "reference" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert resumed["step"] == reference["step"] == STEPS
     assert resumed["model"].keys() == reference["model"].keys()
     for name, tensor in reference["model"].items():

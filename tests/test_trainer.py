@@ -25,7 +25,7 @@ def interrupt_after(monkeypatch, cls, n_steps):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -38,7 +38,7 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch, workers):
         with pytest.raises(KeyboardInterrupt):
             pretrain(cfg, tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "interrupted"
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 3
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -56,7 +56,7 @@ def test_resume_changes_nothing_without_checkpointed_state(tmp_path, monkeypatch
         with pytest.raises(KeyboardInterrupt):
             pretrain(cfg, tmp_path / "resumed")
     ckpt_path = tmp_path / "resumed" / "checkpoint.pt"
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     ckpt["rng"]["torch"] = torch.manual_seed(123).get_state()  # lose the RNG state
     torch.save(ckpt, ckpt_path)
     pretrain(cfg, tmp_path / "resumed", resume=True)
@@ -77,7 +77,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match="step 3.*last good checkpoint"):
         pretrain(cfg, tmp_path / "run")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert record["status"] == "diverged" and ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 

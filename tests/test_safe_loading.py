@@ -1,0 +1,129 @@
+"""Opening a file never runs code: a pickled callable planted in a checkpoint, a tokenizer file, a feature
+cache or an export is refused with one line naming the file, and the callable never runs."""
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from evals.export import load_exported
+from ssl_bench.checkpoint import load_checkpoint
+from ssl_bench.cli import main
+from ssl_bench.errors import UserError
+from ssl_bench.tokenizer import FORMAT, Tokenizer, load_tokenizer
+from ssl_bench.trainer import pretrain
+from tests.conftest import smoke_config
+
+TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.max_steps=2"]
+KNN = ["--preset", "smoke", "knn.ks=(5,)", "knn.train_size=100", "knn.heldout_size=50", "knn.test_size=50"]
+
+
+class Planted:
+    """Unpickling this calls os.system: it creates ``marker``. A real attack would do anything else."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mae"
+    pretrain(smoke_config("mae", *TINY), out)
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_the_planted_callable_is_live(tmp_path):
+    """Control: the payload used below does run when a file is unpickled the unsafe way."""
+    marker = tmp_path / "ran"
+    torch.save({"x": Planted(marker)}, tmp_path / "f.pt")
+    torch.load(tmp_path / "f.pt", weights_only=False)
+    assert marker.exists()
+
+
+def refused_by_cli(args, path, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and "refused" in err and "can run code" in err
+    return err
+
+
+def test_checkpoint_with_a_pickled_callable_is_refused(run_copy, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    ckpt_path = run_copy / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    torch.save({**ckpt, "history": {"loss": [Planted(marker)]}}, ckpt_path)
+    err = refused_by_cli(["eval", "--run", str(run_copy), "--protocol", "knn", *KNN], ckpt_path, capsys)
+    assert "posix.system" in err  # names what it would have called
+    assert main(["export", "--run", str(run_copy), "--out", str(tmp_path / "export")]) == 2
+    with pytest.raises(UserError, match="refused"):
+        load_checkpoint(ckpt_path)
+    assert not marker.exists()
+
+
+def test_resume_from_a_planted_checkpoint_is_refused(run_copy, tmp_path):
+    import json
+
+    marker = tmp_path / "ran"
+    record = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    ckpt = load_checkpoint(run_copy / "checkpoint.pt")
+    torch.save({**ckpt, "rng": {**ckpt["rng"], "numpy": Planted(marker)}}, run_copy / "checkpoint.pt")
+    with pytest.raises(UserError, match="refused"):
+        pretrain(record["config"], run_copy, resume=True)
+    assert not marker.exists()
+
+
+def test_tokenizer_file_with_a_pickled_callable_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    tok = Tokenizer(img_size=28, patch_size=7, in_chans=1, vocab_size=8, hidden_dim=8, code_dim=4, num_res_blocks=1)
+    path = tmp_path / "tokenizer.pt"
+    torch.save({"format": FORMAT, "config": {**tok.config(), "data": Planted(marker)}, "state_dict": tok.state_dict()}, path)
+    with pytest.raises(UserError) as err:
+        load_tokenizer(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value) and "refused" in str(err.value)
+    assert not marker.exists()
+
+
+def test_feature_cache_with_a_pickled_callable_is_refused(run_copy, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    assert main(["eval", "--run", str(run_copy), "--protocol", "knn", *KNN]) == 0
+    caches = sorted(run_copy.glob("**/cls.npy"))
+    assert caches, "the eval cached no features"
+    np.save(caches[0], np.array([Planted(marker)], dtype=object), allow_pickle=True)
+    refused_by_cli(["eval", "--run", str(run_copy), "--protocol", "knn", *KNN], caches[0], capsys)
+    assert not marker.exists()
+
+
+def test_export_file_with_a_pickled_callable_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "encoder.pth"
+    torch.save({"cls_token": torch.zeros(1), "x": Planted(marker)}, path)
+    with pytest.raises(UserError, match="refused"):
+        load_exported(path)
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_plain_values(run_dir):
+    """What makes the above possible: the trainer's checkpoint, RNG states included, loads with weights_only=True."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert isinstance(ckpt["rng"]["numpy"]["key"], torch.Tensor) and isinstance(ckpt["rng"]["python"]["state"], list)
+    np.random.set_state(np.random.get_state())  # (the conversions below round-trip exactly)
+    from ssl_bench.checkpoint import numpy_state_from_plain, python_state_from_plain, rng_state_to_plain
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    plain = rng_state_to_plain({"numpy": np_state, "python": py_state})
+    back = numpy_state_from_plain(plain["numpy"])
+    assert back[0] == np_state[0] and np.array_equal(back[1], np_state[1]) and back[1].dtype == np.uint32 and back[2:] == np_state[2:]
+    assert python_state_from_plain(plain["python"]) == py_state
