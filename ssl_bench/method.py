@@ -21,12 +21,14 @@ from ssl_bench.backbone import ViTBackbone
 class DataSpec:
     """What a method's batches must hold.
 
-    augmentation: a policy name from ``ssl_bench.data.transforms.POLICIES`` ("mim", "simsiam", "byol").
+    augmentation: the views (``ssl_bench.data.views``): a registered policy name ("mim", "simsiam", "byol",
+        "multicrop" or a plug-in's), a policy (a tuple of ``View``, one per view, e.g.
+        ``views.multicrop(n_local=4, local_size=12)``), or a function returning one.
     mask: a mask generator (``ssl_bench.masking``) called once per sample, or None.
-    The number of views follows from the policy: "mim" gives 1, the Siamese policies 2.
+    ``batch["views"]`` holds one tensor (B, C, size, size) per view of the policy, in its order.
     """
 
-    augmentation: str = "mim"
+    augmentation: Any = "mim"
     mask: Any = None
     extras: dict = field(default_factory=dict)
 

@@ -1,11 +1,7 @@
-"""Augmentation policies per method family, on uint8 tensors (C, H, W).
+"""Per-sample torchvision transforms on uint8 tensors (C, H, W), built from :class:`~ssl_bench.data.views.View`.
 
-* "mim":     RandomResizedCrop(0.2-1, bicubic) + flip (MAE: colour jitter hurts MIM).
-* "simsiam": two views of the MoCo v2 set (crop, colour jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale p 0.2,
-             blur p 0.5, flip), as SimSiam's code.
-* "byol":    two asymmetric views (blur p 1.0 / 0.1, solarize p 0 / 0.2, jitter saturation 0.2, crop
-             scale 0.08-1), as MoCo v3's code uses.
-Colour operations that need three channels are left out for grayscale data.
+This is the CPU path (image folders, or ``data.device_augment=false``); ``ssl_bench.data.batched`` applies
+the same views to whole batches on the training device.
 """
 from __future__ import annotations
 
@@ -13,26 +9,36 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ssl_bench.errors import UserError
+from ssl_bench.data.views import View, resolve_policy
 
 
 def _to_float(mean, std) -> list:
     return [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
 
 
-def _blur(img_size: int, p: float):
-    kernel = max(3, int(0.1 * img_size) // 2 * 2 + 1)  # ~10% of the side, odd
-    return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
+def blur_kernel_size(size: int) -> int:
+    """Gaussian blur kernel side for a ``size`` px view: ~10% of the side, odd, at least 3."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
 
 
-def _colour(in_chans: int, saturation: float) -> list:
-    if in_chans == 3:
-        return [T.RandomApply([T.ColorJitter(0.4, 0.4, saturation, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
-    return [T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
-
-
-def _crop(img_size: int, scale: tuple = (0.2, 1.0)):
-    return T.RandomResizedCrop(img_size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
+def view_transform(view: View, img_size: int, in_chans: int, mean, std) -> T.Compose:
+    """One view as torchvision ops: crop, colour jitter, grayscale, blur, solarize, flip, normalize."""
+    size = view.resolved_size(img_size)
+    ops = [T.RandomResizedCrop(size, scale=view.crop_scale, ratio=view.crop_ratio,
+                               interpolation=InterpolationMode.BICUBIC, antialias=True)]
+    if view.jitter is not None and view.jitter_p > 0:
+        b, c, s, h = view.jitter
+        jitter = T.ColorJitter(b, c, s, h) if in_chans == 3 else T.ColorJitter(brightness=b, contrast=c)
+        ops.append(T.RandomApply([jitter], p=view.jitter_p))
+    if view.grayscale_p > 0 and in_chans == 3:
+        ops.append(T.RandomGrayscale(p=view.grayscale_p))
+    if view.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=view.blur_sigma)], p=view.blur_p))
+    if view.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=view.solarize_p))
+    if view.flip_p > 0:
+        ops.append(T.RandomHorizontalFlip(p=view.flip_p))
+    return T.Compose([*ops, *_to_float(mean, std)])
 
 
 class MultiView:
@@ -45,32 +51,9 @@ class MultiView:
         return [t(img) for t in self.transforms]
 
 
-def mim(img_size, in_chans, mean, std):
-    return MultiView(T.Compose([_crop(img_size), T.RandomHorizontalFlip(), *_to_float(mean, std)]))
-
-
-def simsiam(img_size, in_chans, mean, std):
-    view = T.Compose([_crop(img_size), *_colour(in_chans, 0.4), _blur(img_size, 0.5), T.RandomHorizontalFlip(), *_to_float(mean, std)])
-    return MultiView(view, view)
-
-
-def byol(img_size, in_chans, mean, std):
-    def view(blur_p, solarize_p):
-        return T.Compose([
-            _crop(img_size, (0.08, 1.0)), *_colour(in_chans, 0.2), _blur(img_size, blur_p),
-            T.RandomSolarize(threshold=128, p=solarize_p), T.RandomHorizontalFlip(), *_to_float(mean, std),
-        ])
-
-    return MultiView(view(1.0, 0.0), view(0.1, 0.2))
-
-
-POLICIES = {"mim": mim, "simsiam": simsiam, "byol": byol}
-
-
-def build_policy(name: str, img_size: int, in_chans: int, mean, std) -> MultiView:
-    if name not in POLICIES:
-        raise UserError(f"unknown augmentation policy '{name}'; known: {', '.join(POLICIES)}")
-    return POLICIES[name](img_size, in_chans, mean, std)
+def build_policy(augmentation, img_size: int, in_chans: int, mean, std) -> MultiView:
+    """``augmentation``: a registered policy name, a policy (tuple of View) or a function returning one."""
+    return MultiView(*(view_transform(v, img_size, in_chans, mean, std) for v in resolve_policy(augmentation)))
 
 
 def eval_transform(img_size: int, native_size: int, mean, std):
