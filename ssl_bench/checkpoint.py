@@ -8,6 +8,8 @@ array constructor is the only object they may name) and ``ssl-bench convert-chec
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from ssl_bench.atomic import atomic_write
 from ssl_bench.backbone import ViTBackbone, build_encoder
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
-from ssl_bench.safe_load import load_torch_file
+from ssl_bench.safe_load import UnsafeFileError, load_torch_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RECORD_NAME = "run.json"
@@ -32,7 +34,8 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; has the run saved one yet (train.ckpt_every)?")
-    ckpt = load_torch_file(path, "checkpoint", "rerun or resume from an intact copy", allow=LEGACY_NUMPY_GLOBALS)
+    ckpt = load_torch_file(path, "checkpoint", "rerun or resume from an intact copy", allow=LEGACY_NUMPY_GLOBALS,
+                           unsafe_hint=f"; if it is an ssl-bench checkpoint you trust: ssl-bench convert-checkpoint --trust {path}")
     if isinstance(ckpt, dict) and ckpt.get("rng") is not None:
         ckpt["rng"] = rng_state_to_plain(ckpt["rng"])  # an earlier version's numpy/python tuples
     return ckpt
@@ -45,6 +48,7 @@ LEGACY_NUMPY_GLOBALS = (
     (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
     np.ndarray,
     np.dtype,
+    type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType: the key's dtype, rebuilt by its __setstate__
 )
 
 
@@ -73,6 +77,67 @@ def numpy_state_from_plain(state: dict) -> tuple:
 def python_state_from_plain(state: dict) -> tuple:
     """The argument of ``random.setstate`` from ``rng_state_to_plain``'s form."""
     return (state["version"], tuple(state["state"]), state["gauss_next"])
+
+
+def convert_checkpoint(path: str | Path, trust: bool = False, say=print) -> Path | None:
+    """Rewrite a checkpoint of an earlier version in the current format (tensors and plain values only),
+    keeping the original beside it as ``checkpoint.pt.bak`` (or ``.bak-1``, ...); returns the backup, or None
+    when the file is current already. A file that names Python objects beyond the legacy numpy RNG array is
+    unpickled (which runs whatever code it holds) only with ``trust``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass a checkpoint.pt or the run directory holding one")
+    try:
+        ckpt = load_torch_file(path, "checkpoint", "it cannot be converted")
+        if not isinstance(ckpt, dict) or not _legacy_rng(ckpt.get("rng")):
+            say(f"{path} is in the current format already; nothing to convert")
+            return None
+    except UnsafeFileError as exc:
+        legacy = {name for g in LEGACY_NUMPY_GLOBALS for name in ([g[1]] if isinstance(g, tuple) else [f"{g.__module__}.{g.__qualname__}"])}
+        if set(exc.names) <= legacy:
+            ckpt = load_checkpoint(path)
+        elif not trust:
+            raise UserError(f"checkpoint {path} names Python objects ({', '.join(exc.names[:5])}) that loading it would run; "
+                            f"if you trust where it came from: ssl-bench convert-checkpoint --trust {path}") from None
+        else:
+            say(f"unpickling {path} because --trust was given: this runs any code the file holds")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the one unpickling, asked for by name
+    ckpt = _plain(ckpt, str(path))
+    ckpt["rng"] = rng_state_to_plain(ckpt["rng"]) if ckpt.get("rng") is not None else None
+    backup = next(p for p in (path.with_name(f"{path.name}.bak{f'-{i}' if i else ''}") for i in range(1000)) if not p.exists())
+    shutil.copy2(path, backup)
+    save_checkpoint(path, ckpt)
+    load_torch_file(path, "converted checkpoint", f"restore it from {backup}")  # it now loads with weights_only=True
+    say(f"converted {path} to the safe format; the original is kept as {backup}")
+    return backup
+
+
+def _legacy_rng(state) -> bool:
+    """Whether a trainer RNG state (or a list of them) holds an earlier version's numpy / python tuples."""
+    states = state if isinstance(state, list) else [state]
+    return any(isinstance(s, dict) and (isinstance(s.get("numpy"), tuple) or isinstance(s.get("python"), tuple)) for s in states)
+
+
+def _plain(obj, where: str):
+    """``obj`` with numpy values as tensors / Python numbers, paths as strings; anything else that is not a
+    tensor or a plain value cannot be stored safely and is refused."""
+    if isinstance(obj, (torch.Tensor, str, bytes, int, float, bool, type(None))):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _plain(v, where) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, where) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise UserError(f"checkpoint {where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which is not weights nor a plain value; "
+                    f"it cannot be converted")
 
 
 def check_signature(saved: dict, expected: dict, path: str | Path) -> None:

@@ -26,12 +26,13 @@ def unsafe_globals(path: str | Path) -> list[str]:
         return []
 
 
-def load_torch_file(path: str | Path, what: str, fix: str, allow: Sequence = ()):
+def load_torch_file(path: str | Path, what: str, fix: str, allow: Sequence = (), unsafe_hint: str = ""):
     """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors.
 
     ``what`` names the file in messages ("checkpoint", "tokenizer file"), ``fix`` says what to do about a
     file that is corrupt or not of that kind. ``allow`` lists extra objects the file may name (entries of
-    ``torch.serialization.safe_globals``), for a narrow legacy format only.
+    ``torch.serialization.safe_globals``), for a narrow legacy format only; ``unsafe_hint`` ends the message
+    that refuses a file naming other objects.
     """
     path = Path(path)
     try:
@@ -43,7 +44,7 @@ def load_torch_file(path: str | Path, what: str, fix: str, allow: Sequence = ())
             raise UserError(f"{what} {path} is corrupt or unreadable (UnpicklingError); {fix}") from None
         raise UnsafeFileError(
             f"{what} {path} refused: loading it would unpickle Python objects ({', '.join(names[:5])}"
-            f"{', ...' if len(names) > 5 else ''}), which can run code; only tensors and plain values are read",
+            f"{', ...' if len(names) > 5 else ''}), which can run code; only tensors and plain values are read{unsafe_hint}",
             names,
         ) from None
     except Exception as exc:  # torch raises many types for truncated/garbled files

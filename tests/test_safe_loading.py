@@ -127,3 +127,72 @@ def test_checkpoints_hold_only_plain_values(run_dir):
     back = numpy_state_from_plain(plain["numpy"])
     assert back[0] == np_state[0] and np.array_equal(back[1], np_state[1]) and back[1].dtype == np.uint32 and back[2:] == np_state[2:]
     assert python_state_from_plain(plain["python"]) == py_state
+
+
+# -- checkpoints of earlier versions ------------------------------------------------------------------
+def write_the_old_way(ckpt: dict, path) -> None:
+    """As the trainer wrote checkpoints before RNG states became plain values: numpy's get_state() tuple
+    (its key a uint32 numpy array, which weights_only=True refuses by default) and Python's getstate() tuple."""
+    from ssl_bench.checkpoint import numpy_state_from_plain, python_state_from_plain
+
+    rng = ckpt["rng"]
+    torch.save({**ckpt, "rng": {**rng, "numpy": numpy_state_from_plain(rng["numpy"]), "python": python_state_from_plain(rng["python"])}}, path)
+
+
+def test_an_old_checkpoint_still_resumes_bit_for_bit(tmp_path, monkeypatch):
+    from methods.mae import MAE
+    from tests.test_trainer import interrupt_after
+
+    cfg = smoke_config("mae", *TINY[:3], "model.drop_path=0.1", "train.ckpt_every=3", "train.max_steps=6")
+    pretrain(cfg, tmp_path / "straight")
+    with monkeypatch.context() as m:
+        interrupt_after(m, MAE, 5)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, tmp_path / "resumed")
+    path = tmp_path / "resumed" / "checkpoint.pt"
+    write_the_old_way(load_checkpoint(path), path)
+    with pytest.raises(Exception, match="numpy"):
+        torch.load(path, weights_only=True)  # really the old format
+    pretrain(cfg, tmp_path / "resumed", resume=True)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_checkpoint_rewrites_an_old_checkpoint_and_keeps_a_backup(run_copy, capsys):
+    path = run_copy / "checkpoint.pt"
+    current = load_checkpoint(path)
+    write_the_old_way(current, path)
+    old_bytes = path.read_bytes()
+    assert main(["convert-checkpoint", str(run_copy)]) == 0
+    assert "original is kept as" in capsys.readouterr().out
+    assert (run_copy / "checkpoint.pt.bak").read_bytes() == old_bytes
+    converted = torch.load(path, map_location="cpu", weights_only=True)  # no allowlist needed any more
+    assert torch.equal(converted["rng"]["numpy"]["key"], current["rng"]["numpy"]["key"])
+    assert converted["rng"]["python"] == current["rng"]["python"] and converted["step"] == current["step"]
+    assert all(torch.equal(converted["model"][k], v) for k, v in current["model"].items())
+    assert main(["convert-checkpoint", str(path)]) == 0  # current already: nothing rewritten, no second backup
+    assert "nothing to convert" in capsys.readouterr().out and not (run_copy / "checkpoint.pt.bak-1").exists()
+
+
+def test_convert_checkpoint_unpickles_only_when_trusted(run_copy, tmp_path, capsys):
+    from pathlib import PurePosixPath
+
+    path = run_copy / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    write_the_old_way({**ckpt, "config": {**ckpt["config"], "data_root": PurePosixPath("/data")}}, path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="refused.*convert-checkpoint --trust"):
+        load_checkpoint(path)  # loading says how to convert it
+    assert main(["convert-checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pathlib.PurePosixPath" in err and "--trust" in err
+    assert path.read_bytes() == before and not (run_copy / "checkpoint.pt.bak").exists()
+    assert main(["convert-checkpoint", "--trust", str(path)]) == 0
+    assert "runs any code the file holds" in capsys.readouterr().out
+    assert load_checkpoint(path)["config"]["data_root"] == "/data"
+    # an object with no plain equivalent is not converted (and the file stays as it was)
+    marker = tmp_path / "ran"
+    torch.save({**ckpt, "history": {"loss": [Planted(marker)]}}, path)
+    planted = path.read_bytes()
+    assert main(["convert-checkpoint", str(path)]) == 2 and not marker.exists()
+    assert "posix.system" in capsys.readouterr().err and path.read_bytes() == planted
