@@ -59,6 +59,16 @@ DEFAULTS: dict[str, Any] = {
         "progress": "auto",  # auto (a bar on a terminal, a line every 30 s otherwise) | bar | lines | off (or true/false)
         "device": "auto",  # auto | cpu | cuda
     },
+    "monitor": {  # progress probes during pretraining (ssl_bench.monitor); labels reach only the probes
+        "online_probe": False,  # linear probe on the detached cls token, trained alongside
+        "probe_lr": 0.1,
+        "knn_every": 0,  # kNN check on held-out images every N epochs; 0: off
+        "knn_k": 20,
+        "knn_temperature": 0.07,
+        "knn_train_size": 5000,
+        "knn_heldout_size": 1000,
+        "batch_size": 256,
+    },
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -80,12 +90,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"subset": None, "num_workers": 8},
         "model": {"arch": "vit_small", "patch_size": 4, "drop_path": 0.1},
         "train": {"epochs": 50, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 5},
+        "monitor": {"online_probe": True, "knn_every": 5},
     },
     # the published recipe scaled to the data set; meant for a GPU
     "full": {
         "data": {"subset": None, "num_workers": 8},
         "model": {"arch": "vit_small", "patch_size": 4, "drop_path": 0.1},
         "train": {"epochs": 100, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 10},
+        "monitor": {"online_probe": True, "knn_every": 5},
     },
 }
 

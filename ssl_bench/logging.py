@@ -49,6 +49,16 @@ class MetricLogger:
                 if k not in ("step", "epoch"):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
+    def scalars(self, step: int, epoch: int, values: dict) -> None:
+        """Occasional values (e.g. the monitor's kNN check): a metrics.jsonl row and TensorBoard scalars."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
     def close(self) -> None:
         for f in (self._jsonl, self._csv_file):
             if f is not None and not f.closed:

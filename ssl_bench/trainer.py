@@ -29,6 +29,7 @@ from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
 from ssl_bench.logging import MetricLogger
+from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
@@ -195,6 +196,7 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         run_dir, enabled=dist_info.is_main, progress=train["progress"], total=stop_step, initial=step, log_every=train["log_every"]
     )
     autocast = _autocast(train["amp"], device)
+    monitor = build_monitor(cfg, method, info, device, logger) if dist_info.is_main else None
     images_per_step = effective_batch
     timed_steps, timed_seconds = 0, 0.0
 
@@ -217,6 +219,8 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         ips = images_per_step * timed_steps / timed_seconds if timed_seconds > 0 else None
         n_gpus = dist_info.world_size if device.type == "cuda" else 0
         record.update(images_per_s=ips, gpu_hours=elapsed * n_gpus / 3600.0)
+        if monitor is not None:
+            record["monitor"] = monitor.summary()
         if dist_info.is_main:
             try:
                 write_json_atomic(run_dir / RECORD_NAME, record)
@@ -262,6 +266,8 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 method.after_optimizer_step()
                 step += 1
+                if monitor is not None:
+                    monitor.on_batch(step, batch, method)
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 if step > 2 or stop_step <= 2:  # the first steps pay for allocation/compilation
@@ -271,6 +277,8 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
                 logger.step(step, epoch, lr, totals, method.pop_logged(), images_per_step / dt)
                 if step % train["ckpt_every"] == 0 or step == stop_step:
                     checkpoint()
+                if monitor is not None and step % steps_per_epoch == 0:
+                    monitor.on_epoch_end(epoch)
                 if step >= stop_step:
                     break
     except TrainingDiverged as exc:
