@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ssl_bench.config import apply_overrides
+from ssl_bench.config import SWITCH, Check, apply_overrides, check_config
 from ssl_bench.errors import UserError
 
 _SPLITS = {
@@ -64,6 +64,24 @@ _FINETUNE = {
     "optimizer": "adamw", "weight_decay": 0.05, "min_lr": 1e-6, "drop_path": 0.1, "mixup": 0.8, "cutmix": 1.0,
     "label_smoothing": 0.1, "randaug": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "crop_scale": (0.08, 1.0), "hflip": True, "seed": 0,
     "probe_epochs": 0, "probe_lr": 3e-2,  # LP-FT's head fit on frozen features (evals.finetune); 0: off
+}
+
+POSITIVE, FRACTION, WHOLE = Check(0, lo_open=True), Check(0, 1), Check(1, integer=True)
+# The allowed values of the preset keys; ``*.key`` holds for that key in every protocol's section.
+EVAL_CHECKS: dict[str, Check] = {
+    "*.train_size": Check(1, integer=True, none_ok=True), "*.test_size": Check(1, integer=True, none_ok=True),
+    "*.heldout_size": POSITIVE,  # an image count, or a fraction of the train split (checked against its size)
+    "*.epochs": WHOLE, "*.warmup_epochs": Check(0), "*.batch_size": WHOLE, "*.seed": Check(0, integer=True),
+    "*.blrs": Check(0, lo_open=True, each=True), "*.blr": POSITIVE, "*.min_lr": Check(0), "*.weight_decay": Check(0),
+    "*.momentum": FRACTION, "*.cpu_threads": Check(1, integer=True, none_ok=True), "*.num_heads": Check(1, integer=True, none_ok=True),
+    "*.optimizer": Check(choices=("adamw", "sgd", "lars")), "*.feature_types": Check(choices=("cls", "mean"), each=True),
+    "knn.ks": Check(1, integer=True, each=True), "knn.temperature": POSITIVE, "knn.query_chunk": WHOLE,
+    "finetune.drop_path": Check(0, 1, hi_open=True), "finetune.mixup": Check(0), "finetune.cutmix": Check(0),
+    "finetune.label_smoothing": Check(0, 1, hi_open=True), "finetune.reprob": FRACTION, "finetune.layer_decay": Check(0, 1, lo_open=True),
+    "finetune.crop_scale": Check(0, 1, lo_open=True, each=True, length=2, none_ok=True), "finetune.hflip": SWITCH,
+    "finetune.probe_epochs": Check(0, integer=True), "finetune.probe_lr": POSITIVE,
+    "features.batch_size": WHOLE, "features.num_workers": Check(0, integer=True), "features.cache_mb": Check(0),
+    "features.device": Check(choices=("auto", "cpu", "cuda")),
 }
 
 EVAL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -133,4 +151,5 @@ def resolve_eval_config(preset: str, overrides: list[str] | tuple[str, ...] = ()
         for key in ("ks", "blrs", "feature_types"):
             if key in section and not isinstance(section[key], (list, tuple)):
                 section[key] = (section[key],)
+    check_config(cfg, EVAL_CHECKS)
     return cfg

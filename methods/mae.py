@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_bench.backbone import ViTBackbone, gather_tokens, init_linears_, normalized_pixel_targets, patchify, sincos_pos_embed
+from ssl_bench.config import SWITCH, Check
 from ssl_bench.masking import RandomMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
@@ -71,6 +72,12 @@ class MAE(Method):
             "train": {"blr": 1.5e-4, "betas": (0.9, 0.95), "weight_decay": 0.05, "epochs": 100, "warmup_epochs": 10},
             "model": {"drop_path": 0.0},
         },
+    }
+
+    option_checks = {
+        "mask_ratio": Check(0, 1, hi_open=True),  # at least one patch stays visible
+        "decoder_dim": Check(1, integer=True), "decoder_depth": Check(1, integer=True), "decoder_heads": Check(1, integer=True),
+        "norm_pix_loss": SWITCH,
     }
 
     def __init__(

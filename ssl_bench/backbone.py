@@ -101,6 +101,8 @@ class ViTBackbone(nn.Module):
         self.embed_dim = embed_dim or width
         self.depth = depth or n_layers
         self.num_heads = num_heads or heads
+        if self.embed_dim % self.num_heads:
+            raise UserError(f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}; change one of them")
         self.vit = timm.create_model(
             timm_name,
             pretrained=False,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import DatasetInfo
+from ssl_bench.errors import UserError, one_line
 from ssl_bench.registry import get_method
 
 
@@ -17,4 +18,8 @@ def build_backbone(model_cfg: dict, img_size: int, in_chans: int) -> ViTBackbone
 def build_method(cfg: dict, info: DatasetInfo):
     """The method of ``cfg`` on a backbone sized for the data set (``data.img_size`` overrides its size)."""
     backbone = build_backbone(cfg["model"], cfg["data"]["img_size"] or info.img_size, info.in_chans)
-    return get_method(cfg["method_name"])(backbone, **cfg["method"])
+    try:
+        return get_method(cfg["method_name"])(backbone, **cfg["method"])
+    except (AssertionError, ValueError) as exc:  # a layer refusing its shape, e.g. a width not divisible by the heads
+        options = ", ".join(f"method.{k}={v}" for k, v in cfg["method"].items())
+        raise UserError(f"{cfg['method_name']} cannot be built with {options} ({one_line(exc)}); change these options") from None

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import math
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,115 @@ PRESETS: dict[str, dict[str, Any]] = {
 RECIPE_FROM: dict[str, str] = {"standard": "full"}
 
 
+@dataclass(frozen=True)
+class Check:
+    """What one config value may be: a finite number in [lo, hi] (``lo_open`` / ``hi_open`` exclude an end;
+    ``integer``: a whole number), or one of ``choices``; None only where ``none_ok``. With ``each`` the
+    value is a non-empty tuple (of ``length`` items, if given) whose every item is checked."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    choices: tuple = ()
+    none_ok: bool = False
+    each: bool = False
+    length: int | None = None
+
+    def _item_ok(self, v: Any) -> bool:
+        if self.choices:
+            return any(v == c and type(v) is type(c) for c in self.choices)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if self.integer and not isinstance(v, int):
+            return False
+        if self.lo is not None and (v < self.lo or self.lo_open and v == self.lo):
+            return False
+        return self.hi is None or not (v > self.hi or self.hi_open and v == self.hi)
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.none_ok
+        if not self.each:
+            return self._item_ok(value)
+        if not isinstance(value, (list, tuple)) or not value or (self.length is not None and len(value) != self.length):
+            return False
+        return all(self._item_ok(v) for v in value)
+
+    def describe(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in self.choices)
+        else:
+            text = "an integer" if self.integer else "a number"
+            if self.lo is not None and self.hi is not None:
+                text += f" in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+            elif self.lo is not None:
+                text += f" {'>' if self.lo_open else '>='} {self.lo}"
+            elif self.hi is not None:
+                text += f" {'<' if self.hi_open else '<='} {self.hi}"
+        if self.each:
+            text = f"{'a list of ' + str(self.length) if self.length else 'a non-empty list of'} values, each {text}"
+        return text + (", or none" if self.none_ok else "")
+
+
+def as_check(spec: Check | tuple) -> Check:
+    """A method's ``option_checks`` value: a Check, or ``(lo, hi)`` for a number in [lo, hi]."""
+    return spec if isinstance(spec, Check) else Check(*spec)
+
+
+SWITCH = Check(choices=(True, False))
+# The allowed values of the common config keys (a method adds its own with ``Method.option_checks``).
+CHECKS: dict[str, Check] = {
+    "seed": Check(0, integer=True),
+    "data.subset": Check(1, integer=True, none_ok=True),
+    "data.img_size": Check(1, integer=True, none_ok=True),
+    "data.num_workers": Check(0, integer=True),
+    "model.patch_size": Check(1, integer=True),
+    "model.embed_dim": Check(4, integer=True, none_ok=True),
+    "model.depth": Check(1, integer=True, none_ok=True),
+    "model.num_heads": Check(1, integer=True, none_ok=True),
+    "model.drop_path": Check(0, 1, hi_open=True),
+    "model.layer_scale": Check(0, lo_open=True, none_ok=True),
+    "train.epochs": Check(0, lo_open=True),  # a fraction of an epoch is allowed (the schedule spans it)
+    "train.max_steps": Check(0, integer=True, none_ok=True),
+    "train.batch_size": Check(1, integer=True),
+    "train.accum_steps": Check(1, integer=True),
+    "train.optimizer": Check(choices=("adamw", "sgd", "lars")),
+    "train.blr": Check(0, lo_open=True),
+    "train.lr": Check(0, lo_open=True, none_ok=True),
+    "train.min_lr": Check(0),
+    "train.warmup_epochs": Check(0),
+    "train.weight_decay": Check(0),
+    "train.betas": Check(0, 1, hi_open=True, each=True, length=2),
+    "train.momentum": Check(0, 1),
+    "train.clip_grad": Check(0, lo_open=True, none_ok=True),
+    "train.amp": Check(choices=("auto", "bf16", "none")),
+    "train.compile": SWITCH,
+    "train.ckpt_every": Check(1, integer=True),
+    "train.log_every": Check(1, integer=True),
+    "train.progress": Check(choices=(True, False, "auto", "bar", "lines", "off")),
+    "train.device": Check(choices=("auto", "cpu", "cuda")),
+}
+
+
+def check_config(cfg: dict, checks: dict[str, Check], prefix: str = "") -> None:
+    """Every value of ``cfg`` that ``checks`` names (by ``section.key``, or ``*.key`` for that key in
+    any section) is allowed; else one line naming the key, the value given and what is allowed."""
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_config(value, checks, f"{name}.")
+            continue
+        check = checks.get(name) or (checks.get(f"*.{key}") if prefix else None)
+        if check is not None and not check.allows(value):
+            raise UserError(f"config key '{name}' takes {check.describe()}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """A copy of ``base`` with ``update`` merged in, recursively for nested dicts."""
     out = copy.deepcopy(base)
@@ -131,17 +242,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-# keys whose value is one of a few choices (a switch that may also be a word)
-CHOICES: dict[str, tuple] = {"train.progress": (True, False, "auto", "bar", "lines", "off")}
-
-
 def _checked(key: str, current: Any, value: Any, raw: str) -> Any:
     """``value`` for a key now holding ``current``: a number stays a number and a switch a switch (None is
     always allowed), so a typo such as ``train.epochs=1o`` is a one-line error, not a crash deep in a run."""
-    if key in CHOICES:
-        if value not in CHOICES[key] or isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise UserError(f"config key '{key}' takes one of {', '.join(str(c).lower() for c in CHOICES[key])}, got '{raw}'")
-        return value
     if value is None or current is None:
         return value
     if isinstance(current, bool):
@@ -251,4 +354,6 @@ def resolve_config(method_cls: type, preset: str, overrides: list[str] | None = 
     cfg["preset"] = preset
     if file_cfg:
         cfg = merge_config_file(cfg, file_cfg, file_source)
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    check_config(cfg, {**CHECKS, **{f"method.{k}": as_check(v) for k, v in method_cls.option_checks.items()}})
+    return cfg

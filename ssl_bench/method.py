@@ -45,6 +45,9 @@ class Method(nn.Module):
     # preset name -> partial config merged over the common preset ({"train": {...}, "model": {...}, ...})
     recipes: ClassVar[dict[str, dict]] = {}
     weight_decay_all: ClassVar[bool] = False  # True: decay every trainable parameter, biases and norms too
+    # option name -> allowed values, checked where the config is resolved: ``(lo, hi)`` for a number in
+    # [lo, hi], or a ``ssl_bench.config.Check`` (open ends, integers, choices), e.g. {"mask_ratio": (0.0, 1.0)}
+    option_checks: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: ViTBackbone):
         super().__init__()
