@@ -1,73 +1,93 @@
-"""Export a pretrained encoder as a plain timm ViT state dict, loadable without ssl-bench.
+"""Export a pretrained encoder as a folder timm loads directly: ``model.safetensors`` + ``config.json``.
 
-    import json, timm, torch
-    spec = json.load(open("encoder.json"))
-    model = timm.create_model(spec["model_name"], **spec["create_kwargs"])
-    model.load_state_dict(torch.load("encoder.pth"), strict=True)
+    import timm
+    model = timm.create_model("local-dir:DIR", pretrained=True)   # timm >= 1.0.16
     tokens = model.forward_features(x)   # (B, 1 + N, D): cls token, then patch tokens, after the final norm
+    cls = model(x)                       # (B, D): num_classes 0, global_pool "token"
 
-``ViTBackbone`` wraps a timm ``VisionTransformer`` (``backbone.vit``) whose ``pos_embed`` holds the fixed
-sin-cos table with a zero cls slot, so ``backbone.vit.state_dict()`` already has timm's keys and
-``forward_features`` computes exactly ``ViTBackbone.forward``. The sidecar JSON holds the
-``timm.create_model`` arguments plus what a user needs to feed the model (input size, channels, mean/std).
+``config.json`` has the layout timm's hub exports use (``architecture``, ``num_classes``, ``global_pool``,
+``model_args`` for ``create_model``, ``pretrained_cfg`` with the input size, mean and std), plus an
+``ssl_bench`` section naming the run it came from. ``ViTBackbone`` wraps a timm ``VisionTransformer``
+(``backbone.vit``) whose ``pos_embed`` holds the fixed sin-cos table with a zero cls slot, so
+``backbone.vit.state_dict()`` already has timm's keys and ``forward_features`` computes exactly
+``ViTBackbone.forward``. An encoder option a plain timm ViT does not have is refused, never dropped.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-import torch
-
-from ssl_bench.backbone import ARCHS, ViTBackbone
+from ssl_bench.backbone import ARCHS
 from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 from ssl_bench.records import json_bytes, now_iso
 from ssl_bench.safe_load import load_torch_file
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# signature keys -> timm VisionTransformer arguments; any other key is an option a plain timm ViT lacks
+TIMM_ARGS = {"img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans", "embed_dim": "embed_dim",
+             "depth": "depth", "num_heads": "num_heads", "layer_scale": "init_values"}
 
 
-def timm_create_kwargs(backbone: ViTBackbone) -> tuple[str, dict]:
+def timm_create_kwargs(signature: dict) -> tuple[str, dict]:
     """(timm model name, kwargs) that build a ``timm.create_model`` ViT with the encoder's exact keys/shapes."""
-    sig = backbone.signature()
-    kwargs = {k: sig[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
-    if "layer_scale" in sig:
-        kwargs["init_values"] = sig["layer_scale"]
+    sig = dict(signature)
+    if sig.get("kind", "vit") != "vit":
+        raise UserError(f"this run's encoder is the '{sig['kind']}' control, not a ViT: there are no weights to export")
+    sig.pop("kind", None)
+    arch = sig.pop("arch")
+    foreign = {k: v for k, v in sig.items() if k not in TIMM_ARGS and v not in (None, "none", False)}
+    if foreign:
+        options = ", ".join(f"model.{k}={v}" for k, v in foreign.items())
+        raise UserError(f"cannot export this encoder as a timm ViT: it uses {options}, which timm's VisionTransformer "
+                        f"does not have; evaluate it with ssl-bench eval instead")
+    kwargs = {TIMM_ARGS[k]: v for k, v in sig.items() if k in TIMM_ARGS and v is not None}
     kwargs["num_classes"] = 0  # no head: forward() returns the cls token, forward_features() all tokens
-    return ARCHS[sig["arch"]][0], kwargs
+    return ARCHS[arch][0], kwargs
 
 
-def sidecar_path(out: str | Path) -> Path:
-    """encoder.pth -> encoder.json"""
-    return Path(out).with_suffix(".json")
+def timm_config(model_name: str, kwargs: dict, mean, std, source: dict) -> dict:
+    """``config.json`` in the layout of timm's hub exports (read by ``create_model("local-dir:DIR")``)."""
+    import timm
+
+    size = (kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"])
+    return {
+        "architecture": model_name,
+        "num_classes": 0,
+        "num_features": kwargs["embed_dim"],
+        "global_pool": "token",
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "tag": f"ssl_bench_{source.get('method')}", "custom_load": False, "input_size": list(size),
+            "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+            "mean": list(mean), "std": list(std), "num_classes": 0, "pool_size": None,
+            "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+        "ssl_bench": {
+            "source": source,
+            "input": "pixels / 255, then (x - mean) / std, at input_size",
+            "features": "forward_features(x): (B, 1 + N, D) after the final norm; [:, 0] cls token, [:, 1:] patch tokens",
+            "position_embedding": "fixed 2-D sin-cos (stored in pos_embed, cls slot zero); keep it frozen when fine-tuning",
+            "timm_version": timm.__version__,
+            "created": now_iso(),
+        },
+    }
 
 
-def _write_new(out: Path, write) -> None:
+def _write_new(out: Path, data: bytes) -> None:
     """Write ``out`` atomically, failing (not replacing) if it appeared meanwhile."""
     try:
-        atomic_write(out, write, new_names=[out])
+        atomic_write(out, lambda f: f.write(data), new_names=[out])
     except FileExistsError:
         raise UserError(f"{out} already exists; exports are never overwritten, choose another --out") from None
 
 
-def _save_weights(state: dict, out: Path) -> None:
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        data = save(state)
-        _write_new(out, lambda f: f.write(data))
-    else:
-        _write_new(out, lambda f: torch.save(state, f))
-
-
-def _save_json(obj: dict, out: Path) -> None:
-    data = json_bytes(obj)
-    _write_new(out, lambda f: f.write(data))
-
-
 def load_exported(path: str | Path) -> dict:
-    """The state dict of an exported file (either format)."""
+    """The state dict of an exported folder or weights file (safetensors, or a torch file of tensors)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -75,47 +95,38 @@ def load_exported(path: str | Path) -> dict:
     return load_torch_file(path, "exported weights", "export the run again")
 
 
-def export_encoder(run_dir: str | Path, out: str | Path) -> tuple[Path, Path]:
-    """Write the encoder of the finished run in ``run_dir`` to ``out`` (+ sidecar JSON). Returns both paths."""
+def export_encoder(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the encoder of the finished run in ``run_dir`` into the new folder ``out``
+    (``model.safetensors`` + ``config.json``); returns ``out``."""
     import timm
+    from safetensors.torch import save
 
     from ssl_bench.checkpoint import load_encoder
 
     out = Path(out)
-    if out.suffix not in WEIGHT_SUFFIXES:
-        raise UserError(f"--out {out} must end in one of {', '.join(WEIGHT_SUFFIXES)} (.safetensors writes safetensors, the others torch.save)")
-    side = sidecar_path(out)
-    for p in (out, side):
-        if p.exists():
-            raise UserError(f"{p} already exists; exports are never overwritten, choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        raise UserError(f"--out {out} names a file; it names a folder, which gets {WEIGHTS_FILE} and {CONFIG_FILE} (e.g. --out {out.with_suffix('')})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty folder; exports are never overwritten, choose another --out")
 
     backbone, record = load_encoder(run_dir)
-    model_name, kwargs = timm_create_kwargs(backbone)
+    model_name, kwargs = timm_create_kwargs(backbone.signature())
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.vit.state_dict().items()}
-    # The promise of this file: timm builds this exact model and accepts every key. Check it here, so a
+    # The promise of this folder: timm builds this exact model and accepts every key. Check it here, so a
     # timm upgrade that renames a key fails at export, not in a user's script.
     timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state, strict=True)
 
-    _save_weights(state, out)
     info = record.get("data_info") or {}
-    sidecar = {
-        "model_name": model_name,
-        "create_kwargs": kwargs,
-        "weights": out.name,
-        "weights_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-        "input": {
-            "img_size": kwargs["img_size"], "in_chans": kwargs["in_chans"],
-            "mean": info.get("mean"), "std": info.get("std"), "scale": "pixels / 255, then (x - mean) / std",
-        },
-        "features": "forward_features(x): (B, 1 + N, D) after the final norm; [:, 0] cls token, [:, 1:] patch tokens",
-        "position_embedding": "fixed 2-D sin-cos (stored in pos_embed, cls slot zero); keep it frozen when fine-tuning",
-        "source": {
-            "run_dir": str(Path(run_dir).resolve()), "method": record.get("method"), "data": record.get("data"),
-            "preset": record.get("preset"), "seed": record.get("seed"), "git_commit": record.get("git_commit"),
-        },
-        "timm_version": timm.__version__,
-        "created": now_iso(),
+    weights = save(state, metadata={"format": "pt"})
+    source = {
+        "run_dir": str(Path(run_dir).resolve()), "method": record.get("method"), "data": record.get("data"),
+        "preset": record.get("preset"), "seed": record.get("seed"), "git_commit": record.get("git_commit"),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
-    _save_json(sidecar, side)
-    return out, side
+    if not info.get("mean") or not info.get("std"):
+        raise UserError(f"run {run_dir} records no input normalization (run.json data_info mean/std); it was not written by ssl-bench pretrain")
+    config = timm_config(model_name, kwargs, info["mean"], info["std"], source)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_new(out / WEIGHTS_FILE, weights)
+    _write_new(out / CONFIG_FILE, json_bytes(config))  # last: a folder with config.json is complete
+    return out

@@ -1,4 +1,4 @@
-"""Export: the encoder loads into a plain timm ViT with strict=True and computes the same features."""
+"""Export: a folder that timm loads with one create_model call, computing the suite's features."""
 import json
 
 import pytest
@@ -21,33 +21,50 @@ def run_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_export_loads_strict_and_matches_features(run_dir, tmp_path, suffix):
-    weights, sidecar = export_encoder(run_dir, tmp_path / f"encoder{suffix}")
-    spec = json.loads(sidecar.read_text())
-    model = timm.create_model(spec["model_name"], **spec["create_kwargs"]).eval()
-    images = torch.randn(3, spec["input"]["in_chans"], spec["input"]["img_size"], spec["input"]["img_size"])
+def test_timm_loads_the_export_folder_in_one_call(run_dir, tmp_path):
+    out = export_encoder(run_dir, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # exactly the README's call
+    cfg = json.loads((out / "config.json").read_text())
+    c, size, _ = cfg["pretrained_cfg"]["input_size"]
+    images = torch.randn(3, c, size, size)
+    encoder, record = load_encoder(run_dir)
     with torch.no_grad():
-        before = model.forward_features(images)
-        model.load_state_dict(load_exported(weights), strict=True)
         tokens = model.forward_features(images)  # (B, 1 + N, D)
-        encoder, _ = load_encoder(run_dir)
         cls, patches = encoder(images)
-    assert not torch.allclose(before, tokens)  # the comparison below is not vacuous
-    torch.testing.assert_close(tokens[:, 0], cls)
-    torch.testing.assert_close(tokens[:, 1:], patches)
-    torch.testing.assert_close(model(images), cls)  # num_classes=0: forward() is the cls feature
-    assert spec["source"]["method"] == "mae" and spec["input"]["mean"] is not None
+        untrained = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+        assert not torch.allclose(untrained.forward_features(images), tokens)  # the comparison below is not vacuous
+        torch.testing.assert_close(tokens[:, 0], cls)
+        torch.testing.assert_close(tokens[:, 1:], patches)
+        torch.testing.assert_close(model(images), cls)  # num_classes 0, global pool "token": forward() is the cls feature
+    assert (cfg["num_classes"], cfg["global_pool"], cfg["model_args"]["patch_size"]) == (0, "token", encoder.patch_size)
+    assert cfg["pretrained_cfg"]["mean"] == record["data_info"]["mean"] and cfg["ssl_bench"]["source"]["method"] == "mae"
+    assert tuple(timm.data.resolve_data_config({}, model=model)["mean"]) == tuple(record["data_info"]["mean"])  # timm's own preprocessing reads it
+    assert load_exported(out).keys() == model.state_dict().keys()
 
 
 def test_export_never_overwrites(run_dir, tmp_path, capsys):
-    out = tmp_path / "enc.pth"
+    out = tmp_path / "enc"
     assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
-    first = out.read_bytes()
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in capsys.readouterr().out
+    first = (out / "model.safetensors").read_bytes()
     assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert out.read_bytes() == first
-    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "enc.txt")]) == 2
+    assert (out / "model.safetensors").read_bytes() == first
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "enc.pth")]) == 2
+    assert "names a folder" in capsys.readouterr().err
+
+
+def test_an_encoder_option_timm_lacks_is_refused_in_one_line():
+    from evals.export import timm_create_kwargs
+    from ssl_bench.errors import UserError
+
+    sig = {"arch": "vit_tiny", "img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    assert timm_create_kwargs(sig)[1]["num_classes"] == 0
+    with pytest.raises(UserError, match="model.rel_pos_bias=shared, which timm's VisionTransformer does not have"):
+        timm_create_kwargs({**sig, "rel_pos_bias": "shared"})
+    with pytest.raises(UserError, match="no weights to export"):
+        timm_create_kwargs({"kind": "pixels", "img_size": 28, "in_chans": 1})
 
 
 def test_layer_scale_encoder_exports_and_guards_its_signature(tmp_path):
@@ -63,12 +80,10 @@ def test_layer_scale_encoder_exports_and_guards_its_signature(tmp_path):
     encoder, _ = load_encoder(out)
     gammas = [b.ls1.gamma for b in encoder.blocks]
     assert gammas and all(torch.allclose(g, torch.full_like(g, 0.1), atol=0.01) for g in gammas)  # init 0.1, 2 steps
-    weights, sidecar = export_encoder(out, tmp_path / "encoder.pth")
-    spec = json.loads(sidecar.read_text())
-    assert spec["create_kwargs"]["init_values"] == 0.1
-    model = timm.create_model(spec["model_name"], **spec["create_kwargs"]).eval()
-    model.load_state_dict(load_exported(weights), strict=True)
-    images = torch.randn(2, spec["input"]["in_chans"], spec["input"]["img_size"], spec["input"]["img_size"])
+    folder = export_encoder(out, tmp_path / "export")
+    assert json.loads((folder / "config.json").read_text())["model_args"]["init_values"] == 0.1
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = torch.randn(2, encoder.in_chans, encoder.img_size, encoder.img_size)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(images)[:, 1:], encoder(images)[1])
     plain = {k: v for k, v in encoder.signature().items() if k != "layer_scale"}

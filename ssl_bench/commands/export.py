@@ -1,19 +1,19 @@
-"""``ssl-bench export --run RUN_DIR --out FILE``: the encoder as a timm state dict + a JSON sidecar."""
+"""``ssl-bench export --run RUN_DIR --out DIR``: the encoder as a folder timm loads directly
+(``model.safetensors`` + a timm ``config.json``): ``timm.create_model("local-dir:DIR", pretrained=True)``."""
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("export", help="export a pretrained encoder as a timm-loadable state dict")
+    parser = sub.add_parser("export", help="export a pretrained encoder as a folder timm loads (safetensors + config.json)", description=__doc__)
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run directory (ssl-bench pretrain --out)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="weights file: .pth/.pt/.bin (torch.save) or .safetensors; the sidecar is FILE with .json")
+    parser.add_argument("--out", required=True, metavar="DIR", help="a new folder: gets model.safetensors and config.json")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from evals.export import export_encoder
 
-    weights, sidecar = export_encoder(args.run, args.out)
-    print(f"wrote {weights} and {sidecar}")
-    print(f"load with: spec = json.load(open('{sidecar}')); m = timm.create_model(spec['model_name'], **spec['create_kwargs']); "
-          f"m.load_state_dict(torch.load('{weights}'))")
+    out = export_encoder(args.run, args.out)
+    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    print(f'load with: timm.create_model("local-dir:{out}", pretrained=True)   # timm >= 1.0.16')
     return 0
