@@ -9,7 +9,10 @@ Rules (stated again under the table):
 * a seed counts once per (method, data, preset): the latest finished run of that seed;
 * a protocol counts once per run: its latest record (a rerun writes ``-1``, ``-2``..., never overwrites);
 * std is the sample std (ddof 1) over seeds; a cell shows n when it averages more than one run;
-* an evaluation on another data set (transfer) or preset gets its own column, e.g. ``finetune (cifar10)``.
+* an evaluation on another data set (transfer) or preset gets its own column, e.g. ``finetune (cifar10)``;
+* an eval record whose ``checkpoint_sha256`` is not the run's current ``checkpoint.pt`` is stale (it scored
+  weights that are no longer there): it is not counted and is listed under the table. Records whose run keeps
+  no checkpoint (committed results) cannot be checked and count.
 
 Outputs (atomic writes, deterministic content so a regenerated table diffs cleanly):
 ``leaderboard.md`` / ``.csv`` / ``.tex`` (tabulate) and ``leaderboard.png`` (top-1 per method and protocol).
@@ -28,7 +31,7 @@ from pathlib import Path
 from evals.registry import protocol_order
 from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
-from ssl_bench.records import CONTROL_FAMILY
+from ssl_bench.records import CONTROL_FAMILY, file_sha256
 
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
 PLOT_NAME = "leaderboard.png"
@@ -105,12 +108,19 @@ def _column_key(col: str) -> tuple:
 def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, float]:
     """column -> top1 of the latest eval record of each protocol (and data set / preset) for this run."""
     latest: dict[str, tuple] = {}
+    checkpoint, current = run_dir / "checkpoint.pt", None
     for path in sorted((run_dir / "evals").glob("*.json")):
         ev = _read(path)
         top1 = ev.get("top1") if ev else None
         if not isinstance(top1, (int, float)) or not ev.get("protocol") or not math.isfinite(top1):
             notes.append(f"skipped eval record {rel(path)}: unreadable or without a numeric top1")
             continue
+        if ev.get("checkpoint_sha256") and checkpoint.is_file():
+            current = current or file_sha256(checkpoint)
+            if ev["checkpoint_sha256"] != current:
+                notes.append(f"stale, not counted: {rel(path)} scored a checkpoint (sha256 {ev['checkpoint_sha256'][:12]}) that "
+                             f"{rel(checkpoint)} no longer is (now {current[:12]}); rerun ssl-bench eval --run {rel(run_dir)}")
+                continue
         col = _column(ev["protocol"], ev.get("data", record["data"]), ev.get("preset", record.get("preset")), record["data"], record.get("preset"))
         rank = _record_rank(path, ev)
         if col not in latest or rank > latest[col][0]:
