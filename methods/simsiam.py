@@ -4,15 +4,19 @@ Two augmented views go through the same encoder f (ViT cls token + 3-layer proje
 maps one view's projection onto the other's, and the target side is a stop-gradient:
     L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2,   D(p, z) = -cos(p, z).
 No negatives and no momentum encoder: the stop-gradient alone prevents collapse (without it the paper
-gets 0.1% top-1). ``self.log("z_std", ...)`` is the paper's collapse monitor: the per-channel std of
-l2-normalised z over the batch, about 1/sqrt(d) when healthy and 0 when every image maps to one point.
+gets 0.1% top-1); ``method.stop_gradient=false`` removes it, as the paper's ablation. ``self.log("z_std",
+...)`` is the paper's collapse monitor: the per-channel std of l2-normalised z over the batch, about
+1/sqrt(d) when healthy and 0 when every image maps to one point (the trainer keeps it in metrics.jsonl
+and summarises it in run.json under "metrics").
 
-Heads as in the reference code: projector Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN (the last BN without
-affine, Linears before a BN without bias), width ``proj_dim`` (2048); predictor Linear(d, pred_dim)-BN-
-ReLU-Linear(pred_dim, d) with pred_dim = d/4 (512). The predictor's lr is not scheduled (fixed_lr;
-the paper: 68.1 vs 67.7).
-Recipe (ResNet-50, ImageNet): SGD momentum 0.9, lr 0.05 x B/256, wd 1e-4, cosine, batch 512, 100 epochs;
-MoCo v2 augmentations. Here on a ViT the same optimiser is kept at every preset; only widths shrink.
+Heads as in the official code: projector Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN (the last BN without
+affine, Linears before a BN without bias), hidden width the backbone's width (``proj_hidden_dim``, None)
+and output ``proj_dim`` (2048); predictor Linear(d, pred_dim)-BN-ReLU-Linear(pred_dim, d) with
+pred_dim = d/4 (512). The predictor's lr is not scheduled (fixed_lr; the paper: 68.1 vs 67.7).
+Recipe (ResNet-50, ImageNet): SGD momentum 0.9, lr 0.05 x B/256, wd 1e-4 on every parameter (biases and
+BN too, as the official optimizer), cosine, batch 512, 100 epochs; MoCo v2 augmentations (jitter
+saturation 0.4). Here on a ViT the same optimiser is kept at every preset; only widths shrink. The
+official code has no ViT: the backbone keeps timm's ViT init.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class SimSiam(Method):
     name = "simsiam"
     description = "SimSiam (Chen & He 2021): two views, predictor, stop-gradient on the target; no negatives"
     family = "siamese"
+    weight_decay_all = True  # the official SGD gets every parameter
     recipes = {
         "smoke": {"method": {"proj_dim": 64, "pred_dim": 16}, "train": dict(_SGD)},
         "quick": {"method": {"proj_dim": 512, "pred_dim": 128}, "train": dict(_SGD)},
@@ -48,12 +53,23 @@ class SimSiam(Method):
         },
     }
 
-    def __init__(self, backbone: ViTBackbone, proj_dim: int = 2048, pred_dim: int = 512, stop_gradient: bool = True):
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        proj_dim: int = 2048,
+        pred_dim: int = 512,
+        stop_gradient: bool = True,
+        proj_hidden_dim: int | None = None,
+    ):
         super().__init__(backbone)
-        if min(proj_dim, pred_dim) < 1:
-            raise UserError(f"simsiam needs positive widths; got method.proj_dim={proj_dim}, method.pred_dim={pred_dim}")
+        hidden = proj_hidden_dim or backbone.embed_dim  # official: the encoder's feature width
+        if min(proj_dim, pred_dim, hidden) < 1:
+            raise UserError(
+                f"simsiam needs positive widths; got method.proj_dim={proj_dim}, method.pred_dim={pred_dim}, "
+                f"method.proj_hidden_dim={proj_hidden_dim}"
+            )
         self.stop_gradient = stop_gradient
-        self.projector = sync_batchnorm(build_mlp(backbone.embed_dim, proj_dim, proj_dim, 3, last_bn_affine=False))
+        self.projector = sync_batchnorm(build_mlp(backbone.embed_dim, hidden, proj_dim, 3, last_bn_affine=False))
         self.predictor = sync_batchnorm(build_mlp(proj_dim, pred_dim, proj_dim, 2, last_bn=False))
 
     def data_spec(self) -> DataSpec:

@@ -87,7 +87,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
-    """First / last / min per loss, and a curve of at most 100 points (step, value)."""
+    """First / last / min per series (a loss, or a metric the method logs), and a curve of at most 100 points (step, value)."""
     out = {}
     for name, points in history.items():
         values = [v for _, v in points]
@@ -150,7 +150,7 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         method.param_groups(train["weight_decay"]), train["optimizer"], base_lr, betas=train["betas"], momentum=train["momentum"]
     )
 
-    step, elapsed, history = 0, 0.0, {}
+    step, elapsed, history, logged = 0, 0.0, {}, {}  # logged: what the method logs besides losses (monitors)
     ckpt_path = run_dir / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -160,6 +160,7 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
         method.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, elapsed, history = ckpt["step"], ckpt["elapsed_s"], ckpt["history"]
+        logged = ckpt.get("logged", {})
         _set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
     model = method
@@ -211,11 +212,12 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
             "method": method_cls.name, "signature": method.encoder.signature(), "step": step,
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng, "elapsed_s": elapsed,
-            "history": history, "config": cfg,
+            "history": history, "logged": logged, "config": cfg,
         })
 
     def finish(status: str, **extra) -> dict:
         record.update(status=status, steps=step, finished=now_iso(), wall_time_s=elapsed, loss=_loss_summary(history), **extra)
+        record["metrics"] = _loss_summary(logged)  # e.g. SimSiam's collapse monitor z_std
         ips = images_per_step * timed_steps / timed_seconds if timed_seconds > 0 else None
         n_gpus = dist_info.world_size if device.type == "cuda" else 0
         record.update(images_per_s=ips, gpu_hours=elapsed * n_gpus / 3600.0)
@@ -274,7 +276,10 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
                     timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
                 for k, v in totals.items():
                     history.setdefault(k, []).append((step, v))
-                logger.step(step, epoch, lr, totals, method.pop_logged(), images_per_step / dt)
+                metrics = method.pop_logged()
+                for k, v in metrics.items():
+                    logged.setdefault(k, []).append((step, v))
+                logger.step(step, epoch, lr, totals, metrics, images_per_step / dt)
                 if step % train["ckpt_every"] == 0 or step == stop_step:
                     checkpoint()
                 if monitor is not None and step % steps_per_epoch == 0:

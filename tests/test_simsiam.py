@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
+from torchvision.transforms import v2 as T
+
 from ssl_bench.build import build_method
+from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.optim import build_optimizer, set_lr
 from ssl_bench.trainer import pretrain
@@ -54,28 +57,37 @@ def test_target_branch_gets_no_gradient(fashion_info, stop_gradient):
         assert all(reached) and any(projector_grads)
 
 
-def test_without_stop_gradient_the_representation_collapses(fashion_info):
-    """Identical init and identical real batches, with and without the stop-gradient (seed 003, the
-    SimSiam paper's Fig. 2): the std of l2-normalized z per channel stays near 1/sqrt(d) with it and
-    falls well below without it. lr 0.1 (above the recipe's) so that a few dozen steps suffice."""
-    steps = 64
-    data = batches(fashion_info, steps, "data.subset=1024")
+def test_without_stop_gradient_the_representation_collapses(tmp_path):
+    """Two tiny runs through the trainer, identical but for method.stop_gradient (seed 003, the SimSiam
+    paper's Fig. 2): the collapse monitor in run.json (std of l2-normalized z per channel) stays near
+    1/sqrt(d) with the stop-gradient and falls well below without it. A constant lr 0.1 (above the
+    recipe's) so that a few dozen steps suffice."""
+    common = ("data.subset=1024", "train.epochs=2", "train.lr=0.1", "train.min_lr=0.1", "train.ckpt_every=1000")
     monitor = {}
     for stop_gradient in (True, False):
-        method = simsiam(fashion_info, f"method.stop_gradient={stop_gradient}")
-        optimizer = build_optimizer(method.param_groups(1e-4), "sgd", lr=0.1, momentum=0.9)
-        stds = []
-        for batch in data:
-            loss = method.training_step(batch)["loss_simsiam"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            stds.append(method.pop_logged()["z_std"])
-        assert abs(stds[0] * math.sqrt(method.projector[-1].num_features) - 1) < 0.1  # healthy at init
-        monitor[stop_gradient] = sum(stds[-8:]) / 8
-    healthy = 1 / math.sqrt(method.projector[-1].num_features)
+        cfg = smoke_config("simsiam", f"method.stop_gradient={stop_gradient}", *common)
+        pretrain(cfg, tmp_path / f"sg-{stop_gradient}")
+        record = json.loads((tmp_path / f"sg-{stop_gradient}" / "run.json").read_text())
+        z_std = record["metrics"]["z_std"]
+        healthy = 1 / math.sqrt(cfg["method"]["proj_dim"])
+        assert record["steps"] == 64 and abs(z_std["first"] / healthy - 1) < 0.1  # healthy at init
+        monitor[stop_gradient] = z_std["last_10pct_mean"]
     assert monitor[True] > 0.8 * healthy, monitor
     assert monitor[False] < 0.8 * monitor[True], monitor
+
+
+def test_official_heads_decay_and_augmentation(fashion_info):
+    """The official builder: projector hidden width = the encoder's width, its output proj_dim; the
+    official SGD decays every parameter; the MoCo v2 colour jitter has saturation 0.4."""
+    method = simsiam(fashion_info, "model.embed_dim=48", "method.proj_dim=80")
+    linears = [m for m in method.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(48, 48), (48, 48), (48, 80)]
+    for group in method.param_groups(1e-4):
+        assert group["weight_decay"] == 1e-4
+    policy = build_policy(method.data_spec().augmentation, 28, 3, fashion_info.mean * 3, fashion_info.std * 3)
+    jitters = [t.transforms[0] for view in policy.transforms for t in view.transforms
+               if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.ColorJitter)]
+    assert len(jitters) == 2 and all(j.saturation == (0.6, 1.4) for j in jitters)
 
 
 def test_predictor_lr_is_fixed(fashion_info):
@@ -106,3 +118,4 @@ def test_loss_falls_on_real_images_without_collapse(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     d = cfg["method"]["proj_dim"]
     assert min(r["z_std"] for r in rows[-n:]) > 0.8 / math.sqrt(d)  # it learned without collapsing
+    assert record["metrics"]["z_std"]["last"] == rows[-1]["z_std"]  # the monitor is in the run record too
