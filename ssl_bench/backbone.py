@@ -123,6 +123,7 @@ class ViTBackbone(nn.Module):
         # timm keeps the cls slot in pos_embed; ours is zero there (as in MAE) and frozen.
         self.vit.pos_embed.data.copy_(torch.cat([torch.zeros(1, self.embed_dim), pos]).unsqueeze(0))
         self.vit.pos_embed.requires_grad_(False)
+        self.vit.patch_embed.strict_img_size = False  # smaller square views (multi-crop) get an interpolated table
         nn.init.normal_(self.vit.cls_token, std=0.02)
 
     def init_weights(self, scheme: str = "timm") -> None:
@@ -168,6 +169,18 @@ class ViTBackbone(nn.Module):
     def patch_pos_embed(self) -> torch.Tensor:  # (1, N, D), frozen
         return self.vit.pos_embed[:, 1:]
 
+    def pos_embed_for(self, n: int) -> torch.Tensor:
+        """(1, n, D) position embeddings for a square grid of ``n`` patches: the table at the native grid,
+        otherwise the table resized bicubically (DINO's interpolate_pos_encoding, for multi-crop views)."""
+        if n == self.num_patches:
+            return self.patch_pos_embed
+        side = math.isqrt(n)
+        if side * side != n:
+            raise UserError(f"views must be square: {n} patches is not a square grid")
+        grid = self.patch_pos_embed.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, n, -1)
+
     # -- forwards ---------------------------------------------------------------------------------------
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) patch embeddings, without position embeddings."""
@@ -180,7 +193,7 @@ class ViTBackbone(nn.Module):
         ids:    (B, n) patch indices in [0, N); None means all N patches in order.
         Returns (B, 1 + n, D): the cls token then the n patch tokens, after the final norm.
         """
-        pos = self.patch_pos_embed.expand(tokens.shape[0], -1, -1)
+        pos = (self.patch_pos_embed if ids is not None else self.pos_embed_for(tokens.shape[1])).expand(tokens.shape[0], -1, -1)
         if ids is not None:
             pos = torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
         x = tokens + pos
