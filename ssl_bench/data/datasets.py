@@ -44,6 +44,10 @@ class TensorImageDataset(Dataset):
         return self.images[idx], int(self.labels[idx])
 
 
+def unreadable_image(path: str, exc: BaseException) -> UserError:
+    return UserError(f"cannot read image {path}: {exc.__class__.__name__}; remove or replace the file")
+
+
 class ImageFileDataset(Dataset):
     """(path, label) pairs decoded with PIL on access; a file that fails to decode is named."""
 
@@ -63,8 +67,24 @@ class ImageFileDataset(Dataset):
             with Image.open(path) as img:
                 img = img.convert(self.mode)
         except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-            raise UserError(f"cannot read image {path}: {exc.__class__.__name__}; remove or replace the file") from None
+            raise unreadable_image(path, exc) from None
         return pil_to_tensor(img), label
+
+    def undecoded(self) -> "ImagePaths":
+        return ImagePaths(self.samples)
+
+
+class ImagePaths(Dataset):
+    """(path, label) pairs, not decoded: for transforms that read the file themselves."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> tuple[str, int]:
+        return self.samples[idx]
 
 
 class TransformedSubset(Dataset):

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl_bench.data.datasets import fixed_subset, load_dataset
+from ssl_bench.data.cpu_views import FolderViews
+from ssl_bench.data.datasets import ImageFileDataset, fixed_subset, load_dataset
 from ssl_bench.data.transforms import build_policy
+from ssl_bench.data.views import resolve_policy
 from ssl_bench.errors import UserError
 from ssl_bench.method import DataSpec
 
@@ -79,7 +81,10 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
     data = cfg["data"]
     base, info = load_dataset(data["name"], data["root"], "pretrain", img_size=data["img_size"])
     img_size = data["img_size"] or info.img_size
-    transform = build_policy(spec.augmentation, img_size, info.in_chans, info.mean, info.std)
+    if isinstance(base, ImageFileDataset):  # files: read, decoded and augmented by the fast CPU path
+        base, transform = base.undecoded(), FolderViews(resolve_policy(spec.augmentation), img_size, info.in_chans, info.mean, info.std)
+    else:
+        transform = build_policy(spec.augmentation, img_size, info.in_chans, info.mean, info.std)
     dataset = PretrainDataset(base, transform, spec.mask, seed=cfg["seed"], indices=fixed_subset(len(base), data["subset"]))
     batch = cfg["train"]["batch_size"]
     sampler = ResumableSampler(len(dataset), batch, seed=cfg["seed"], rank=rank, world_size=world_size)
