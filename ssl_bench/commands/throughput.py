@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
     p.add_argument("--preset", default="quick", help="backbone/batch preset to measure (default: quick)")
     p.add_argument("--data", default="fashion_mnist", help="data set (default: fashion_mnist; 'synthetic' for any size)")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", "--root", default=None, help="where the data set lives (for imagefolder: the folder)")
+    p.add_argument("--loader-only", action="store_true", help="imagefolder: only the loader table, no training")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per method (default: 12)")
     p.add_argument("--out", default="results/throughput", help="where to write the table (default: results/throughput)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every method")
@@ -28,10 +29,14 @@ def run(args) -> int:
 
     from ssl_bench.config import resolve_config
     from ssl_bench.atomic import atomic_write
+    from ssl_bench.data.folder_bench import folder_section
     from ssl_bench.records import hardware, now_iso, write_json_new
     from ssl_bench.registry import available_methods, get_method
     from ssl_bench.trainer import pretrain
 
+    folder_md = folder_section(args.data_root, args.out, args.overrides) if args.data == "imagefolder" else ""
+    if args.loader_only:
+        return 0
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
     names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
     overrides = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false", *args.overrides]
@@ -64,7 +69,7 @@ def run(args) -> int:
     md = path.with_suffix(".md")
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `ssl-bench throughput --preset {args.preset} --data {args.data} "
-            f"--steps {args.steps}`\n\n{table}\n")
+            f"--steps {args.steps}`\n\n{table}\n{folder_md}")
     atomic_write(md, lambda f: f.write(text.encode()))
     print(table)
     print(f"written to {path} and {md}")

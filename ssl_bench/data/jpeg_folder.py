@@ -6,11 +6,11 @@ is of that order) and decodes at about the same cost. Image ``i`` depends on (se
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 
 
@@ -57,9 +57,7 @@ def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int], class
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img_{i:07d}.jpg"
         pixels = synthetic_image(np.random.default_rng([seed, i]), width, height)
-        tmp = path.with_suffix(".tmp")
-        Image.fromarray(pixels).save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="JPEG", quality=quality))
         total += path.stat().st_size
     return {"root": str(out), "images": images, "classes": classes, "width": width, "height": height,
             "quality": quality, "seed": seed, "bytes": total, "bytes_per_pixel": total / (images * width * height)}

@@ -1,0 +1,29 @@
+"""The folder loader benchmark and the synthetic JPEG folder command, at toy size."""
+import json
+
+from ssl_bench.cli import main
+
+
+def test_make_jpeg_folder_is_deterministic_and_never_overwrites(tmp_path, capsys):
+    args = ["make-jpeg-folder", "--images", "5", "--size", "40x30", "--classes", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0 and main([*args, "--out", str(tmp_path / "b")]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 5 and len({f.parent for f in files}) == 2
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert "wrote 5 JPEGs of 40x30" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["make-jpeg-folder", "--out", str(tmp_path / "c"), "--size", "40"]) == 2
+
+
+def test_throughput_loader_table_for_a_folder(tmp_path, capsys):
+    assert main(["make-jpeg-folder", "--out", str(tmp_path / "data"), "--images", "70", "--size", "48x40"]) == 0
+    code = main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--loader-only",
+                 "--out", str(tmp_path / "out"), "data.img_size=32", "data.num_workers=0"])
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "loader-imagefolder-32px.json").read_text())
+    rows = {r["policy"]: r for r in record["rows"]}
+    assert set(rows) == {"mim", "simsiam", "byol"} and rows["simsiam"]["views"] == 2
+    assert all(r["fast_per_core"] > 0 and r["torchvision_per_core"] > 0 and r["loader_wall_images_per_s"] > 0 for r in rows.values())
+    md = (tmp_path / "out" / "loader-imagefolder-32px.md").read_text()
+    assert "Hardware:" in md and "| simsiam" in md and "--root" in md
