@@ -32,6 +32,7 @@ from evals.registry import protocol_order
 from ssl_bench.atomic import atomic_write
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY, file_sha256
+from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, eval_records, record_rank
 
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
 PLOT_NAME = "leaderboard.png"
@@ -88,12 +89,6 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _record_rank(path: Path, record: dict) -> tuple:
-    """Later ``created`` wins; for equal stamps the higher ``-k`` suffix (written later) wins."""
-    m = re.search(r"-(\d+)$", path.stem)
-    return (str(record.get("created", "")), int(m.group(1)) if m else 0, path.name)
-
-
 def _column(protocol: str, eval_data: str, eval_preset: str, run_data: str, run_preset: str) -> str:
     extra = [eval_data] if eval_data != run_data else []
     extra += [f"{eval_preset} preset"] if eval_preset != run_preset else []
@@ -108,8 +103,8 @@ def _column_key(col: str) -> tuple:
 def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, float]:
     """column -> top1 of the latest eval record of each protocol (and data set / preset) for this run."""
     latest: dict[str, tuple] = {}
-    checkpoint, current = run_dir / "checkpoint.pt", None
-    for path in sorted((run_dir / "evals").glob("*.json")):
+    checkpoint, current = run_dir / CHECKPOINT_NAME, None
+    for path in eval_records(run_dir):
         ev = _read(path)
         top1 = ev.get("top1") if ev else None
         if not isinstance(top1, (int, float)) or not ev.get("protocol") or not math.isfinite(top1):
@@ -122,7 +117,7 @@ def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, 
                              f"{rel(checkpoint)} no longer is (now {current[:12]}); rerun ssl-bench eval --run {rel(run_dir)}")
                 continue
         col = _column(ev["protocol"], ev.get("data", record["data"]), ev.get("preset", record.get("preset")), record["data"], record.get("preset"))
-        rank = _record_rank(path, ev)
+        rank = record_rank(path, ev)
         if col not in latest or rank > latest[col][0]:
             latest[col] = (rank, float(top1))
     return {col: v for col, (_, v) in latest.items()}
@@ -139,7 +134,7 @@ def collect(results_dir: str | Path) -> Leaderboard:
 
     notes: list[str] = []
     latest_per_seed: dict[tuple, tuple] = {}  # (data, preset, method, seed) -> (finished, run_dir, record)
-    for path in sorted(root.rglob("run.json")):
+    for path in sorted(root.rglob(RECORD_NAME)):
         run_dir = path.parent
         record = _read(path)
         if record is None or not record.get("method") or not record.get("data"):

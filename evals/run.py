@@ -24,12 +24,13 @@ from evals.features import Features, file_sha256, load_features
 from evals.presets import resolve_eval_config
 from evals.registry import get_protocol, protocol_names
 from ssl_bench.backbone import ViTBackbone
-from ssl_bench.checkpoint import CHECKPOINT_NAME, load_encoder, read_run
+from ssl_bench.checkpoint import load_encoder
 from ssl_bench.data.datasets import DatasetInfo, fixed_subset, load_dataset
 from ssl_bench.data.transforms import eval_transform
 from ssl_bench.distributed import resolve_device
 from ssl_bench.errors import UserError
 from ssl_bench.records import git_commit, hardware, now_iso, write_json_new
+from ssl_bench.rundir import CHECKPOINT_NAME, EVALS_DIR, FEATURES_DIR, eval_stem, read_run
 
 SPLIT_SEED = 0  # the held-out / train / test subsets are the same for every method and run
 
@@ -175,7 +176,7 @@ def make_context(run_dir: str | Path, data: str | None, data_root: str | None, p
         run_dir=run_dir, record=record, data=data or record.get("data") or record["config"]["data"]["name"],
         data_root=data_root, preset=preset, params={}, device=resolve_device(f["device"], "features.device"),
         checkpoint_sha256=file_sha256(ckpt), feature_cfg=f,
-        cache_dir=Path(f["cache_dir"]) if f.get("cache_dir") else run_dir / "features",
+        cache_dir=Path(f["cache_dir"]) if f.get("cache_dir") else run_dir / FEATURES_DIR,
     )
     ctx.frozen_encoder()  # a corrupt checkpoint fails here, before any protocol runs
     return ctx
@@ -220,5 +221,5 @@ def evaluate(
             "config": {"features": cfg["features"], name: cfg[name]}, "overrides": list(overrides),
             "device": str(ctx.device), "git_commit": git_commit(),
         }
-        paths.append(write_json_new(base.run_dir / "evals", f"{name}-{ctx.data}-{preset}", record))
+        paths.append(write_json_new(base.run_dir / EVALS_DIR, eval_stem(name, ctx.data, preset), record))
     return paths

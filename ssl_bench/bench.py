@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ssl_bench.records import read_json
+from ssl_bench.rundir import RECORD_NAME, eval_records
 
 
 def bench_dir(results: str | Path, data: str, preset: str) -> Path:
@@ -31,11 +32,11 @@ def cost_table(out: Path) -> str:
     from ssl_bench.errors import UserError
 
     rows, protocols = [], set()
-    for record_path in sorted(out.glob("*/run.json")):
+    for record_path in sorted(out.glob(f"*/{RECORD_NAME}")):
         try:
             record = read_json(record_path)
             evals: dict[str, float] = {}
-            for path in sorted((record_path.parent / "evals").glob("*.json")):
+            for path in eval_records(record_path.parent):
                 ev = read_json(path)
                 name = ev.get("protocol", path.stem)
                 evals[name] = evals.get(name, 0.0) + float(ev.get("wall_time_s") or 0.0)

@@ -18,11 +18,9 @@ import torch
 from ssl_bench.atomic import atomic_write
 from ssl_bench.backbone import ViTBackbone, build_encoder
 from ssl_bench.errors import UserError
-from ssl_bench.records import read_json
+from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, read_run  # noqa: F401 (names used by callers)
 from ssl_bench.safe_load import UnsafeFileError, load_torch_file
 
-CHECKPOINT_NAME = "checkpoint.pt"
-RECORD_NAME = "run.json"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -146,17 +144,6 @@ def check_signature(saved: dict, expected: dict, path: str | Path) -> None:
     if diff:
         parts = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise UserError(f"checkpoint {path} is from another architecture ({parts}); use a matching config or another checkpoint")
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """The run record of a finished run directory; one clear error for anything else."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass the --out directory of `ssl-bench pretrain`")
-    record = read_json(run_dir / RECORD_NAME)
-    if record.get("status") != "finished":
-        raise UserError(f"run {run_dir} has status '{record.get('status')}', not finished; resume it with `ssl-bench pretrain --resume --out {run_dir}`")
-    return record
 
 
 def load_encoder(run_dir: str | Path) -> tuple[ViTBackbone, dict]:

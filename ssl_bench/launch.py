@@ -10,8 +10,8 @@ chosen with ``--cluster`` and overridden with ``--slurm key=value`` or the expli
 Requeue: the submitted callable is a :class:`Job`, a ``submitit.helpers.Checkpointable``. On preemption
 or time-out submitit calls its ``checkpoint()``, which requeues the same work; a job requeued from
 outside (``scontrol requeue``) runs its original submission again. Either way, a function that takes
-``resume`` and an ``out_dir`` (the trainer's ``pretrain``) is called with ``resume=True`` when its run
-directory already holds a run, so it continues from its last ``checkpoint.pt``.
+job declared resumable (``Job(..., resume_dir=RUN_DIR)``, ``run_job(..., resumable=True)``) is called
+with ``resume=True`` when its run directory already holds a run, so it continues from its last ``checkpoint.pt``.
 
 Multi-GPU / multi-node: ``gpus_per_node`` starts one task per GPU (``tasks_per_node``); each task exports
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK, which ``ssl_bench.distributed`` reads.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -199,36 +198,17 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSettings:
 
 
 # -- the submitted callable -----------------------------------------------------------------------
-def _run_dir_arg(fn: Callable, args: tuple, kwargs: dict) -> tuple[Path | None, bool]:
-    """(the ``out_dir``/``run_dir`` argument of ``fn``, whether ``fn`` takes ``resume``)."""
-    try:
-        sig = inspect.signature(fn)
-        bound = sig.bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-        return None, False
-    for name in ("out_dir", "run_dir"):
-        if bound.arguments.get(name) is not None:
-            return Path(bound.arguments[name]), "resume" in sig.parameters
-    return None, "resume" in sig.parameters
-
-
-def _resume_target(fn: Callable, args: tuple, kwargs: dict) -> Path | None:
-    """The run directory of a resumable function (one taking ``resume`` and ``out_dir``/``run_dir``)."""
-    run_dir, resumable = _run_dir_arg(fn, args, kwargs)
-    return run_dir if resumable else None
-
-
-def holds_run(run_dir: Path) -> bool:
-    from ssl_bench.checkpoint import CHECKPOINT_NAME, RECORD_NAME
-
-    return (run_dir / CHECKPOINT_NAME).exists() or (run_dir / RECORD_NAME).exists()
-
-
 class Job(submitit.helpers.Checkpointable):
-    """``fn(*args, **kwargs)`` as a SLURM job that survives preemption, time-outs and requeues."""
+    """``fn(*args, **kwargs)`` as a SLURM job that survives preemption, time-outs and requeues.
 
-    def __init__(self, fn: Callable, args: tuple = (), kwargs: dict | None = None, requeued: bool = False):
+    ``resume_dir`` declares the job resumable: ``fn`` takes ``resume=`` and works in that run directory,
+    so a requeued job whose directory already holds a run is called with ``resume=True``. Without it a
+    requeued job simply runs again."""
+
+    def __init__(self, fn: Callable, args: tuple = (), kwargs: dict | None = None, resume_dir: str | Path | None = None,
+                 requeued: bool = False):
         self.fn, self.args, self.kwargs, self.requeued = fn, tuple(args), dict(kwargs or {}), requeued
+        self.resume_dir = Path(resume_dir) if resume_dir is not None else None
 
     def __call__(self) -> Any:
         env = submitit.JobEnvironment()
@@ -243,16 +223,17 @@ class Job(submitit.helpers.Checkpointable):
             torch.set_num_threads(int(cpus))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         kwargs = dict(self.kwargs)
-        target = _resume_target(self.fn, self.args, kwargs)
-        if (self.requeued or restarts > 0) and target is not None and holds_run(target):
+        from ssl_bench.rundir import holds_run
+
+        if (self.requeued or restarts > 0) and self.resume_dir is not None and holds_run(self.resume_dir):
             kwargs["resume"] = True  # continue from the last checkpoint instead of refusing the directory
-            print(f"ssl-bench: requeued (restart {restarts}); resuming {target}", flush=True)
+            print(f"ssl-bench: requeued (restart {restarts}); resuming {self.resume_dir}", flush=True)
         return self.fn(*self.args, **kwargs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption / time-out: requeue the same work, marked as requeued. The
         state lives in the run directory's checkpoint (written every train.ckpt_every steps)."""
-        return submitit.helpers.DelayedSubmission(Job(self.fn, self.args, self.kwargs, requeued=True))
+        return submitit.helpers.DelayedSubmission(Job(self.fn, self.args, self.kwargs, self.resume_dir, requeued=True))
 
 
 # -- executors ------------------------------------------------------------------------------------
@@ -492,20 +473,25 @@ def job_entry(job, kind: str, cluster: ClusterSettings | None, **extra: Any) -> 
 
 
 # -- running one job ------------------------------------------------------------------------------
-def job_folder(fn: Callable, fn_args: tuple, fn_kwargs: dict, log_dir: str | None, name: str) -> Path:
+def job_folder(log_dir: str | None, name: str, resume_dir: Path | None = None) -> Path:
     """submitit's folder (submission script, pickles, logs). A run directory that the job must find
     empty (a fresh ``pretrain``) cannot hold it, so then it goes beside it: ``<run_dir>.slurm``."""
+    from ssl_bench.rundir import SLURM_SUFFIX
+
     folder = Path(log_dir) if log_dir else Path("slurm-logs") / name
-    target = _resume_target(fn, fn_args, fn_kwargs)
-    if target is not None:
-        t, f = target.resolve(), folder.resolve()
+    if resume_dir is not None:
+        t, f = resume_dir.resolve(), folder.resolve()
         if f == t or t in f.parents:
-            folder = t.parent / f"{t.name}.slurm"
+            folder = t.parent / f"{t.name}{SLURM_SUFFIX}"
     return folder
 
 
-def run_job(args: argparse.Namespace, fn: Callable[..., Any], *fn_args: Any, name: str = "ssl-bench", log_dir: str | None = None, **fn_kwargs: Any) -> Any:
+def run_job(args: argparse.Namespace, fn: Callable[..., Any], *fn_args: Any, name: str = "ssl-bench", log_dir: str | None = None,
+            run_dir: str | Path | None = None, resumable: bool = False, **fn_kwargs: Any) -> Any:
     """Run ``fn(*fn_args, **fn_kwargs)`` with the launcher ``args.launcher`` and return its result.
+
+    ``run_dir``: the run directory the job works on (named in the jobs index for ``ssl-bench status``);
+    ``resumable``: ``fn`` takes ``resume=`` and continues ``run_dir`` when a requeued job finds a run there.
 
     slurm: submits, prints the job id and log path, waits (requeues included) and returns the result;
     a failed job is one UserError line with its log path. With ``--no-wait`` it exits the command
@@ -514,8 +500,10 @@ def run_job(args: argparse.Namespace, fn: Callable[..., Any], *fn_args: Any, nam
     launcher = getattr(args, "launcher", "local")
     if launcher == "local":
         return fn(*fn_args, **fn_kwargs)
-    folder = job_folder(fn, fn_args, fn_kwargs, log_dir, name)
-    job_fn = Job(fn, fn_args, fn_kwargs)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    resume_dir = run_dir if resumable else None
+    folder = job_folder(log_dir, name, resume_dir)
+    job_fn = Job(fn, fn_args, fn_kwargs, resume_dir)
     if launcher == "debug":
         return _run_debug(folder, job_fn, name)
 
@@ -523,7 +511,6 @@ def run_job(args: argparse.Namespace, fn: Callable[..., Any], *fn_args: Any, nam
     executor = make_executor("slurm", folder, cluster, name)
     with sbatch_errors(cluster):
         job = executor.submit(job_fn)
-    run_dir, _ = _run_dir_arg(fn, fn_args, fn_kwargs)
     extra = {"run_dir": str(run_dir)} if run_dir is not None else {}
     record_jobs(folder / INDEX_NAME, {name: job_entry(job, name.split("-")[0], cluster, **extra)})
     print(f"submitted SLURM job {job.job_id} ({name}; {cluster.describe()}); log: {job.paths.stdout}", flush=True)

@@ -88,20 +88,6 @@ def split_list(text: str, what: str) -> list[str]:
     return items
 
 
-def run_state(run_dir: Path) -> str:
-    """finished | resumable (a checkpoint or record to continue from) | fresh (nothing there yet) |
-    partial (files but no run: a job may be setting it up, or an earlier one died before its record)."""
-    from ssl_bench.checkpoint import RECORD_NAME
-    from ssl_bench.launch import holds_run
-    from ssl_bench.records import read_json
-
-    if (run_dir / RECORD_NAME).exists() and read_json(run_dir / RECORD_NAME).get("status") == "finished":
-        return "finished"
-    if holds_run(run_dir):
-        return "resumable"
-    return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "fresh"
-
-
 def refuse_partial(run: RunSpec) -> None:
     if run.state == "partial":
         raise UserError(f"{run.run_dir} holds files but no run (no run.json or checkpoint.pt) and no job of this sweep is on it; "
@@ -109,17 +95,13 @@ def refuse_partial(run: RunSpec) -> None:
 
 
 def eval_done(run_dir: Path, protocol: str, data: str, preset: str, params: dict) -> bool:
-    """An evaluation record (``write_json_new`` names reruns stem-1.json, stem-2.json, ...) made with the
-    protocol settings ``params`` exists: a record from an older or overridden preset is not reused, it is
-    kept and a new one is written beside it."""
+    """An evaluation record made with the protocol settings ``params`` exists: a record from an older or
+    overridden preset is not reused, it is kept and a new one is written beside it."""
     from ssl_bench.records import read_json
-
-    stem = f"{protocol}-{data}-{preset}"
-    evals = run_dir / "evals"
-    records = [p for p in evals.glob(f"{stem}*.json") if p.stem == stem or p.stem.removeprefix(stem + "-").isdigit()]
+    from ssl_bench.rundir import eval_records, eval_stem
 
     wanted = json.loads(json.dumps(params))  # tuples -> lists, as stored
-    return any(read_json(p).get("config", {}).get(protocol) == wanted for p in records)
+    return any(read_json(p).get("config", {}).get(protocol) == wanted for p in eval_records(run_dir, eval_stem(protocol, data, preset)))
 
 
 def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | None, preset: str, out: str | Path,
@@ -130,6 +112,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
     from ssl_bench.config import resolve_config
     from ssl_bench.data.datasets import DATASETS
     from ssl_bench.registry import get_method
+    from ssl_bench.rundir import run_state
 
     method_names = split_list(methods, "methods")
     seeds = seeds if seeds is not None else DEFAULT_SEEDS.get(preset, "0")
@@ -170,18 +153,19 @@ def _stage_kind(ev: EvalSpec | None) -> str:
 def run_inline(sweep: Sweep, launcher: str) -> list[str]:
     """local / debug: every step in this process, in order; a run or evaluation that fails (bad input,
     divergence) is reported and the others go on. Returns one line per failure."""
+    from evals.presets import resolve_eval_config
     from evals.run import evaluate
     from ssl_bench.errors import TrainingDiverged
     from ssl_bench.launch import Job, _run_debug
+    from ssl_bench.rundir import FINISHED, RESUMABLE, eval_lock_name, eval_stem, locked, run_state
     from ssl_bench.trainer import pretrain
 
-    def call(fn, args, kwargs, name):
+    def call(fn, args, kwargs, name, resume_dir=None):
         if launcher == "debug":
-            return _run_debug(sweep.logs, Job(fn, args, kwargs), name)
+            return _run_debug(sweep.logs, Job(fn, args, kwargs, resume_dir), name)
         return fn(*args, **kwargs)
 
-    for run in sweep.runs:
-        refuse_partial(run)
+    eval_cfg = resolve_eval_config(sweep.preset, sweep.eval_overrides)
     steps = {id(run): ["pretrain"] * (run.state != "finished") + [_stage_kind(ev) for ev in run.evals if not ev.done]
              for run in sweep.runs}
     clock = StageClock([kind for run in sweep.runs for kind in steps[id(run)]])
@@ -189,13 +173,25 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
     for run in sweep.runs:
         left = steps[id(run)]  # this run's stages not started yet
         try:
+            # Each step runs under its lock and re-checks what is done once it holds it, so a second
+            # process on the same directory (two benches started by mistake) waits and then skips it.
             if run.state != "finished":
                 clock.start(left.pop(0), f"{run.key}: pretraining")
-                call(pretrain, (run.cfg, run.run_dir), {"resume": run.state == "resumable"}, run.key)
+                with locked(run.run_dir, "pretraining this run"):
+                    run.state = state = run_state(run.run_dir)  # partial is refused here, under the lock
+                    refuse_partial(run)
+                    if state == FINISHED:
+                        print(f"{run.key}: finished meanwhile by another process; skipped", flush=True)
+                    else:
+                        call(pretrain, (run.cfg, run.run_dir), {"resume": state == RESUMABLE}, run.key, resume_dir=run.run_dir)
             for ev in run.evals:
                 if not ev.done:
                     clock.start(left.pop(0), f"{ev.key}: evaluating")
-                    call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
+                    with locked(run.run_dir, f"evaluating {ev.protocol}", eval_lock_name(eval_stem(ev.protocol, sweep.data, sweep.preset))):
+                        if eval_done(run.run_dir, ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol]):
+                            print(f"{ev.key}: recorded meanwhile by another process; skipped", flush=True)
+                        else:
+                            call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
         except (UserError, TrainingDiverged) as exc:
             print(f"{run.key}: failed: {exc}", flush=True)
             failed.append(f"{run.key}: {exc}")
@@ -244,7 +240,7 @@ def submit(sweep: Sweep, cluster) -> Submitted:
         executor = make_executor("slurm", sweep.logs, cluster, f"pretrain-{sweep.out.name}")
         with sbatch_errors(cluster):
             with executor.batch():
-                pending = [executor.submit(Job(pretrain, (r.cfg, r.run_dir), {"resume": r.state == "resumable"})) for r in todo]
+                pending = [executor.submit(Job(pretrain, (r.cfg, r.run_dir), {"resume": r.state == "resumable"}, resume_dir=r.run_dir)) for r in todo]
         out.jobs.update({r.key: j for r, j in zip(todo, pending)})
     entries = {r.key: job_entry(out.jobs[r.key], "pretrain", cluster, run_dir=str(r.run_dir), method=r.method, seed=r.seed) for r in todo}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from ssl_bench.atomic import WriteFailed
 from ssl_bench.build import build_method
 from ssl_bench.checkpoint import (
-    CHECKPOINT_NAME, RECORD_NAME, check_signature, load_checkpoint, numpy_state_from_plain, python_state_from_plain,
+    check_signature, load_checkpoint, numpy_state_from_plain, python_state_from_plain,
     rng_state_to_plain, save_checkpoint,
 )
 from ssl_bench.data.pipeline import build_pretrain_loader
@@ -33,25 +34,7 @@ from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
-
-
-# -- run directory -------------------------------------------------------------------------------
-def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
-    """A fresh directory, or (resume) one holding an unfinished run. Never reuses a finished run."""
-    out = Path(out_dir)
-    has_record = (out / RECORD_NAME).exists()
-    has_ckpt = (out / CHECKPOINT_NAME).exists()
-    if resume:
-        if not has_ckpt and not has_record:
-            raise UserError(f"nothing to resume in {out}: no {CHECKPOINT_NAME}; drop --resume to start a new run")
-        return out
-    if out.exists() and any(out.iterdir()):
-        raise UserError(
-            f"{out} already holds {'a run' if has_record or has_ckpt else 'files'}; choose a new --out, "
-            f"or pass --resume to continue an interrupted run there"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
 
 
 def _autocast(amp: str, device: torch.device):
@@ -104,7 +87,16 @@ def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
 
 # -- the loop ----------------------------------------------------------------------------------
 def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
-    """Pretrain ``cfg["method_name"]`` as ``cfg`` says; returns the run record (also ``out_dir/run.json``)."""
+    """Pretrain ``cfg["method_name"]`` as ``cfg`` says; returns the run record (also ``out_dir/run.json``).
+    The main process holds the run's lock (``ssl_bench.rundir.locked``): a second process on the same
+    run directory waits, then finds the run finished or resumes it."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return _pretrain(cfg, out_dir, resume)
+    with locked(out_dir, "pretraining this run"):
+        return _pretrain(cfg, out_dir, resume)
+
+
+def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     dist_info = init_distributed()
     run_dir = prepare_run_dir(out_dir, resume) if dist_info.is_main else Path(out_dir)
     if resume and (run_dir / RECORD_NAME).exists():

@@ -113,3 +113,20 @@ def test_overrides_keep_their_types_but_allow_none_and_numbers_of_either_kind():
                                                       "model.arch=vit_small", "train.betas=(0.9,0.99)"])
     assert (cfg["train"]["epochs"], cfg["train"]["blr"], cfg["data"]["subset"]) == (2.5, 1e-3, None)
     assert (cfg["train"]["lr"], cfg["model"]["arch"], cfg["train"]["betas"]) == (0.01, "vit_small", (0.9, 0.99))
+
+
+def test_resume_takes_method_and_config_from_the_run(capsys, tmp_path, monkeypatch):
+    from methods.mae import MAE
+    from tests.test_trainer import interrupt_after
+
+    out = str(tmp_path / "r")
+    with monkeypatch.context() as m:
+        interrupt_after(m, MAE, 3)
+        assert run_cli(capsys, "pretrain", "--method", "mae", "--preset", "smoke", "--out", out, "train.progress=false",
+                       "train.max_steps=5", "train.ckpt_every=2")[0] == 130
+    code, _, err = run_cli(capsys, "pretrain", "--resume", "--out", out, "--preset", "quick")
+    assert_one_line_error(code, err, "is a run with --preset smoke, not quick")
+    code, _, err = run_cli(capsys, "pretrain", "--resume", "--out", out, "train.epochs=3")
+    assert_one_line_error(code, err, "keeps the config it started with", "train.epochs=3")
+    code, out_text, _ = run_cli(capsys, "pretrain", "--resume", "--out", out)  # as the README writes it
+    assert code == 0 and "mae: finished after 5 steps" in out_text

@@ -93,13 +93,15 @@ def _call_as_job(job, monkeypatch, restarts: int | None):
 
 def test_requeued_job_resumes_only_when_the_run_dir_holds_a_run(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    job = launch.Job(fake_pretrain, ({}, out), {"resume": False})
+    job = launch.Job(fake_pretrain, ({}, out), {"resume": False}, resume_dir=out)
+    undeclared = launch.Job(fake_pretrain, ({}, out), {"resume": False})  # resumability is declared, not guessed
     assert _call_as_job(job, monkeypatch, None)["resume"] is False  # first start: a fresh run
     assert _call_as_job(job, monkeypatch, 1)["resume"] is False  # requeued before anything was written
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"x")
     assert _call_as_job(job, monkeypatch, None)["resume"] is False  # not requeued: the trainer must refuse the dir
     assert _call_as_job(job, monkeypatch, 2)["resume"] is True  # scontrol requeue: SLURM_RESTART_COUNT
+    assert _call_as_job(undeclared, monkeypatch, 2)["resume"] is False
     # preemption/time-out: submitit calls checkpoint() and requeues what it returns
     delayed = job.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and isinstance(delayed.function, submitit.helpers.Checkpointable)
@@ -111,9 +113,9 @@ def test_pretrain_logs_go_beside_a_fresh_run_dir(tmp_path):
     from ssl_bench.trainer import pretrain
 
     out = tmp_path / "run"
-    assert launch.job_folder(pretrain, ({}, out), {"resume": False}, str(out), "x") == tmp_path / "run.slurm"
-    assert launch.job_folder(fake_pretrain, ({}, out), {}, str(tmp_path / "logs"), "x") == tmp_path / "logs"
-    assert launch.job_folder(len, ([],), {}, str(out / "logs"), "x") == out / "logs"  # not a resumable run
+    assert launch.job_folder(str(out), "x", resume_dir=out) == tmp_path / "run.slurm"
+    assert launch.job_folder(str(tmp_path / "logs"), "x", resume_dir=out) == tmp_path / "logs"
+    assert launch.job_folder(str(out / "logs"), "x") == out / "logs"  # not a resumable run
 
 
 # -- launchers in this process --------------------------------------------------------------------
@@ -176,7 +178,8 @@ def test_sweep_plan_validates_before_submitting(tmp_path):
 
 def test_sweep_skip_rules(tmp_path):
     from evals.presets import resolve_eval_config
-    from ssl_bench.sweep import eval_done, plan, run_state
+    from ssl_bench.rundir import run_state
+    from ssl_bench.sweep import eval_done, plan
 
     run = tmp_path / "mae-s0"
     assert run_state(run) == "fresh"

@@ -80,7 +80,7 @@ def runs(tmp_path_factory):
     from ssl_bench.trainer import pretrain
 
     executor = launch.make_executor("slurm", tmp / "requeued.slurm", launch.load_cluster("local"), "requeue-test")
-    job = executor.submit(launch.Job(pretrain, (cfg, tmp / "requeued"), {"resume": False}))
+    job = executor.submit(launch.Job(pretrain, (cfg, tmp / "requeued"), {"resume": False}, resume_dir=tmp / "requeued"))
     seen: dict = {}
     watcher = threading.Thread(target=_requeue_at_first_checkpoint, args=(job, tmp / "requeued", seen), daemon=True)
     watcher.start()

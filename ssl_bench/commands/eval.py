@@ -28,7 +28,7 @@ def summary(record: dict, path: Path) -> str:
 def run(args) -> int:
     from evals.presets import resolve_eval_config
     from evals.run import evaluate, parse_protocols
-    from ssl_bench.checkpoint import read_run
+    from ssl_bench.rundir import LOGS_DIR, read_run
     from ssl_bench.records import read_json
 
     # Fail fast on bad input, before anything is submitted or computed.
@@ -37,7 +37,7 @@ def run(args) -> int:
     read_run(args.run)
     paths = run_job(
         args, evaluate, args.run, protocols, args.data, args.data_root, args.preset, args.overrides,
-        name=f"eval-{Path(args.run).name}", log_dir=str(Path(args.run) / "logs"),
+        name=f"eval-{Path(args.run).name}", log_dir=str(Path(args.run) / LOGS_DIR), run_dir=args.run,
     )
     for path in paths or []:
         print(summary(read_json(path), Path(path)))

@@ -54,18 +54,33 @@ def resolve(args) -> dict:
     return cfg
 
 
+def resumed_config(args) -> dict:
+    """``--resume --out DIR``: the method and config come from the run. Options may repeat the run's own
+    values; one that would change them is refused."""
+    from ssl_bench.errors import UserError
+    from ssl_bench.rundir import saved_config
+
+    if not args.out:
+        raise UserError("--resume needs --out RUN_DIR: the directory of the run to continue")
+    if args.overrides or args.config or args.data_root:
+        given = ", ".join([*(["--config"] if args.config else []), *(["--data-root"] if args.data_root else []), *args.overrides])
+        raise UserError(f"a resumed run keeps the config it started with; drop {given}, or start a new run with a new --out")
+    cfg = saved_config(args.out)
+    for flag, given, saved in (("--method", args.method, cfg.get("method_name")), ("--preset", args.preset, cfg.get("preset")),
+                               ("--data", args.data, cfg["data"]["name"]), ("--seed", args.seed, cfg.get("seed"))):
+        if given is not None and given != saved:
+            raise UserError(f"{args.out} is a run with {flag} {saved}, not {given}; drop {flag} to resume it as it started")
+    return cfg
+
+
 def run(args) -> int:
     from ssl_bench.errors import UserError
     from ssl_bench.trainer import pretrain
 
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out RUN_DIR: the directory of the run to continue")
-    if args.resume and args.overrides:
-        raise UserError("a resumed run keeps the config it started with; drop the overrides or start a new run with a new --out")
-    cfg = resolve(args)
+    cfg = resumed_config(args) if args.resume else resolve(args)
     method = cfg["method_name"]
     out = Path(args.out or f"runs/{method}-{cfg['data']['name']}-{cfg['preset']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    record = run_job(args, pretrain, cfg, out, resume=args.resume, name=f"pretrain-{method}", log_dir=str(out))
+    record = run_job(args, pretrain, cfg, out, resume=args.resume, name=f"pretrain-{method}", log_dir=str(out), run_dir=out, resumable=True)
     loss = record.get("loss", {}).get("loss", {}).get("last")
     ips = record.get("images_per_s")
     print(f"{record['method']}: {record['status']} after {record.get('steps')} steps; final loss {loss:.4f}; "

@@ -30,18 +30,22 @@ def find_indexes(root: Path) -> list[Path]:
 
 def _result(entry: dict) -> str:
     """What the job produced: the run's status and steps, or the evaluation's top-1."""
-    import json
+    from ssl_bench.errors import UserError
+    from ssl_bench.records import read_json
+    from ssl_bench.rundir import RECORD_NAME, eval_records, latest
 
     run_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
     if run_dir is None:
         return ""
     try:
         if entry.get("kind") == "eval":
-            records = sorted((run_dir / "evals").glob(f"{entry.get('protocol') or ''}*.json"), key=lambda p: p.stat().st_mtime)
-            return f"top-1 {json.loads(records[-1].read_text())['top1']:.2f}%" if records else ""
-        record = json.loads((run_dir / "run.json").read_text())
+            protocol = entry.get("protocol") or ""
+            records = {p: read_json(p) for p in eval_records(run_dir)}
+            found = latest({p: r for p, r in records.items() if r.get("protocol") == protocol})
+            return f"top-1 {found[1]['top1']:.2f}%" if found else ""
+        record = read_json(run_dir / RECORD_NAME)
         return f"{record.get('status')} ({record.get('steps', 0)}/{record.get('total_steps', '?')} steps)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, KeyError, TypeError, ValueError):
         return ""
 
 

@@ -1,0 +1,178 @@
+"""The run directory contract: file names, record naming, the one latest-record rule, and run state.
+
+    RUN_DIR/run.json            the run record (status running | interrupted | failed | diverged | finished)
+    RUN_DIR/checkpoint.pt       the last checkpoint (model, optimizer, step, RNG states, config)
+    RUN_DIR/evals/<protocol>-<data>-<preset>[-k].json   one record per evaluation; a rerun adds -1, -2, ...
+    RUN_DIR/features/           the frozen-encoder feature cache
+    RUN_DIR/logs/               submitit files of evaluation jobs
+    RUN_DIR.slurm/              submitit files of its pretraining job (the run directory must start empty)
+    RUN_DIR/.lock               held (flock) by the process working on the run or one of its evaluations
+
+Every command that reads or writes these names or decides "which record is the latest" or "is this run
+done" asks this module. It imports nothing heavy (no torch), so the leaderboard stays light.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from ssl_bench.errors import UserError
+from ssl_bench.records import read_json
+
+RECORD_NAME = "run.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+EVALS_DIR = "evals"
+FEATURES_DIR = "features"
+LOGS_DIR = "logs"
+SLURM_SUFFIX = ".slurm"
+LOCK_PREFIX = ".lock"  # RUN_DIR/.lock (the run), RUN_DIR/.lock-eval-<stem> (one evaluation); not part of the run
+
+# run states
+FRESH = "fresh"  # nothing there yet
+PARTIAL = "partial"  # files but no run: a job may be setting it up, or one died before its first record
+RESUMABLE = "resumable"  # a checkpoint or record of an unfinished run to continue from
+FINISHED = "finished"
+
+
+# -- state ----------------------------------------------------------------------------------------
+def holds_run(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / CHECKPOINT_NAME).exists() or (run_dir / RECORD_NAME).exists()
+
+
+def run_state(run_dir: str | Path) -> str:
+    """FINISHED | RESUMABLE | FRESH | PARTIAL (see the constants)."""
+    run_dir = Path(run_dir)
+    if (run_dir / RECORD_NAME).exists() and read_json(run_dir / RECORD_NAME).get("status") == "finished":
+        return FINISHED
+    if holds_run(run_dir):
+        return RESUMABLE
+    return PARTIAL if _contents(run_dir) else FRESH
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    """What a directory holds, lock files aside."""
+    return [p for p in run_dir.iterdir() if not p.name.startswith(LOCK_PREFIX)] if run_dir.is_dir() else []
+
+
+def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
+    """A fresh directory, or (resume) one holding an unfinished run. Never reuses a finished run."""
+    out = Path(out_dir)
+    if resume:
+        if not holds_run(out):
+            raise UserError(f"nothing to resume in {out}: no {CHECKPOINT_NAME}; drop --resume to start a new run")
+        return out
+    if _contents(out):
+        raise UserError(
+            f"{out} already holds {'a run' if holds_run(out) else 'files'}; choose a new --out, "
+            f"or pass --resume to continue an interrupted run there"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """The run record of a finished run directory; one clear error for anything else."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the --out directory of `ssl-bench pretrain`")
+    record = read_json(run_dir / RECORD_NAME)
+    if record.get("status") != "finished":
+        raise UserError(f"run {run_dir} has status '{record.get('status')}', not finished; resume it with `ssl-bench pretrain --resume --out {run_dir}`")
+    return record
+
+
+def saved_config(run_dir: str | Path) -> dict:
+    """The config a run started with (its run.json, else its checkpoint): what ``--resume`` continues."""
+    run_dir = Path(run_dir)
+    if (run_dir / RECORD_NAME).exists():
+        cfg = read_json(run_dir / RECORD_NAME).get("config")
+        if isinstance(cfg, dict):
+            return cfg
+    if (run_dir / CHECKPOINT_NAME).exists():
+        from ssl_bench.checkpoint import load_checkpoint
+
+        cfg = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
+        if isinstance(cfg, dict):
+            return cfg
+    raise UserError(f"nothing to resume in {run_dir}: no {RECORD_NAME} or {CHECKPOINT_NAME} with the run's config; "
+                    f"pass the --out directory of an interrupted `ssl-bench pretrain`")
+
+
+# -- evaluation records ---------------------------------------------------------------------------
+def eval_stem(protocol: str, data: str, preset: str) -> str:
+    """``<protocol>-<data>-<preset>``: an evaluation record is ``evals/<stem>.json``, then ``<stem>-k.json``."""
+    return f"{protocol}-{data}-{preset}"
+
+
+def eval_records(run_dir: str | Path, stem: str | None = None) -> list[Path]:
+    """The evaluation records of a run (of one ``stem``, or all), by stem and then in the order written."""
+    evals = Path(run_dir) / EVALS_DIR
+    paths = sorted(evals.glob(f"{stem or ''}*.json"), key=_name_order)
+    return paths if stem is None else [p for p in paths if p.stem == stem or p.stem.removeprefix(stem + "-").isdigit()]
+
+
+def _suffix(path: Path) -> tuple[str, int]:
+    """'knn-x-smoke-2' -> ('knn-x-smoke', 2); 'knn-x-smoke' -> ('knn-x-smoke', 0)."""
+    m = re.fullmatch(r"(.*)-(\d+)", path.stem)
+    return (m.group(1), int(m.group(2))) if m else (path.stem, 0)
+
+
+def _name_order(path: Path) -> tuple:
+    return (*_suffix(path), path.name)
+
+
+def record_rank(path: str | Path, record: dict) -> tuple:
+    """The latest-record rule: the later ``created`` stamp wins; for equal stamps the higher ``-k``
+    suffix (written later) wins. Sort by it; the maximum is the latest."""
+    return (str(record.get("created", "")), _suffix(Path(path))[1], Path(path).name)
+
+
+def latest(records: dict[Path, dict]) -> tuple[Path, dict] | None:
+    """The latest of ``path -> record`` by :func:`record_rank`, or None."""
+    if not records:
+        return None
+    return max(records.items(), key=lambda item: record_rank(*item))
+
+
+# -- locks ----------------------------------------------------------------------------------------
+_HELD: set[str] = set()  # lock files this process holds: taking one again (a sweep, then its trainer) is a no-op
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path, what: str, name: str = LOCK_PREFIX) -> Iterator[None]:
+    """Hold ``RUN_DIR/<name>`` (fcntl.flock) while working on ``what`` ("pretraining", "evaluation knn...").
+    A second process waits for the first, saying so on stderr; the lock goes with the process, so a
+    killed holder never leaves it stale. Callers re-check what is done once they hold it."""
+    path = Path(run_dir) / name
+    key = str(path.resolve())
+    if key in _HELD:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            print(f"{run_dir}: another process (pid {holder}) is {what}; waiting for it to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def eval_lock_name(stem: str) -> str:
+    return f"{LOCK_PREFIX}-eval-{stem}"
