@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
         "subset": None,  # int: train on a fixed random subset of this many images
         "img_size": None,  # None: the data set's native size
         "num_workers": 2,
+        "decode": "cpu",  # image folders: cpu (decode + views per sample in the workers) | device (JPEGs decoded in batches on the training device)
     },
     "model": {
         "arch": "vit_tiny",
@@ -173,6 +174,7 @@ CHECKS: dict[str, Check] = {
     "data.subset": Check(1, integer=True, none_ok=True),
     "data.img_size": Check(1, integer=True, none_ok=True),
     "data.num_workers": Check(0, integer=True),
+    "data.decode": Check(choices=("cpu", "device")),
     "model.patch_size": Check(1, integer=True),
     "model.embed_dim": Check(4, integer=True, none_ok=True),
     "model.depth": Check(1, integer=True, none_ok=True),

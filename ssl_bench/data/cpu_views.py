@@ -142,10 +142,15 @@ def to_grayscale(array: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(_gray(array), cv2.COLOR_GRAY2RGB)
 
 
+def blur_kernel(sigma: float, max_kernel: int) -> int:
+    """Kernel side for ``sigma``: 4 sigma each side, at most ``max_kernel`` (the policy's kernel size)."""
+    return min(max_kernel, 2 * math.ceil(BLUR_TRUNCATE * sigma) + 1)
+
+
 def gaussian_blur(array: np.ndarray, sigma: float, max_kernel: int) -> np.ndarray:
     """Gaussian blur with reflected borders; the kernel spans 4 sigma each side, at most ``max_kernel``
     taps (the kernel size torchvision's path uses)."""
-    k = min(max_kernel, 2 * math.ceil(BLUR_TRUNCATE * sigma) + 1)
+    k = blur_kernel(sigma, max_kernel)
     return cv2.GaussianBlur(array, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
 
 

@@ -11,9 +11,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssl_bench.data.cpu_views import FolderViews
+from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded
 from ssl_bench.data.datasets import ImageFileDataset, fixed_subset, load_dataset
 from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.views import resolve_policy
+from ssl_bench.distributed import resolve_device
 from ssl_bench.errors import UserError
 from ssl_bench.method import DataSpec
 
@@ -81,8 +83,10 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
     data = cfg["data"]
     base, info = load_dataset(data["name"], data["root"], "pretrain", img_size=data["img_size"])
     img_size = data["img_size"] or info.img_size
-    if isinstance(base, ImageFileDataset):  # files: read, decoded and augmented by the fast CPU path
-        base, transform = base.undecoded(), FolderViews(resolve_policy(spec.augmentation), img_size, info.in_chans, info.mean, info.std)
+    on_device = isinstance(base, ImageFileDataset) and data.get("decode", "cpu") == "device"  # (runs from before the key: cpu)
+    if isinstance(base, ImageFileDataset):  # files: read, decoded and augmented by the fast CPU path, or only read (device)
+        folder_views = FolderViews(resolve_policy(spec.augmentation), img_size, info.in_chans, info.mean, info.std)
+        base, transform = base.undecoded(), EncodedFiles(folder_views) if on_device else folder_views
     else:
         transform = build_policy(spec.augmentation, img_size, info.in_chans, info.mean, info.std)
     dataset = PretrainDataset(base, transform, spec.mask, seed=cfg["seed"], indices=fixed_subset(len(base), data["subset"]))
@@ -99,5 +103,8 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator(),  # workers' base seed must not consume the global RNG (exact resume)
+        collate_fn=collate_encoded if on_device else None,
     )
+    if on_device:
+        loader = DeviceFolderBatches(loader, folder_views, resolve_device(cfg["train"]["device"]))
     return loader, sampler, dataset, info

@@ -1,0 +1,116 @@
+"""The device path for image folders, run on the CPU (no GPU here): workers read bytes and draw
+parameters only; batches are decoded (batched decode_jpeg, CPU fallback) and augmented on the device
+with the CPU path's draws; unreadable files are one line naming the file."""
+import numpy as np
+import pytest
+import torch
+
+from ssl_bench.data import cpu_views as cv
+from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded, decode_batch
+from ssl_bench.data.jpeg_folder import synthetic_image, write_jpeg_folder
+from ssl_bench.data.views import View, resolve_policy
+from ssl_bench.errors import UserError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    write_jpeg_folder(root, images=6, size=(96, 72), classes=2, seed=1)
+    return sorted(str(p) for p in root.rglob("*.jpg"))
+
+
+def test_workers_only_read_bytes_and_draw(folder):
+    views = cv.FolderViews(resolve_policy("byol"), 48, 3, MEAN, STD)
+    record = EncodedFiles(views)(folder[0], seed=9)
+    assert record["data"].dtype == torch.uint8 and bytes(record["data"].numpy()) == open(folder[0], "rb").read()
+    assert record["draws"] == views.draws(9, 96, 72)  # the CPU path's parameters exactly
+
+
+def _records(paths):
+    return [{"path": p, "data": torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8)} for p in paths]
+
+
+def test_batched_decode_with_fallbacks(folder, tmp_path, monkeypatch):
+    """JPEGs in one batched call; a PNG, and a JPEG the batched decoder rejects, on the CPU."""
+    from PIL import Image
+
+    from ssl_bench.data import device_decode
+
+    png = tmp_path / "a.png"
+    Image.fromarray(synthetic_image(np.random.default_rng(3), 40, 30)).save(png)
+    records = _records([folder[0], str(png), folder[1]])
+    real, calls = device_decode.decode_jpeg, []
+
+    def nvjpeg_rejecting_the_third(data, mode, device):  # stands in for a file nvjpeg cannot take
+        calls.append(len(data) if isinstance(data, list) else 1)
+        if any(d is records[2]["data"] for d in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, mode=mode, device=device)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", nvjpeg_rejecting_the_third)
+    images = decode_batch(records, 3, torch.device("cpu"))
+    assert calls == [2, 1, 1]  # the batch of both JPEGs, then each alone
+    assert [tuple(i.shape) for i in images] == [(3, 72, 96), (3, 30, 40), (3, 72, 96)]
+    for image, path in ((images[0], folder[0]), (images[2], folder[1])):
+        reference = torch.from_numpy(cv.decode(open(path, "rb").read(), path, 3)).permute(2, 0, 1)
+        assert (image.int() - reference.int()).abs().max() <= 1
+    assert torch.equal(images[1].permute(1, 2, 0), torch.from_numpy(np.asarray(Image.open(png).convert("RGB"))))
+    assert decode_batch(records[:1], 1, torch.device("cpu"))[0].shape == (1, 72, 96)
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated", "corrupt"])
+def test_unreadable_file_in_a_batch_is_named(folder, tmp_path, content):
+    data = bytearray(open(folder[2], "rb").read())
+    if content == "corrupt":  # SOI and EOI intact, tables destroyed: no decoder can read it
+        data[300:1500] = bytes(1200)
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(b"garbage, not an image" if content == "garbage" else bytes(data[:-500] if content == "truncated" else data))
+    records = _records([folder[0], str(path)])
+    with pytest.raises(UserError, match=r"cannot read image .*bad\.jpg: \w+; remove or replace the file"):
+        decode_batch(records, 3, torch.device("cpu"))
+
+
+def test_device_batches_match_the_cpu_path(tmp_path):
+    """Through the pretraining loader with data.decode=device: same shapes, same draws, so views within
+    a few grey levels of the CPU path's for the same (seed, epoch, index)."""
+    from ssl_bench.config import resolve_config
+    from ssl_bench.data.pipeline import build_pretrain_loader
+    from ssl_bench.method import DataSpec
+    from ssl_bench.registry import get_method
+
+    write_jpeg_folder(tmp_path / "data", images=8, size=(64, 48), classes=2)
+    every_op = View(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.5, grayscale_p=0.3, blur_p=0.5, solarize_p=0.5)
+    batches = {}
+    for decode in ("cpu", "device"):
+        cfg = resolve_config(get_method("simsiam"), "smoke", [
+            "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.img_size=32", "data.subset=none",
+            "data.num_workers=1", "train.batch_size=8", "train.device=cpu", f"data.decode={decode}"])
+        loader, *_ = build_pretrain_loader(cfg, DataSpec(augmentation=(every_op, every_op)))
+        batches[decode] = next(iter(loader))
+    cpu, device = batches["cpu"], batches["device"]
+    assert isinstance(loader, DeviceFolderBatches) and torch.equal(cpu["label"], device["label"])
+    for a, b in zip(cpu["views"], device["views"]):
+        assert a.shape == b.shape == (8, 3, 32, 32) and b.dtype == torch.float32
+        assert (a - b).abs().mean() < 1.5 / 255 / 0.224  # under 1.5 grey levels on average (hue: OpenCV's 256 steps)
+
+
+def test_collate_keeps_records_as_a_list():
+    items = [{"views": {"path": str(i)}, "label": i, "mask": torch.zeros(4, dtype=torch.bool)} for i in range(3)]
+    batch = collate_encoded(items)
+    assert [r["path"] for r in batch["views"]] == ["0", "1", "2"] and batch["mask"].shape == (3, 4)
+    assert batch["label"].tolist() == [0, 1, 2]
+
+
+def test_pretrain_on_device_path_names_a_corrupt_file(tmp_path, capsys):
+    from ssl_bench.cli import main
+
+    write_jpeg_folder(tmp_path / "data", images=16, size=(48, 40), classes=2)
+    bad = next((tmp_path / "data").rglob("*.jpg"))
+    bad.write_bytes(b"\xff\xd8 not really a JPEG \xff\xd9")
+    code = main(["pretrain", "--method", "mae", "--data", "imagefolder", "--data-root", str(tmp_path / "data"), "--preset", "smoke",
+                 "--out", str(tmp_path / "r"), "data.img_size=28", "data.subset=none", "data.decode=device", "data.num_workers=1",
+                 "train.progress=false", "train.batch_size=16", "train.device=cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-bench")]
+    assert code == 2 and len(err) == 1 and "cannot read image" in err[0] and str(bad) in err[0]
