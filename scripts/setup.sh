@@ -29,7 +29,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing ssl-bench and its dependencies into .venv (torch is large: this takes a few minutes once)"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e ".[test,tensorboard]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+    .venv/bin/python -m pip install -q -e ".[test,tensorboard,wandb]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
     .venv/bin/python -c "import ssl_bench, torch, timm, torchvision, faiss, submitit" 
     echo "$want" > "$stamp"
 fi

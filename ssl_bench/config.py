@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "progress": "auto",  # auto (a bar on a terminal, a line every 30 s otherwise) | bar | lines | off (or true/false)
         "device": "auto",  # auto | cpu | cuda
+        "wandb": False,  # also log to wandb (pip install 'ssl-bench[wandb]'; WANDB_MODE=offline needs no network)
+        "wandb_project": "ssl-bench",
     },
     "monitor": {  # progress probes during pretraining (ssl_bench.monitor); labels reach only the probes
         "online_probe": False,  # linear probe on the detached cls token, trained alongside

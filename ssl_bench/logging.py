@@ -1,21 +1,47 @@
 """Training logs: metrics.jsonl (every logged step, every key), metrics.csv (fixed columns from the
-first row), TensorBoard scalars when tensorboard is installed, and progress (``ssl_bench.progress``: a bar
-on a terminal, a periodic line in logs)."""
+first row), TensorBoard scalars when tensorboard is installed, a wandb run when asked (``train.wandb=true``,
+``pip install 'ssl-bench[wandb]'``; ``WANDB_MODE=offline`` writes it under the run directory with no
+network), and progress (``ssl_bench.progress``: a bar on a terminal, a periodic line in logs)."""
 from __future__ import annotations
 
 import csv
 import json
+import uuid
 from pathlib import Path
 
+from ssl_bench.errors import UserError
 from ssl_bench.progress import StepProgress
+
+WANDB_ID_FILE = "wandb_id"  # one wandb run per run directory: a resumed run continues it
+
+
+def require_wandb():
+    """The wandb module, or one line saying how to install it."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train.wandb=true needs the wandb package: pip install 'ssl-bench[wandb]' (or set train.wandb=false)") from None
+    return wandb
+
+
+def init_wandb(run_dir: Path, project: str, config: dict):
+    """A wandb run named after the run directory, its files under it (run_dir/wandb/), resumed if the run is."""
+    wandb = require_wandb()
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, progress: bool | str = "auto", total: int = 0, initial: int = 0, log_every: int = 1):
+    def __init__(self, run_dir: Path, enabled: bool = True, progress: bool | str = "auto", total: int = 0, initial: int = 0, log_every: int = 1,
+                 wandb: dict | None = None):
+        """``wandb``: None, or the arguments of :func:`init_wandb` besides the run directory (project, config)."""
         self.enabled, self.log_every = enabled, log_every
         self.run_dir = Path(run_dir)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a") if enabled else None
         self._csv_file, self._csv, self._tb, self._bar = None, None, None, None
+        self._wandb = init_wandb(self.run_dir, **wandb) if enabled and wandb else None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -48,6 +74,8 @@ class MetricLogger:
             for k, v in row.items():
                 if k not in ("step", "epoch"):
                     self._tb.add_scalar(f"train/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items() if k != "step"}, step=step)
 
     def scalars(self, step: int, epoch: int, values: dict) -> None:
         """Occasional values (e.g. the monitor's kNN check): a metrics.jsonl row and TensorBoard scalars."""
@@ -58,6 +86,8 @@ class MetricLogger:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({"epoch": epoch, **values}, step=step)
 
     def close(self) -> None:
         for f in (self._jsonl, self._csv_file):
@@ -67,3 +97,6 @@ class MetricLogger:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -29,7 +29,7 @@ from ssl_bench.checkpoint import (
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
-from ssl_bench.logging import MetricLogger
+from ssl_bench.logging import MetricLogger, require_wandb
 from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
@@ -117,6 +117,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         cfg = box[0]
 
     train = cfg["train"]
+    if train.get("wandb"):  # (absent from configs of runs started before the option)
+        require_wandb()  # before the run directory holds a record
     device = resolve_device(train["device"])
     _seed_everything(cfg["seed"] + dist_info.rank)
 
@@ -186,7 +188,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         write_json_atomic(run_dir / RECORD_NAME, record)
 
     logger = MetricLogger(
-        run_dir, enabled=dist_info.is_main, progress=train["progress"], total=stop_step, initial=step, log_every=train["log_every"]
+        run_dir, enabled=dist_info.is_main, progress=train["progress"], total=stop_step, initial=step, log_every=train["log_every"],
+        wandb={"project": train.get("wandb_project", "ssl-bench"), "config": cfg} if train.get("wandb") else None,
     )
     autocast = _autocast(train["amp"], device)
     monitor = build_monitor(cfg, method, info, device, logger) if dist_info.is_main else None
