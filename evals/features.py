@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_bench.atomic import staged
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
+from ssl_bench.runtime import autocast
 from ssl_bench.errors import UserError
 from ssl_bench.records import file_sha256, write_json_atomic  # noqa: F401 - file_sha256 is part of this module's API
 
@@ -42,8 +43,7 @@ def cache_key(fields: dict) -> str:
 @torch.no_grad()
 def encode(encoder: ViTBackbone, images: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """(B, C, H, W) -> {"cls": (B, D), "mean": (B, D), "patches": (B, N, D)}, float32 on the CPU."""
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with amp:
+    with autocast(device):
         cls, patches = encoder(images.to(device, non_blocking=True))
     patches = patches.float()
     return {"cls": cls.float().cpu(), "mean": patches.mean(dim=1).cpu(), "patches": patches.cpu()}

@@ -47,6 +47,7 @@ from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
 from ssl_bench.errors import UserError
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
+from ssl_bench.runtime import autocast as runtime_autocast, seed_everything
 
 # Light augmentation for small images; timm's default crop scale (0.08, 1) is MAE's.
 DEFAULT_CROP_SCALE = (0.08, 1.0)
@@ -192,9 +193,7 @@ def _seeded(seed: int):
     """Seed torch / numpy / random (RandAugment draws from ``random``) and restore them afterwards."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         try:
             yield
         finally:
@@ -217,7 +216,7 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
     cuda = device.type == "cuda"
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        return runtime_autocast(device)
 
     with _seeded(seed):
         model = FineTuneModel(encoder, num_classes).to(device)

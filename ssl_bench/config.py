@@ -170,6 +170,7 @@ def as_check(spec: Check | tuple) -> Check:
 
 
 SWITCH = Check(choices=(True, False))
+AMP_CHOICES = ("auto", "bf16", "none")  # ssl_bench.runtime.autocast
 # The allowed values of the common config keys (a method adds its own with ``Method.option_checks``).
 CHECKS: dict[str, Check] = {
     "seed": Check(0, integer=True),
@@ -196,7 +197,7 @@ CHECKS: dict[str, Check] = {
     "train.betas": Check(0, 1, hi_open=True, each=True, length=2),
     "train.momentum": Check(0, 1),
     "train.clip_grad": Check(0, lo_open=True, none_ok=True),
-    "train.amp": Check(choices=("auto", "bf16", "none")),
+    "train.amp": Check(choices=AMP_CHOICES),
     "train.compile": SWITCH,
     "train.ckpt_every": Check(1, integer=True),
     "train.log_every": Check(1, integer=True),

@@ -22,6 +22,7 @@ from torch import nn
 
 from ssl_bench.data.datasets import DatasetInfo, TransformedSubset, load_dataset
 from ssl_bench.data.transforms import eval_transform
+from ssl_bench.runtime import autocast
 
 MONITOR_SEED = 0  # the probe's initialisation and the kNN subsets: the same for every run
 
@@ -93,7 +94,7 @@ class Monitor:
         """The encoder's cls token (eval mode: no drop path, no random draw), detached."""
         was_training = encoder.training
         encoder.eval()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             cls, _ = encoder(images)
         encoder.train(was_training)
         return cls.float()

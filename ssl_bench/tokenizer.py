@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -341,7 +340,10 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     from ssl_bench.data.datasets import fixed_subset, load_dataset
     from ssl_bench.data.pipeline import PretrainDataset, ResumableSampler
     from ssl_bench.data.transforms import build_policy
+    from ssl_bench.distributed import resolve_device
+    from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
     from ssl_bench.records import git_commit, hardware, now_iso, write_json_atomic
+    from ssl_bench.runtime import seed_everything
 
     extra = [f"data.name={data}"] + ([f"data.root={data_root}"] if data_root else [])
     cfg = tokenizer_config(preset, [*extra, *overrides])
@@ -350,14 +352,8 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
         raise UserError(f"{out} already holds a tokenizer ({TOKENIZER_FILE}); choose a new --out or use it as it is")
     # out/ is created only when the tokenizer is saved: a failed run leaves nothing behind
     train, tcfg = cfg["train"], cfg["tokenizer"]
-    if train["device"] == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif train["device"] == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    else:
-        device = torch.device(train["device"])
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
+    device = resolve_device(train["device"])
+    seed_everything(cfg["seed"])
 
     base, info = load_dataset(cfg["data"]["name"], cfg["data"]["root"], "pretrain", img_size=cfg["data"]["img_size"])
     img_size = cfg["data"]["img_size"] or info.img_size
@@ -372,7 +368,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
 
     tokenizer = Tokenizer(img_size, cfg["model"]["patch_size"], info.in_chans, data=info.name, mean=info.mean, std=info.std, **tcfg).to(device)
     before = evaluate_tokenizer(tokenizer.eval(), _heldout_batches(cfg, img_size, info))
-    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    optimizer = build_optimizer([{"params": list(tokenizer.parameters()), "weight_decay": train["weight_decay"]}], "adamw", train["lr"])
     steps = train["steps"]
     curve, restarts, step, epoch = [], 0, 0, 0
     t0 = time.perf_counter()
@@ -387,9 +383,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
         dataset.set_epoch(epoch)
         for item in loader:
             images = item["views"][0].to(device, non_blocking=True)
-            lr = train["lr"] * 0.5 * (1 + np.cos(np.pi * step / steps))  # cosine decay
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, cosine_with_warmup(step, steps, 0, train["lr"]))
             loss, stats = tokenizer.training_loss(images, train["commitment"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

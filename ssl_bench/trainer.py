@@ -34,15 +34,8 @@ from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
+from ssl_bench.runtime import autocast, seed_everything
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
-
-
-def _autocast(amp: str, device: torch.device):
-    if amp not in ("auto", "bf16", "none"):
-        raise UserError(f"train.amp must be auto, bf16 or none, got '{amp}'")
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _rng_state() -> dict:
@@ -61,12 +54,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(numpy_state_from_plain(state["numpy"]))
     random.setstate(python_state_from_plain(state["python"]))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
@@ -120,7 +107,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     if train.get("wandb"):  # (absent from configs of runs started before the option)
         require_wandb()  # before the run directory holds a record
     device = resolve_device(train["device"])
-    _seed_everything(cfg["seed"] + dist_info.rank)
+    seed_everything(cfg["seed"] + dist_info.rank)
 
     # The data set's size and channels decide the backbone, so data comes first; the method's
     # mask generator needs the patch grid, so the method is built before the loader.
@@ -191,7 +178,6 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         run_dir, enabled=dist_info.is_main, progress=train["progress"], total=stop_step, initial=step, log_every=train["log_every"],
         wandb={"project": train.get("wandb_project", "ssl-bench"), "config": cfg} if train.get("wandb") else None,
     )
-    autocast = _autocast(train["amp"], device)
     monitor = build_monitor(cfg, method, info, device, logger) if dist_info.is_main else None
     images_per_step = effective_batch
     timed_steps, timed_seconds = 0, 0.0
@@ -244,7 +230,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 for micro in range(accum):
                     batch = _to_device(next(batches), device)
                     sync = micro == accum - 1 or dist_info.world_size == 1
-                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, train["amp"]):
                         losses = model(batch)
                         loss = sum(losses.values())
                     if not torch.isfinite(loss.detach()):
