@@ -135,7 +135,7 @@ def test_debug_launcher_bad_input_is_one_line_not_pdb(capsys, tmp_path):
 
 # -- job index and status -------------------------------------------------------------------------
 def test_index_keeps_previous_ids_and_status_reads_results(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "_run", lambda cmd: "")  # SLURM no longer knows these jobs
+    monkeypatch.setattr(launch.slurm_state, "_run", lambda cmd: "")  # SLURM no longer knows these jobs
     folder = tmp_path / "logs"
     folder.mkdir()
     for jid, outcome in (("11", "success"), ("12", "error")):
