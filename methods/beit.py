@@ -35,7 +35,8 @@ from ssl_bench.errors import UserError
 from ssl_bench.masking import BlockMaskGenerator
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
-from ssl_bench.tokenizer import Tokenizer, check_compatible, ensure_tokenizer, load_tokenizer
+from ssl_bench.tokenizer import Tokenizer, check_compatible, load_tokenizer
+from ssl_bench.tokenizer_training import ensure_tokenizer
 
 BLR = 1.5e-3 * 256 / 2048  # the paper's lr 1.5e-3 at batch 2048, per 256 images
 

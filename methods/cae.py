@@ -58,7 +58,8 @@ from ssl_bench.layers import CrossAttention
 from ssl_bench.masking import BlockMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
-from ssl_bench.tokenizer import check_compatible, ensure_tokenizer, load_tokenizer
+from ssl_bench.tokenizer import check_compatible, load_tokenizer
+from ssl_bench.tokenizer_training import ensure_tokenizer
 
 LAYER_SCALE_INIT = 0.1  # CAE's regressor and decoder layer scale
 TARGETS = ("pixels", "tokens")

@@ -6,7 +6,8 @@ import torch
 from ssl_bench.build import build_method
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.errors import UserError
-from ssl_bench.tokenizer import TOKENIZER_FILE, train_tokenizer
+from ssl_bench.tokenizer import TOKENIZER_FILE
+from ssl_bench.tokenizer_training import train_tokenizer
 from ssl_bench.trainer import pretrain
 from tests.conftest import smoke_config
 
@@ -107,9 +108,9 @@ def test_tokenizer_option_errors_are_clear(tokenizer_path, fashion_info, tmp_pat
 
 
 def test_auto_tokenizer_is_trained_in_prepare_and_reused_on_resume(tmp_path, monkeypatch):
-    from ssl_bench import tokenizer as tk
+    from ssl_bench import tokenizer_training as tt
 
-    monkeypatch.setitem(tk.TOKENIZER_PRESETS["smoke"], "train", {**tk.TOKENIZER_PRESETS["smoke"]["train"], "steps": 3, "holdout": 50})
+    monkeypatch.setitem(tt.TOKENIZER_PRESETS["smoke"], "train", {**tt.TOKENIZER_PRESETS["smoke"]["train"], "steps": 3, "holdout": 50})
     run = tmp_path / "run"
     cfg = smoke_config("beit", "train.max_steps=2", "data.subset=64")  # method.tokenizer=auto by default
     record = pretrain(cfg, run)

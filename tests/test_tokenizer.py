@@ -7,9 +7,9 @@ from ssl_bench.backbone import ViTBackbone
 from ssl_bench.cli import main
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
-from ssl_bench.tokenizer import (
-    EMAQuantizer, Tokenizer, check_compatible, ensure_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer,
-)
+from ssl_bench import tokenizer_training as tt
+from ssl_bench.tokenizer import EMAQuantizer, Tokenizer, check_compatible, load_tokenizer, save_tokenizer
+from ssl_bench.tokenizer_training import ensure_tokenizer, train_tokenizer
 from tests.conftest import smoke_config
 
 FAST = ["train.progress=false", "train.holdout=200"]
@@ -107,10 +107,10 @@ def test_ensure_tokenizer_validates_paths_and_trains_auto_once(trained, tmp_path
         ensure_tokenizer(smoke_config("beit", f"method.tokenizer={trained[0]}", "model.patch_size=4"), tmp_path / "run")
 
     # auto: trained for this run (its patch grid, its image subset), then reused on resume
-    monkeypatch.setitem(tk.TOKENIZER_PRESETS["smoke"], "train", {**tk.TOKENIZER_PRESETS["smoke"]["train"], "steps": 3, "holdout": 50})
+    monkeypatch.setitem(tt.TOKENIZER_PRESETS["smoke"], "train", {**tt.TOKENIZER_PRESETS["smoke"]["train"], "steps": 3, "holdout": 50})
     calls = []
-    real_train = tk.train_tokenizer
-    monkeypatch.setattr(tk, "train_tokenizer", lambda *a, **k: calls.append(a) or real_train(*a, **k))
+    real_train = tt.train_tokenizer
+    monkeypatch.setattr(tt, "train_tokenizer", lambda *a, **k: calls.append(a) or real_train(*a, **k))
     cfg = smoke_config("beit", "model.patch_size=4", "data.subset=200", "train.progress=false")
     first = ensure_tokenizer(cfg, tmp_path / "run")
     again = ensure_tokenizer(cfg, tmp_path / "run")

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ssl_bench.tokenizer import train_tokenizer
+    from ssl_bench.tokenizer_training import train_tokenizer
 
     r = run_job(args, train_tokenizer, args.data, args.data_root, args.out, args.preset, list(args.overrides),
                 name="tokenizer", log_dir=args.out)
