@@ -9,7 +9,7 @@ import torch
 from ssl_bench import atomic
 from ssl_bench.atomic import WriteFailed
 from ssl_bench.checkpoint import load_checkpoint, save_checkpoint
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.records import write_json_atomic, write_json_new
 
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 
 
 def run_cli(capsys, *argv):

@@ -14,7 +14,7 @@ BENCH = ["bench", "--methods", "mae", "--protocols", "knn", "--preset", "smoke",
 
 def test_two_benches_on_one_directory_run_each_step_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-c", "import sys; from ssl_bench.cli import main; sys.exit(main())", *BENCH, "--results", str(tmp_path)]
+    cmd = [sys.executable, "-c", "import sys; from ssl_bench_app.cli import main; sys.exit(main())", *BENCH, "--results", str(tmp_path)]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):

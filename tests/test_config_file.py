@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ssl_bench.commands.pretrain import resolve
+from ssl_bench_app.commands.pretrain import resolve
 from tests.test_cli import assert_one_line_error, run_cli
 
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.max_steps=3", "train.progress=false"]

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.config import Check, resolve_config
 from ssl_bench.errors import UserError
 from ssl_bench.registry import get_method

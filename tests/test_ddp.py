@@ -28,7 +28,7 @@ COMMON = ["model.drop_path=0.0", "train.optimizer=sgd", "train.blr=2.0", "data.s
 def _torchrun_pretrain(out, nproc: int, per_process_batch: int) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "ssl_bench.cli", "pretrain", "--method", "mae", "--preset", "smoke", "--out", str(out),
+        "-m", "ssl_bench_app.cli", "pretrain", "--method", "mae", "--preset", "smoke", "--out", str(out),
         "train.progress=false", "train.device=cpu", f"train.batch_size={per_process_batch}", *COMMON,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}

@@ -104,7 +104,7 @@ def test_collate_keeps_records_as_a_list():
 
 
 def test_pretrain_on_device_path_names_a_corrupt_file(tmp_path, capsys):
-    from ssl_bench.cli import main
+    from ssl_bench_app.cli import main
 
     write_jpeg_folder(tmp_path / "data", images=16, size=(48, 40), classes=2)
     bad = next((tmp_path / "data").rglob("*.jpg"))

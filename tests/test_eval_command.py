@@ -9,7 +9,7 @@ import torch
 import evals.features
 from evals.presets import resolve_eval_config
 from evals.run import make_context
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.trainer import pretrain
 from tests.conftest import smoke_config
 

@@ -7,7 +7,7 @@ import torch
 
 from evals.export import export_encoder, load_exported
 from ssl_bench.checkpoint import load_encoder
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.config import resolve_config
 from ssl_bench.registry import get_method
 from ssl_bench.trainer import pretrain

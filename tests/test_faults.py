@@ -22,7 +22,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 def bench(results: Path, kill_when=None) -> bool:
     """Run the bench; with ``kill_when(run_dir, output)``, SIGKILL it as soon as that holds. Returns
     whether it was killed (False: it ran to the end, which must then have succeeded)."""
-    cmd = [sys.executable, "-c", "import sys; from ssl_bench.cli import main; sys.exit(main())", *BENCH, "--results", str(results)]
+    cmd = [sys.executable, "-c", "import sys; from ssl_bench_app.cli import main; sys.exit(main())", *BENCH, "--results", str(results)]
     proc = subprocess.Popen(cmd, cwd=results, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)

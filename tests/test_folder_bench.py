@@ -1,7 +1,7 @@
 """The folder loader benchmark and the synthetic JPEG folder command, at toy size."""
 import json
 
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 
 
 def test_make_jpeg_folder_is_deterministic_and_never_overwrites(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import submitit
 from submitit.core.utils import JobPaths, cloudpickle_dump
 
-from ssl_bench import launch
+from ssl_bench_app import launch
 from ssl_bench.errors import UserError
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -161,7 +161,7 @@ def test_index_keeps_previous_ids_and_status_reads_results(capsys, tmp_path, mon
 
 # -- sweeps ---------------------------------------------------------------------------------------
 def test_sweep_plan_validates_before_submitting(tmp_path):
-    from ssl_bench.sweep import plan
+    from ssl_bench_app.sweep import plan
 
     with pytest.raises(UserError, match="unknown method 'nope'"):
         plan("mae,nope", "0", "knn", "fashion_mnist", None, "smoke", tmp_path)
@@ -179,7 +179,7 @@ def test_sweep_plan_validates_before_submitting(tmp_path):
 def test_sweep_skip_rules(tmp_path):
     from evals.presets import resolve_eval_config
     from ssl_bench.rundir import run_state
-    from ssl_bench.sweep import eval_done, plan
+    from ssl_bench_app.sweep import eval_done, plan
 
     run = tmp_path / "mae-s0"
     assert run_state(run) == "fresh"

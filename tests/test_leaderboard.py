@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from evals.leaderboard import collect, make_figure, write_leaderboard
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -139,7 +139,7 @@ def test_multicrop_method_views_and_protocol_plugins_pretrain_evaluate_and_rank(
         [project.entry-points."ssl_bench.protocols"]
         centroid = "ssl_bench_toy.protocol:evaluate"
     ''')
-    cli = [sys.executable, "-m", "ssl_bench.cli"]
+    cli = [sys.executable, "-m", "ssl_bench_app.cli"]
     run = tmp_path / "results" / "toydino-s0"
     done = subprocess.run([*cli, "pretrain", "--method", "toydino", "--preset", "smoke", "--out", str(run),
                            "train.max_steps=2", "train.progress=false"], env=env, capture_output=True, text=True)
@@ -171,7 +171,7 @@ def test_entry_point_plugin_is_listed_and_trains(tmp_path):
         [project.entry-points."ssl_bench.methods"]
         patchmean = "ssl_bench_toy:PatchMean"
     ''')
-    cli = [sys.executable, "-m", "ssl_bench.cli"]
+    cli = [sys.executable, "-m", "ssl_bench_app.cli"]
 
     listed = subprocess.run([*cli, "methods"], env=env, capture_output=True, text=True, check=True).stdout
     assert any(ln.startswith("patchmean ") and "toy plug-in" in ln for ln in listed.splitlines())

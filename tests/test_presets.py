@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.config import PRESETS, resolve_config
 from ssl_bench.registry import available_methods, get_method
-from ssl_bench.sweep import plan
+from ssl_bench_app.sweep import plan
 
 from tests.test_leaderboard import TINY_EVALS
 

@@ -1,7 +1,7 @@
 """The run-directory contract: record naming and the one latest-record rule, used by every reader."""
 import json
 
-from ssl_bench.commands.status import _result
+from ssl_bench_app.commands.status import _result
 from ssl_bench.records import write_json_new
 from ssl_bench.rundir import eval_records, eval_stem, latest, record_rank
 

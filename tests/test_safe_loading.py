@@ -10,7 +10,7 @@ import torch
 
 from evals.export import load_exported
 from ssl_bench.checkpoint import load_checkpoint
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.errors import UserError
 from ssl_bench.tokenizer import FORMAT, Tokenizer, load_tokenizer
 from ssl_bench.trainer import pretrain

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_bench import launch
-from ssl_bench.cli import main
+from ssl_bench_app import launch
+from ssl_bench_app.cli import main
 from ssl_bench.config import resolve_config
 from ssl_bench.registry import available_methods, get_method
 from tests.test_cli import assert_one_line_error, run_cli

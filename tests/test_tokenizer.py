@@ -4,7 +4,7 @@ import torch
 
 from ssl_bench import tokenizer as tk
 from ssl_bench.backbone import ViTBackbone
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
 from ssl_bench import tokenizer_training as tt

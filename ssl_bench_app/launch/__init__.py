@@ -22,14 +22,14 @@ RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK, which ``ssl_bench.di
 """
 from __future__ import annotations
 
-from ssl_bench.launch.profiles import (
+from ssl_bench_app.launch.profiles import (
     DEFAULT_CLUSTER, FLAG_KEYS, LAUNCHERS, PROFILE_KEYS, REPO_ROOT, ClusterSettings, add_launcher_args, available_profiles,
     cluster_from_args, find_profile, load_cluster, profile_dirs, time_minutes,
 )
-from ssl_bench.launch.slurm_state import (
+from ssl_bench_app.launch.slurm_state import (
     INDEX_NAME, TERMINAL, job_entry, job_failure_message, job_outcome, log_paths, read_index, record_jobs, slurm_states, wait_for,
 )
-from ssl_bench.launch.submit import Job, _run_debug, job_folder, make_executor, run_job, sbatch_errors, wait_result
+from ssl_bench_app.launch.submit import Job, _run_debug, job_folder, make_executor, run_job, sbatch_errors, wait_result
 
 __all__ = [
     "DEFAULT_CLUSTER", "FLAG_KEYS", "LAUNCHERS", "PROFILE_KEYS", "REPO_ROOT", "ClusterSettings", "add_launcher_args",

@@ -1,4 +1,4 @@
-"""``ssl-bench``: one entry point; each sub-command lives in ``ssl_bench/commands/<name>.py`` and
+"""``ssl-bench``: one entry point; each sub-command lives in ``ssl_bench_app/commands/<name>.py`` and
 exposes ``register(subparsers)``, which adds its parser and sets ``func`` (args -> exit code)."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from ssl_bench.errors import TrainingDiverged, UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import ssl_bench.commands as commands
+    import ssl_bench_app.commands as commands
 
     parser = argparse.ArgumentParser(prog="ssl-bench", description="Unified benchmark for self-supervised ViT pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
-        importlib.import_module(f"ssl_bench.commands.{info.name}").register(sub)
+        importlib.import_module(f"ssl_bench_app.commands.{info.name}").register(sub)
     return parser
 
 

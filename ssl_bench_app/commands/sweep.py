@@ -3,11 +3,11 @@ the leaderboard. On SLURM (the default launcher) pretraining is one job array an
 that waits for its run; a rerun skips what already finished."""
 from __future__ import annotations
 
-from ssl_bench.launch import add_launcher_args
+from ssl_bench_app.launch import add_launcher_args
 
 
 def register(sub) -> None:
-    from ssl_bench.sweep import add_grid_args
+    from ssl_bench_app.sweep import add_grid_args
 
     p = sub.add_parser("sweep", help="pretrain + evaluate methods x seeds (SLURM job array), then the leaderboard", description=__doc__)
     p.add_argument("--methods", required=True, help="comma-separated method names, e.g. mae,simsiam")
@@ -19,6 +19,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ssl_bench.sweep import run_sweep
+    from ssl_bench_app.sweep import run_sweep
 
     return run_sweep(args)

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 def find_indexes(root: Path) -> list[Path]:
     from ssl_bench.errors import UserError
-    from ssl_bench.launch import INDEX_NAME
+    from ssl_bench_app.launch import INDEX_NAME
 
     if root.is_file() and root.name == INDEX_NAME:
         return [root]
@@ -50,7 +50,7 @@ def _result(entry: dict) -> str:
 
 
 def collect_status(results: str | Path) -> list[dict]:
-    from ssl_bench.launch import TERMINAL, job_outcome, read_index, slurm_states
+    from ssl_bench_app.launch import TERMINAL, job_outcome, read_index, slurm_states
 
     rows = []
     for index in find_indexes(Path(results)):

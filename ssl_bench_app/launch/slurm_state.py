@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ssl_bench.errors import UserError, one_line
-from ssl_bench.launch.profiles import ClusterSettings
+from ssl_bench_app.launch.profiles import ClusterSettings
 
 
 # -- job state, without an accounting database ---------------------------------------------------

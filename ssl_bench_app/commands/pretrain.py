@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ssl_bench.launch import add_launcher_args, run_job
+from ssl_bench_app.launch import add_launcher_args, run_job
 
 
 def register(sub) -> None:

@@ -62,7 +62,7 @@ class Sweep:
 
     @property
     def index(self) -> Path:
-        from ssl_bench.launch import INDEX_NAME
+        from ssl_bench_app.launch import INDEX_NAME
 
         return self.out / INDEX_NAME
 
@@ -156,7 +156,7 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
     from evals.presets import resolve_eval_config
     from evals.run import evaluate
     from ssl_bench.errors import TrainingDiverged
-    from ssl_bench.launch import Job, _run_debug
+    from ssl_bench_app.launch import Job, _run_debug
     from ssl_bench.rundir import FINISHED, RESUMABLE, eval_lock_name, eval_stem, locked, run_state
     from ssl_bench.trainer import pretrain
 
@@ -213,7 +213,7 @@ def submit(sweep: Sweep, cluster) -> Submitted:
     from evals.run import evaluate
     import submitit
 
-    from ssl_bench.launch import Job, job_entry, make_executor, read_index, record_jobs, sbatch_errors, slurm_states
+    from ssl_bench_app.launch import Job, job_entry, make_executor, read_index, record_jobs, sbatch_errors, slurm_states
     from ssl_bench.trainer import pretrain
 
     earlier = read_index(sweep.index)
@@ -267,7 +267,7 @@ def submit(sweep: Sweep, cluster) -> Submitted:
 def wait_all(submitted: Submitted) -> list[str]:
     """Wait for the jobs submitted now and those of an earlier submission still on the queue; print
     each as it ends; returns one failure line per failed job."""
-    from ssl_bench.launch import job_failure_message, wait_for
+    from ssl_bench_app.launch import job_failure_message, wait_for
 
     jobs = {**submitted.reused, **submitted.jobs}
     keys = {j.job_id: k for k, j in jobs.items()}
@@ -291,7 +291,7 @@ def write_leaderboard(sweep: Sweep) -> str | None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from ssl_bench.launch import cluster_from_args
+    from ssl_bench_app.launch import cluster_from_args
 
     sweep = plan(args.methods, args.seeds, args.protocols, args.data, args.data_root, args.preset,
                  args.out or f"results/sweep-{args.data}-{args.preset}", args.overrides, args.eval_override)

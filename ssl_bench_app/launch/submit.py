@@ -15,8 +15,8 @@ from typing import Any, Callable
 import submitit
 
 from ssl_bench.errors import UserError, one_line
-from ssl_bench.launch.profiles import ClusterSettings, cluster_from_args, time_minutes
-from ssl_bench.launch.slurm_state import INDEX_NAME, job_entry, job_failure_message, record_jobs, wait_for
+from ssl_bench_app.launch.profiles import ClusterSettings, cluster_from_args, time_minutes
+from ssl_bench_app.launch.slurm_state import INDEX_NAME, job_entry, job_failure_message, record_jobs, wait_for
 
 
 # -- the submitted callable -----------------------------------------------------------------------

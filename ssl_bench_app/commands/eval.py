@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_bench.launch import add_launcher_args, run_job
+from ssl_bench_app.launch import add_launcher_args, run_job
 
 
 def register(sub) -> None:

@@ -2,11 +2,11 @@
 with every protocol, and write the leaderboard under RESULTS/<data>-<preset>/. A rerun skips what finished."""
 from __future__ import annotations
 
-from ssl_bench.launch import add_launcher_args
+from ssl_bench_app.launch import add_launcher_args
 
 
 def register(sub) -> None:
-    from ssl_bench.sweep import add_grid_args
+    from ssl_bench_app.sweep import add_grid_args
 
     p = sub.add_parser("bench", help="pretrain + evaluate every method, then the leaderboard (the main job)", description=__doc__)
     p.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
@@ -18,6 +18,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ssl_bench.bench import run_bench
+    from ssl_bench_app.bench import run_bench
 
     return run_bench(args)

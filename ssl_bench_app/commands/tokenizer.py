@@ -2,7 +2,7 @@
 ViT patch), without labels, on a data set's pretraining images."""
 from __future__ import annotations
 
-from ssl_bench.launch import add_launcher_args, run_job
+from ssl_bench_app.launch import add_launcher_args, run_job
 
 
 def register(sub) -> None:

@@ -4,7 +4,7 @@ run evaluated with every protocol, one leaderboard.
     RESULTS/<data>-<preset>/<method>-s<seed>/     run directories: run.json, checkpoint.pt, evals/*.json
     RESULTS/<data>-<preset>/leaderboard.{md,csv,tex,png}
 
-The benchmark is a sweep (``ssl_bench.sweep``) with the benchmark's defaults: all registered methods, all
+The benchmark is a sweep (``ssl_bench_app.sweep``) with the benchmark's defaults: all registered methods, all
 registered protocols (the eval preset of the same name), this process as the launcher, and a results
 directory named by data set and preset. Like a sweep, a rerun skips what already finished (runs whose
 run.json says finished, evaluations with a record under the same protocol settings), resumes interrupted runs from their
@@ -64,7 +64,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """``ssl-bench bench``: plan, run (or submit) through the sweep machinery, then report."""
     from evals.registry import protocol_names
     from ssl_bench.registry import available_methods
-    from ssl_bench.sweep import DEFAULT_SEEDS, run_sweep
+    from ssl_bench_app.sweep import DEFAULT_SEEDS, run_sweep
 
     out = bench_dir(args.results, args.data, args.preset)
     sweep_args = argparse.Namespace(**{

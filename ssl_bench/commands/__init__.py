@@ -1,1 +1,0 @@
-"""Sub-commands of ``ssl-bench``; every module here is picked up by ``ssl_bench.cli``."""
