@@ -17,7 +17,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_bench.backbone import ViTBackbone, gather_tokens, init_linears_, normalized_pixel_targets, patchify, sincos_pos_embed
+from ssl_bench.backbone import INIT_SCHEMES, ViTBackbone, gather_tokens, init_linears_, normalized_pixel_targets, patchify, sincos_pos_embed
 from ssl_bench.config import SWITCH, Check
 from ssl_bench.masking import RandomMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec, Method
@@ -77,7 +77,7 @@ class MAE(Method):
     option_checks = {
         "mask_ratio": Check(0, 1, hi_open=True),  # at least one patch stays visible
         "decoder_dim": Check(1, integer=True), "decoder_depth": Check(1, integer=True), "decoder_heads": Check(1, integer=True),
-        "norm_pix_loss": SWITCH,
+        "norm_pix_loss": SWITCH, "init": Check(choices=INIT_SCHEMES),
     }
 
     def __init__(

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_bench.backbone import ViTBackbone
+from ssl_bench.backbone import INIT_SCHEMES, ViTBackbone
+from ssl_bench.config import SWITCH, Check
 from ssl_bench.distributed import concat_all_gather, rank
 from ssl_bench.errors import UserError
 from ssl_bench.heads import build_mlp, cosine_momentum, ema_update_, momentum_copy, sync_batchnorm
@@ -42,6 +43,7 @@ class MoCoV3(Method):
     description = "MoCo v3 (Chen et al. 2021): InfoNCE between a ViT query encoder and its momentum copy"
     family = "siamese"
     weight_decay_all = True  # the official AdamW gets model.parameters(): biases, norms, cls token decayed too
+    option_checks = {"init": Check(choices=INIT_SCHEMES), "freeze_patch_embed": SWITCH}
     recipes = {
         "smoke": {"method": {"mlp_dim": 256, "out_dim": 64}, "train": {**_ADAMW, "blr": 1.5e-3}},
         "quick": {"method": {"mlp_dim": 1024, "out_dim": 256}, "train": {**_ADAMW, "blr": 1.5e-3}},

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_bench.backbone import ViTBackbone
+from ssl_bench.config import SWITCH, Check
 from ssl_bench.errors import UserError
 from ssl_bench.heads import build_mlp, sync_batchnorm
 from ssl_bench.method import DataSpec, Method
@@ -43,6 +44,7 @@ class SimSiam(Method):
     description = "SimSiam (Chen & He 2021): two views, predictor, stop-gradient on the target; no negatives"
     family = "siamese"
     weight_decay_all = True  # the official SGD gets every parameter
+    option_checks = {"stop_gradient": SWITCH, "proj_hidden_dim": Check(1, integer=True, none_ok=True)}
     recipes = {
         "smoke": {"method": {"proj_dim": 64, "pred_dim": 16}, "train": dict(_SGD)},
         "quick": {"method": {"proj_dim": 512, "pred_dim": 128}, "train": dict(_SGD)},
