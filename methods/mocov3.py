@@ -28,6 +28,7 @@ from torch import nn
 
 from ssl_bench.backbone import INIT_SCHEMES, ViTBackbone
 from ssl_bench.config import SWITCH, Check
+from ssl_bench.data import views
 from ssl_bench.distributed import concat_all_gather, rank
 from ssl_bench.errors import UserError
 from ssl_bench.heads import build_mlp, cosine_momentum, ema_update_, momentum_copy, sync_batchnorm
@@ -82,9 +83,7 @@ class MoCoV3(Method):
         self.momentum_projector = momentum_copy(self.projector)
 
     def data_spec(self) -> DataSpec:
-        # "byol" crops at scale 0.08-1. VIEWS CONTRACT: once ssl_bench/data/views.py lands, this line becomes
-        # return DataSpec(augmentation=views.byol(crop_scale=(0.08, 1.0)), mask=None)
-        return DataSpec(augmentation="byol", mask=None)
+        return DataSpec(augmentation=views.byol(crop_scale=(0.08, 1.0)), mask=None)  # main_moco.py's --crop-min
 
     def on_step_start(self, step: int, total_steps: int) -> None:
         """This step's momentum, and the EMA step of f_k towards f_q's current weights (the official
