@@ -11,6 +11,10 @@ written under a temporary name and renamed when complete: a killed extraction le
 cls / mean / labels are always cached (they are small and kNN needs them whole); patch tokens are cached
 when they fit the budget (``features.cache_mb``), otherwise they are streamed: recomputed by the encoder
 for each batch that needs them.
+
+The official linear and attentive probes train on augmented images instead (``AugmentedImages``): each
+batch is cropped and flipped anew (``evals.augment``) and encoded once, and that one forward feeds every
+head of the grid. Cached features serve their held-out and test splits and the ``fast`` mode.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_bench.atomic import staged
+from evals.augment import crop_and_flip, crop_params
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
 from ssl_bench.runtime import autocast
@@ -70,8 +75,9 @@ class Features:
         """The whole array of ``kind`` as float32 (cls / mean: small)."""
         return torch.from_numpy(np.asarray(self.arrays[kind], dtype=np.float32))
 
-    def batches(self, kinds: Sequence[str], order: np.ndarray, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """({kind: float32 (B, ...)}, labels (B,)) for consecutive chunks of the positions ``order``."""
+    def batches(self, kinds: Sequence[str], order: np.ndarray, batch_size: int, epoch: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """({kind: float32 (B, ...)}, labels (B,)) for consecutive chunks of the positions ``order``
+        (the same features in every ``epoch``)."""
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         streamed = [k for k in kinds if k not in self.arrays]
         if streamed and self.stream is None:
@@ -81,6 +87,50 @@ class Features:
             batch = {k: torch.from_numpy(self.arrays[k][chunk].astype(np.float32)) for k in kinds if k in self.arrays}
             batch.update({k: extra[k] for k in streamed})
             yield batch, torch.from_numpy(self.labels[chunk])
+
+
+@dataclass
+class AugmentedImages:
+    """A probe's training split seen through augmentation: the same ``batches`` interface as ``Features``,
+    but every batch is cropped and flipped anew for its epoch and encoded by the frozen encoder, one forward
+    per batch for all the kinds asked for. ``forwards`` counts those forwards."""
+
+    images: Dataset  # (float (C, S, S) in [0, 1] at one common side S, label): the un-augmented view
+    encoder_fn: Callable[[], ViTBackbone]
+    img_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    seed: int
+    device: torch.device = torch.device("cpu")
+    num_workers: int = 0
+    encoder_threads: int | None = None  # torch CPU threads for the forward (the heads may train on fewer)
+    forwards: int = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def dim(self, kind: str) -> int:
+        return self.encoder_fn().embed_dim
+
+    def batches(self, kinds: Sequence[str], order: np.ndarray, batch_size: int, epoch: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """({kind: float32 (B, ...)}, labels (B,)) for consecutive chunks of the positions ``order``, each
+        image cropped and flipped as drawn for (seed, epoch, its position)."""
+        params = crop_params(len(self), self.seed, epoch)  # (n, 5)
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        loader = DataLoader(self.images, batch_sampler=chunks, num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        encoder = self.encoder_fn()
+        for chunk, (images, labels) in zip(chunks, loader):
+            views = crop_and_flip(images.to(self.device, non_blocking=True).float(), params[chunk], self.img_size)  # (B, C, img, img)
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.encoder_threads or before)
+            try:
+                feats = encode(encoder, (views - mean) / std, self.device)
+            finally:
+                torch.set_num_threads(before)
+            self.forwards += 1
+            yield {k: feats[k] for k in kinds}, labels
 
 
 def load_features(

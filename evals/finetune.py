@@ -12,8 +12,10 @@ head at lr (BEiT's ``get_layer_id``). Regularisation: stochastic depth rising li
 over the blocks, timm's Mixup/CutMix with label smoothing (SoftTargetCrossEntropy), and the training
 transform RandomResizedCrop + flip (+ RandAugment and random erasing when the preset asks for them).
 
-MAE ViT-B recipe: blr 5e-4, layer decay 0.65 (0.75 in MAE's paper), wd 0.05, drop path 0.1, 100 epochs,
-5 warmup, mixup 0.8, cutmix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, reprob 0.25.
+MAE's recipes (FINETUNE.md; ``evals.presets.FINETUNE_RECIPES``, chosen by the encoder's architecture in
+the full preset): wd 0.05, 5 warmup, mixup 0.8, cutmix 1.0, label smoothing 0.1, RandAugment
+rand-m9-mstd0.5-inc1, reprob 0.25; ViT-B blr 5e-4, layer decay 0.65, drop path 0.1, 100 epochs; ViT-L/H
+blr 1e-3, layer decay 0.75, drop path 0.2/0.3, 50 epochs.
 
 Optional LP-FT (Kumar et al., ICLR 2022; ``probe_epochs`` > 0): before fine-tuning, the new norm + head are
 fitted on the frozen encoder's features of the un-augmented training images (AdamW, cosine, ``probe_lr``).
@@ -23,7 +25,8 @@ steps are spent fitting the head while the near-chance gradients it sends back d
 Off in the full preset (the published recipe).
 
 Model selection: after every epoch the model is scored on a held-out part of the TRAIN split; the
-epoch with the best held-out top-1 is kept and only that model is scored on the test split.
+epoch with the best held-out top-1 is kept and only that model is scored on the test split (a warning
+when that is the first or the last epoch).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from evals.selection import edge_warnings, standard_error
 from evals.registry import register_protocol
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.data.datasets import TransformedSubset
@@ -280,7 +284,10 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
     return {
         "top1": test_top1,
         "selected": {"epoch": best["epoch"], "heldout_top1": best["heldout_top1"]},
+        # the last epoch chosen: held-out was still rising, more epochs may help; the first: later ones hurt
+        "warnings": edge_warnings({"epoch": best["epoch"]}, {"epoch": range(1, p["epochs"] + 1)}),
         "details": {
+            "heldout_se": standard_error(best["heldout_top1"], len(heldout)),
             "curve": curve, "epochs": p["epochs"], "steps": step, "batch_size": batch, "lr": lr, "blr": p["blr"],
             "layer_decay": p["layer_decay"], "weight_decay": p["weight_decay"], "drop_path": p["drop_path"],
             "probe": probe, "mixup": p["mixup"], "cutmix": p["cutmix"], "label_smoothing": p["label_smoothing"],

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evals.features import Features
+from evals.selection import edge_warnings
 from evals.registry import register_protocol
 from ssl_bench.errors import UserError
 
 FEATURE_TYPES = ("cls", "mean")
-FEATURE_KINDS = FEATURE_TYPES  # what evals.run extracts for this protocol
+MODES = ("official", "fast")
 
 
 class KNNClassifier:
@@ -80,9 +82,11 @@ def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temp
         tested = clf.accuracy(test.tensor(feature), test.labels, ks, chunk)
         grid += [{"feature": feature, "k": k, "heldout_top1": held[k], "test_top1": tested[k]} for k in ks]
     best = max(grid, key=lambda row: row["heldout_top1"])  # first (cls, smallest k) on ties
+    selected = {"feature": best["feature"], "k": best["k"]}
     return {
         "top1": best["test_top1"],
-        "selected": {"feature": best["feature"], "k": best["k"]},
+        "selected": selected,
+        "warnings": edge_warnings(selected, {"k": ks}),
         "details": {
             "grid": grid, "temperature": temperature, "index": f"faiss IndexFlatIP ({'gpu' if on_gpu else 'cpu'})",
             "n_train": len(train), "n_heldout": len(heldout), "n_test": len(test),
@@ -90,8 +94,46 @@ def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temp
     }
 
 
-@register_protocol("knn", feature_kinds=FEATURE_KINDS, description="weighted kNN on frozen features")
+def knn_official(memory, test, num_classes: int, k: int, ks: Sequence[int], temperature: float, chunk: int) -> dict:
+    """DINO's figure: cls token, ``k`` neighbours in ``memory``; every (feature, k in ``ks``) beside it."""
+    ks = sorted({int(k), *(int(x) for x in ks)})
+    extra, on_gpu = [], False
+    for feature in FEATURE_TYPES:
+        clf = KNNClassifier(memory.tensor(feature), memory.labels, num_classes, temperature)
+        on_gpu = clf.on_gpu
+        tested = clf.accuracy(test.tensor(feature), test.labels, ks, chunk)
+        extra += [{"feature": feature, "k": x, "test_top1": tested[x]} for x in ks]
+    official = next(row for row in extra if row["feature"] == "cls" and row["k"] == int(k))
+    return {
+        "top1": official["test_top1"],
+        "selected": {"feature": "cls", "k": int(k)},  # fixed by the protocol, not chosen
+        "warnings": [],
+        "details": {
+            "extra": extra, "temperature": temperature, "index": f"faiss IndexFlatIP ({'gpu' if on_gpu else 'cpu'})",
+            "n_train": len(memory), "n_test": len(test),
+        },
+    }
+
+
+def concat(*parts: Features) -> Features:
+    """One ``Features`` holding the cls / mean features and labels of several splits, in order."""
+    return Features(
+        np.concatenate([p.labels for p in parts]),
+        {k: np.concatenate([np.asarray(p.arrays[k]) for p in parts]) for k in FEATURE_TYPES},
+    )
+
+
+def feature_kinds(p: dict) -> dict[str, tuple[str, ...]]:
+    if p["mode"] not in MODES:
+        raise UserError(f"knn.mode={p['mode']!r}; choose from {', '.join(MODES)}")
+    return dict.fromkeys(("train", "heldout", "test"), FEATURE_TYPES)
+
+
+@register_protocol("knn", feature_kinds=feature_kinds, description="weighted kNN on frozen features (DINO)")
 def evaluate(ctx) -> dict:
     p = ctx.params
+    feature_kinds(p)  # validates the mode
     train, heldout, test = (ctx.features(split, FEATURE_TYPES) for split in ("train", "heldout", "test"))
+    if p["mode"] == "official":  # the memory is the whole labelled train split: nothing is held out
+        return knn_official(concat(train, heldout), test, ctx.num_classes, p["k"], p["ks"], p["temperature"], p["query_chunk"])
     return knn_protocol(train, heldout, test, ctx.num_classes, p["ks"], p["temperature"], p["query_chunk"])

@@ -32,7 +32,9 @@ class Protocol:
     name: str
     evaluate: Callable[..., dict]
     presets: Mapping[str, dict] | None = None  # preset -> settings; None: the built-in section of evals.presets
-    feature_kinds: tuple[str, ...] = ()  # frozen-encoder features to extract in one pass ("cls", "mean", "patches")
+    # frozen-encoder features to extract in one pass ("cls", "mean", "patches"), for every split; or a function
+    # of the protocol's settings -> {split: kinds} (the built-in probes: what each mode reads from the cache)
+    feature_kinds: tuple[str, ...] | Callable[[dict], dict[str, tuple[str, ...]]] = ()
     description: str = field(default="", compare=False)
 
 
@@ -40,7 +42,7 @@ _PROTOCOLS: dict[str, Protocol] = {}
 _loaded: set[str] = set()
 
 
-def register_protocol(name: str, *, presets: Mapping[str, dict] | None = None, feature_kinds: tuple[str, ...] = (),
+def register_protocol(name: str, *, presets: Mapping[str, dict] | None = None, feature_kinds: tuple[str, ...] | Callable = (),
                       description: str = "") -> Callable:
     """Function decorator: make ``fn(ctx) -> dict`` available as the protocol ``name``."""
     if not name or not name.replace("_", "").isalnum():
@@ -51,7 +53,8 @@ def register_protocol(name: str, *, presets: Mapping[str, dict] | None = None, f
         if existing is not None and existing.evaluate.__qualname__ != fn.__qualname__:
             raise TypeError(f"protocol name '{name}' is taken by {existing.evaluate.__module__}.{existing.evaluate.__qualname__}")
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
-        _PROTOCOLS[name] = Protocol(name, fn, None if presets is None else dict(presets), tuple(feature_kinds), doc)
+        kinds = feature_kinds if callable(feature_kinds) else tuple(feature_kinds)
+        _PROTOCOLS[name] = Protocol(name, fn, None if presets is None else dict(presets), kinds, doc)
         return fn
 
     return decorate
@@ -85,6 +88,13 @@ def get_protocol(name: str) -> Protocol:
                             f"decorate its evaluate function with @register_protocol('{name}')")
         raise UserError(f"unknown protocol '{name}'; choose from {', '.join(protocol_names())}")
     return _PROTOCOLS[name]
+
+
+def kinds_per_split(protocol: Protocol, params: dict) -> dict[str, tuple[str, ...]]:
+    """{split: the cached feature kinds ``protocol`` reads from it} under the settings ``params``."""
+    if callable(protocol.feature_kinds):
+        return protocol.feature_kinds(params)
+    return dict.fromkeys(("train", "heldout", "test"), protocol.feature_kinds)
 
 
 def protocol_order(name: str) -> int:

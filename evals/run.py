@@ -2,10 +2,13 @@
 
     evaluate(run_dir, ["knn", "linear"], "fashion_mnist", None, "quick")
       -> RUN_DIR/evals/knn-fashion_mnist-quick.json, RUN_DIR/evals/linear-fashion_mnist-quick.json
+    evaluate(..., modes=["fast", "official"])   # both modes of every probe; fast records end in -fast
 
 A protocol is a function ``evaluate(ctx: EvalContext) -> dict`` registered in ``evals.registry`` (built-ins
 in ``evals/<name>.py``, plug-ins through entry points) returning at least ``top1`` (test split, percent),
-``selected`` (what was chosen on the held-out split) and ``details``.
+``selected`` (what was chosen on the held-out split) and ``details`` (with ``n_test``), optionally
+``warnings`` (a choice on the edge of its grid). Each record names the protocol's ``mode`` and carries
+``ci95``: the 95% Wilson interval of the test top-1 over the test images.
 Records are written with ``write_json_new``: atomic, and never overwriting an earlier result.
 """
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from evals.features import Features, file_sha256, load_features
+from evals.features import AugmentedImages, Features, file_sha256, load_features
 from evals.presets import resolve_eval_config
-from evals.registry import get_protocol, protocol_names
+from evals.registry import get_protocol, kinds_per_split, protocol_names
+from evals.selection import wilson_interval
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.checkpoint import load_encoder
-from ssl_bench.data.datasets import DatasetInfo, fixed_subset, load_dataset
+from ssl_bench.data.datasets import DatasetInfo, TransformedSubset, fixed_subset, load_dataset
 from ssl_bench.data.transforms import eval_transform
 from ssl_bench.distributed import resolve_device
 from ssl_bench.errors import UserError
@@ -33,6 +37,7 @@ from ssl_bench.records import git_commit, hardware, now_iso, write_json_new
 from ssl_bench.rundir import CHECKPOINT_NAME, EVALS_DIR, FEATURES_DIR, eval_stem, read_run
 
 SPLIT_SEED = 0  # the held-out / train / test subsets are the same for every method and run
+MODES = ("official", "fast")
 
 
 @dataclass
@@ -133,10 +138,15 @@ class EvalContext:
         rest = perm[n_held:]
         return np.sort(rest if p["train_size"] is None else rest[: p["train_size"]])
 
+    def split_key(self, split: str) -> tuple:
+        """What fixes the images of ``split`` (protocols with the same key share its cached features)."""
+        p = self.params
+        return (split, p["test_size"]) if split == "test" else (split, p["train_size"], p["heldout_size"])
+
     def features(self, split: str, kinds: Sequence[str] = ("cls", "mean")) -> Features:
         """Frozen-encoder features of ``split``: cached under ``cache_dir``, extracted when missing.
-        A missing split is extracted with every kind the protocols of this evaluation declare
-        (``FEATURE_KINDS``), so one pass of the encoder serves them all."""
+        A missing split is extracted with every kind the protocols of this evaluation read from the same
+        images (their ``feature_kinds``), so one pass of the encoder serves them all."""
         ds, _ = self.dataset("test" if split == "test" else "train")
         mean, std = self.normalization()
         key = {
@@ -148,8 +158,20 @@ class EvalContext:
         return load_features(
             cache_dir=self.cache_dir, key_fields=key, dataset=ds, indices=self.split_indices(split),
             transform=self.transform(), encoder_fn=self.frozen_encoder,
-            kinds=sorted({*kinds, *self._shared.get("kinds", ())}), cache_mb=f["cache_mb"],
+            kinds=sorted({*kinds, *self._shared.get("kinds", {}).get(self.split_key(split), ())}), cache_mb=f["cache_mb"],
             batch_size=f["batch_size"], num_workers=f["num_workers"], device=self.device,
+        )
+
+    def augmented_train(self) -> AugmentedImages:
+        """The probe's training images, cropped and flipped anew each epoch (seed: the protocol's ``seed``)
+        and encoded by the frozen encoder batch by batch."""
+        ds, info = self.dataset("train")
+        plain = eval_transform(self.img_size, info.img_size, (0.0,) * info.in_chans, (1.0,) * info.in_chans)  # [0, 1], common side
+        mean, std = self.normalization()
+        return AugmentedImages(
+            TransformedSubset(ds, self.split_indices("train"), plain), self.frozen_encoder, self.img_size, mean, std,
+            seed=int(self.params["seed"]), device=self.device, num_workers=self.feature_cfg["num_workers"],
+            encoder_threads=torch.get_num_threads(),
         )
 
 
@@ -193,33 +215,72 @@ def _check_applicable(method: str | None, protocols: Sequence[str]) -> None:
                         f"drop it from --protocol")
 
 
+def parse_modes(modes: str | Sequence[str] | None) -> list[str] | None:
+    """"fast,official" -> ["fast", "official"]; None: each protocol's preset mode."""
+    if modes is None:
+        return None
+    given = modes.split(",") if isinstance(modes, str) else modes
+    names = list(dict.fromkeys(m.strip() for m in given if m.strip()))
+    bad = [m for m in names if m not in MODES]
+    if bad or not names:
+        raise UserError(f"unknown mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)} (comma-separated)")
+    return names
+
+
+def plan_modes(names: Sequence[str], cfg: dict, modes: Sequence[str] | None) -> list[tuple[str, dict]]:
+    """(protocol, its params) for every evaluation to run: each probe once per mode in ``modes`` (None: its
+    preset's), fine-tuning once (its mode is a property of its recipe, not a choice)."""
+    plan = []
+    for name in names:
+        if modes is None or name == "finetune" or "mode" not in cfg[name]:  # plug-ins without modes: once
+            plan.append((name, cfg[name]))
+        else:
+            plan += [(name, {**cfg[name], "mode": m}) for m in modes]
+    return plan
+
+
 def evaluate(
     run_dir: str | Path, protocols: Sequence[str] | str, data: str | None = None, data_root: str | None = None,
-    preset: str = "quick", overrides: Sequence[str] = (),
+    preset: str = "quick", overrides: Sequence[str] = (), modes: str | Sequence[str] | None = None,
 ) -> list[Path]:
-    """Run each protocol on the run's encoder; one record per protocol under ``run_dir/evals``."""
+    """Run each protocol (in each of ``modes``) on the run's encoder; one record per protocol and mode
+    under ``run_dir/evals``."""
     names = parse_protocols(protocols)
+    modes = parse_modes(modes)
     cfg = resolve_eval_config(preset, list(overrides))
     base = make_context(run_dir, data, data_root, preset, cfg)
     _check_applicable(base.record.get("method"), names)
+    cfg = resolve_eval_config(preset, list(overrides), arch=base.record.get("arch", {}).get("arch"))
     chosen = {name: get_protocol(name) for name in names}
-    base._shared["kinds"] = {k for p in chosen.values() for k in p.feature_kinds}
+    plan = plan_modes(names, cfg, modes)
+    kinds: dict[tuple, set] = {}  # (split, sizes) -> every feature kind read from those images
+    for name, params in plan:
+        ctx = dataclasses.replace(base, params=params)
+        for split, ks in kinds_per_split(chosen[name], params).items():
+            kinds.setdefault(ctx.split_key(split), set()).update(ks)
+    base._shared["kinds"] = kinds
     paths = []
-    for name, protocol in chosen.items():
-        ctx = dataclasses.replace(base, params=cfg[name])  # shares the loaded encoder and data sets
+    for name, params in plan:
+        protocol = chosen[name]
+        ctx = dataclasses.replace(base, params=params)  # shares the loaded encoder and data sets
         start = time.perf_counter()
         result = protocol.evaluate(ctx)
         missing = {"top1", "selected", "details"} - set(result)
         if missing:
             raise RuntimeError(f"protocol {name} ({protocol.evaluate.__module__}) returned no {sorted(missing)}")
+        mode = params.get("mode")
+        n_test = int(result["details"].get("n_test", 0))
         record: dict[str, Any] = {
-            "protocol": name, "data": ctx.data, "preset": preset, "top1": float(result["top1"]),
+            "protocol": name, "mode": mode, "data": ctx.data, "preset": preset, "top1": float(result["top1"]),
+            "ci95": wilson_interval(float(result["top1"]), n_test), "n_test": n_test,
+            "warnings": list(result.get("warnings", [])),
             "selected": result["selected"], "details": result["details"],
             "method": base.record.get("method"), "run_dir": str(base.run_dir.resolve()),
             "checkpoint_sha256": base.checkpoint_sha256, "wall_time_s": time.perf_counter() - start,
             "hardware": hardware(), "created": now_iso(),
-            "config": {"features": cfg["features"], name: cfg[name]}, "overrides": list(overrides),
+            "config": {"features": cfg["features"], name: params}, "overrides": list(overrides),
             "device": str(ctx.device), "git_commit": git_commit(),
         }
-        paths.append(write_json_new(base.run_dir / EVALS_DIR, eval_stem(name, ctx.data, preset), record))
+        stem = eval_stem(name, ctx.data, preset) + ("-fast" if mode == "fast" else "")  # modes never share a record name
+        paths.append(write_json_new(base.run_dir / EVALS_DIR, stem, record))
     return paths

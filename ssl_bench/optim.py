@@ -41,15 +41,16 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
-def build_optimizer(groups: list[dict], name: str, lr: float, betas=(0.9, 0.999), momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``groups`` carry their own weight_decay; every group starts at ``lr`` (the schedule sets it each step)."""
+def build_optimizer(groups: list[dict], name: str, lr: float, betas=(0.9, 0.999), momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
+    """``groups`` carry their own weight_decay; every group starts at ``lr`` (the schedule sets it each step).
+    ``nesterov``: SGD with Nesterov momentum (CAE's ``sgd``)."""
     for g in groups:
         g.setdefault("lr", lr)
         g["base_lr"] = lr
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     raise UserError(f"unknown optimizer '{name}'; choose one of: adamw, sgd, lars")

@@ -60,23 +60,45 @@ def test_eval_command_writes_one_record_per_protocol_and_never_overwrites(fresh_
             "linear.epochs=2", "attentive.epochs=1", *(f"{p}.{s}" for p in ("linear", "attentive") for s in SIZES)]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # one pass of the encoder per split, giving what every protocol of the call needs
-    assert extractions == [["cls", "labels", "mean", "patches"]] * 3
-    assert [ln.split()[0] for ln in lines] == ["knn", "linear", "attentive"]
+    # one pass of the encoder per split, giving what every protocol of the call needs: official linear and
+    # attentive probes encode their (augmented) training images themselves, so no patch tokens of train
+    assert extractions == [["cls", "labels", "mean"]] + [["cls", "labels", "mean", "patches"]] * 2
+    assert [ln.split()[:2] for ln in lines] == [["knn", "official"], ["linear", "official"], ["attentive", "official"]]
     records = {p: json.loads((fresh_run / "evals" / f"{p}-fashion_mnist-smoke.json").read_text()) for p in ("knn", "linear", "attentive")}
     for name, rec in records.items():
-        assert rec["protocol"] == name and rec["data"] == "fashion_mnist" and rec["preset"] == "smoke"
-        assert 0 <= rec["top1"] <= 100 and rec["selected"] and rec["details"]["grid"]
+        assert rec["protocol"] == name and rec["data"] == "fashion_mnist" and rec["preset"] == "smoke" and rec["mode"] == "official"
+        assert 0 <= rec["top1"] <= 100 and rec["selected"] and (rec["details"].get("grid") or rec["details"]["extra"])
         assert rec["method"] == "mae" and rec["checkpoint_sha256"] == evals.features.file_sha256(fresh_run / "checkpoint.pt")
-        assert {"wall_time_s", "hardware", "created", "config", "run_dir"} <= set(rec)
+        assert {"wall_time_s", "hardware", "created", "config", "run_dir", "warnings"} <= set(rec)
+        lo, hi = rec["ci95"]
+        assert rec["n_test"] == 100 and lo <= rec["top1"] <= hi and 10 < hi - lo < 25  # 95% over 100 test images
     assert records["knn"]["config"]["knn"]["ks"] == [5, 10]  # the overrides are what ran
-    assert {(r["feature"], r["k"]) for r in records["knn"]["details"]["grid"]} == {(f, k) for f in ("cls", "mean") for k in (5, 10)}
+    assert records["knn"]["selected"] == {"feature": "cls", "k": 20} and records["knn"]["details"]["n_train"] == 300
+    assert {(r["feature"], r["k"]) for r in records["knn"]["details"]["extra"]} == {(f, k) for f in ("cls", "mean") for k in (5, 10, 20)}
+    assert records["linear"]["details"]["train_forwards"] == 2 * (200 // 128)  # official: encoded anew every batch
 
     first = (fresh_run / "evals" / "knn-fashion_mnist-smoke.json").read_bytes()
     assert main(["eval", "--run", str(fresh_run), "--protocol", "knn", "--preset", "smoke", *SMALL]) == 0
     assert (fresh_run / "evals" / "knn-fashion_mnist-smoke.json").read_bytes() == first
     again = json.loads((fresh_run / "evals" / "knn-fashion_mnist-smoke-1.json").read_text())
     assert again["top1"] == records["knn"]["top1"]  # same cached features, same result
+
+
+def test_eval_command_writes_both_modes_in_one_call(fresh_run, capsys):
+    args = ["eval", "--run", str(fresh_run), "--protocol", "knn,linear", "--preset", "smoke", "--mode", "fast,official", *SMALL,
+            "linear.epochs=1", "linear.fast_epochs=2", *(f"linear.{s}" for s in SIZES)]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[:2] for ln in lines] == [["knn", "fast"], ["knn", "official"], ["linear", "fast"], ["linear", "official"]]
+    evals_dir = fresh_run / "evals"
+    fast = {p: json.loads((evals_dir / f"{p}-fashion_mnist-smoke-fast.json").read_text()) for p in ("knn", "linear")}
+    official = {p: json.loads((evals_dir / f"{p}-fashion_mnist-smoke.json").read_text()) for p in ("knn", "linear")}
+    assert all(r["mode"] == "fast" for r in fast.values()) and all(r["mode"] == "official" for r in official.values())
+    assert fast["knn"]["details"]["n_train"] == 200 and {r["k"] for r in fast["knn"]["details"]["grid"]} == {5, 10}
+    assert fast["linear"]["details"]["train_forwards"] is None and fast["linear"]["details"]["epochs"] == 2
+    assert {r["feature"] for r in fast["linear"]["details"]["grid"]} == {"cls", "mean"}
+    assert {r["feature"] for r in official["linear"]["details"]["grid"]} == {"cls"}
+    assert "unknown mode(s) slow" in one_line_error(capsys, [*args[:7], "--mode", "slow"])
 
 
 def test_feature_cache_is_reused_and_invalidated_by_a_changed_checkpoint(fresh_run, extractions):

@@ -5,10 +5,15 @@ import torch
 
 from evals.attentive import AttentiveProbe, attentive_probe
 from evals.features import Features
-from evals.linear import LinearHead, linear_probe, train_heads
+from evals.linear import LinearHead, linear_probe, mode_params, train_heads
 from evals.presets import resolve_eval_config
 
 CPU = torch.device("cpu")
+
+
+def fast(protocol: str, *overrides: str) -> dict:
+    """The smoke preset's ``protocol`` section in fast mode (cached features, its fast epochs)."""
+    return mode_params({**resolve_eval_config("smoke", list(overrides))[protocol], "mode": "fast"})
 
 
 def split(n_train, n_heldout, n_test):
@@ -28,8 +33,8 @@ def test_linear_probe_solves_a_linearly_separable_task():
     x, labels = 3 * z[keep] + 5, logits[keep].argmax(1)  # off-centre and scaled: BatchNorm must whiten it
     noise = torch.randn(1800, 32, generator=g)
     parts = [as_features(labels[i], cls=x[i], mean=noise[i]) for i in split(1000, 300, 500)]
-    p = resolve_eval_config("smoke")["linear"]
-    result = linear_probe(*parts, num_classes=4, p=p, device=CPU)
+    p = fast("linear")
+    result = linear_probe(*parts, num_classes=4, p=p, device=CPU, features=("cls", "mean"))
     assert result["top1"] > 95
     assert result["selected"]["feature"] == "cls"  # chosen on held-out: the mean feature is noise
     assert len(result["details"]["grid"]) == 2 * len(p["blrs"])
@@ -73,9 +78,8 @@ def test_attentive_probe_beats_mean_pooling_when_the_label_lives_in_one_patch():
         as_features(labels[i], patches=patches[i], mean=patches[i].mean(1), cls=torch.randn(len(i), 32))
         for i in split(1600, 400, 400)
     ]
-    cfg = resolve_eval_config("smoke", ["attentive.epochs=10"])
-    attentive = attentive_probe(*parts, num_classes=4, num_heads=2, p=cfg["attentive"], device=CPU)
-    linear = linear_probe(*parts, num_classes=4, p={**cfg["linear"], "feature_types": ("mean",)}, device=CPU)
+    attentive = attentive_probe(*parts, num_classes=4, num_heads=2, p=fast("attentive", "attentive.fast_epochs=10"), device=CPU)
+    linear = linear_probe(*parts, num_classes=4, p=fast("linear"), device=CPU, features=("mean",))
     assert attentive["top1"] > 90
     assert attentive["top1"] > linear["top1"] + 30
     assert linear["top1"] > 30  # above chance (25%): the mean carries a little signal, so the gap is real
@@ -83,16 +87,75 @@ def test_attentive_probe_beats_mean_pooling_when_the_label_lives_in_one_patch():
 
 def test_attentive_probe_is_one_cross_attention_without_skip_or_mlp():
     probe = AttentiveProbe(dim=8, num_heads=2, num_classes=3).eval()
-    patches = torch.randn(5, 6, 8)
-    pooled = probe.pool(patches)
-    # the pooled vector is an attention-weighted mix of the projected values: permuting the patches
+    tokens = torch.randn(5, 7, 8)  # cls + 6 patch tokens
+    pooled = probe.pool(tokens)
+    # the pooled vector is an attention-weighted mix of the projected values: permuting the tokens
     # changes nothing (no position, no skip from the query)
-    assert torch.allclose(pooled, probe.pool(patches[:, torch.randperm(6)]), atol=1e-6)
-    # identical patches pool to that patch's projected value, whatever the query
-    same = patches[:, :1].expand(-1, 6, -1)
-    value = probe.attn.proj(probe.attn.v(probe.norm_v(patches[:, 0])))
+    assert torch.allclose(pooled, probe.pool(tokens[:, torch.randperm(7)]), atol=1e-6)
+    # identical tokens pool to that token's projected value, whatever the query
+    same = tokens[:, :1].expand(-1, 7, -1)
+    value = probe.attn.proj(probe.attn.v(probe.norm_v(tokens[:, 0])))
     assert torch.allclose(probe.pool(same), value, atol=1e-5)
     assert not any(isinstance(m, torch.nn.GELU) for m in probe.modules())
+
+
+def test_attentive_probe_attends_over_cls_and_patches_with_a_normed_query():
+    """CAE's AttentiveBlock: keys / values are the whole normalised output sequence, cls included, and the
+    query goes through its own LayerNorm (norm_q)."""
+    probe = AttentiveProbe(dim=8, num_heads=2, num_classes=3).eval()
+    cls, patches = torch.randn(5, 8), torch.randn(5, 6, 8)
+    logits = probe({"cls": cls, "patches": patches})
+    tokens = torch.cat([cls[:, None], patches], dim=1)
+    torch.testing.assert_close(logits, probe.linear(probe.norm(probe.pool(tokens))))
+    assert not torch.allclose(logits, probe({"cls": cls + 3 * torch.randn(5, 8), "patches": patches}))  # cls is a key / value
+    assert probe.kinds == ("cls", "patches")
+    # the query is layer-normed: scaling and shifting the learned query changes nothing ...
+    with torch.no_grad():
+        before = probe.pool(tokens)
+        probe.norm_q.weight.fill_(1.0)
+        probe.norm_q.bias.zero_()
+        probe.query.normal_()  # unit scale, so LayerNorm's eps is negligible
+        plain = probe.pool(tokens)
+        probe.query.mul_(5.0).add_(2.0)
+        torch.testing.assert_close(probe.pool(tokens), plain, atol=1e-5, rtol=1e-4)
+        # ... and norm_q's own affine parameters are used
+        probe.norm_q.weight.fill_(2.0)
+        assert not torch.allclose(probe.pool(tokens), plain, atol=1e-4)
+    assert before.shape == (5, 8)
+
+
+def test_attentive_probe_trains_with_nesterov_sgd():
+    p = resolve_eval_config("quick")["attentive"]
+    assert p["optimizer"] == "sgd" and p["nesterov"] is True
+    from ssl_bench.optim import build_optimizer
+
+    opt = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], "sgd", 0.1, nesterov=p["nesterov"])
+    assert opt.param_groups[0]["nesterov"] is True
+
+
+def test_grid_choice_on_an_edge_is_warned_and_a_middle_choice_is_not():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(900, 16, generator=g)
+    labels = (z[:, 0] > 0).long()
+    parts = [as_features(labels[i], cls=z[i]) for i in split(500, 200, 200)]
+    # lrs far too small to move the head: held-out top-1 rises with the lr, the largest wins
+    low = linear_probe(*parts, num_classes=2, p={**fast("linear"), "blrs": (1e-7, 1e-6, 1e-1)}, device=CPU)
+    assert low["selected"]["blr"] == 0.1
+    assert len(low["warnings"]) == 1 and "blr=0.1 is the highest value of its grid" in low["warnings"][0]
+    from evals.selection import edge_warnings
+
+    assert edge_warnings({"blr": 0.1}, {"blr": (0.01, 0.1, 1.0)}) == []
+    assert "lowest" in edge_warnings({"k": 10}, {"k": (10, 20, 100)})[0]
+    assert edge_warnings({"k": 20}, {"k": (20,)}) == []  # a grid of one is no choice
+
+
+def test_wilson_interval():
+    from evals.selection import wilson_interval
+
+    lo, hi = wilson_interval(75.0, 10_000)
+    assert lo < 75.0 < hi and hi - lo == pytest.approx(2 * 1.96 * (0.75 * 0.25 / 10_000) ** 0.5 * 100, rel=0.01)
+    lo, hi = wilson_interval(100.0, 20)  # never beyond [0, 100], and not empty at the extremes
+    assert 80 < lo < 100 and hi == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("bad", ["linear.nope=1", "attentive.epochs", "nope.epochs=1"])
