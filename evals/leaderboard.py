@@ -10,6 +10,9 @@ Rules (stated again under the table):
 * a protocol counts once per run: its latest record (a rerun writes ``-1``, ``-2``..., never overwrites);
 * std is the sample std (ddof 1) over seeds; a cell shows n when it averages more than one run;
 * an evaluation on another data set (transfer) or preset gets its own column, e.g. ``finetune (cifar10)``;
+  so does each mode: ``linear (official)``, ``linear (fast)``, ``finetune (proxy)`` (records before modes
+  existed have none);
+* a cell is marked † when a counted record warns that its choice sits on the edge of its grid;
 * an eval record whose ``checkpoint_sha256`` is not the run's current ``checkpoint.pt`` is stale (it scored
   weights that are no longer there): it is not counted and is listed under the table. Records whose run keeps
   no checkpoint (committed results) cannot be checked and count.
@@ -37,6 +40,7 @@ from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, eval_records, record_
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
 PLOT_NAME = "leaderboard.png"
 MISSING = "-"
+EDGE_MARK = " †"
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Row:
     preset: str
     seeds: list = field(default_factory=list)
     top1: dict[str, Stat] = field(default_factory=dict)  # column -> Stat
+    edge: set[str] = field(default_factory=set)  # columns with a choice on the edge of its grid
+    ci_half: dict[str, float] = field(default_factory=dict)  # column -> widest 95% half-width over test images
     images_per_s: Stat | None = None
     gpu_hours: Stat | None = None
     wall_min: Stat | None = None
@@ -89,8 +95,9 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _column(protocol: str, eval_data: str, eval_preset: str, run_data: str, run_preset: str) -> str:
-    extra = [eval_data] if eval_data != run_data else []
+def _column(protocol: str, eval_data: str, eval_preset: str, run_data: str, run_preset: str, mode: str | None = None) -> str:
+    extra = [mode] if mode else []
+    extra += [eval_data] if eval_data != run_data else []
     extra += [f"{eval_preset} preset"] if eval_preset != run_preset else []
     return f"{protocol} ({', '.join(extra)})" if extra else protocol
 
@@ -100,8 +107,8 @@ def _column_key(col: str) -> tuple:
     return (protocol_order(base), base, col)
 
 
-def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, float]:
-    """column -> top1 of the latest eval record of each protocol (and data set / preset) for this run."""
+def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, tuple[float, dict]]:
+    """column -> (top1, record) of the latest eval record of each protocol (and mode / data set / preset)."""
     latest: dict[str, tuple] = {}
     checkpoint, current = run_dir / CHECKPOINT_NAME, None
     for path in eval_records(run_dir):
@@ -116,10 +123,10 @@ def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, 
                 notes.append(f"stale, not counted: {rel(path)} scored a checkpoint (sha256 {ev['checkpoint_sha256'][:12]}) that "
                              f"{rel(checkpoint)} no longer is (now {current[:12]}); rerun ssl-bench eval --run {rel(run_dir)}")
                 continue
-        col = _column(ev["protocol"], ev.get("data", record["data"]), ev.get("preset", record.get("preset")), record["data"], record.get("preset"))
+        col = _column(ev["protocol"], ev.get("data", record["data"]), ev.get("preset", record.get("preset")), record["data"], record.get("preset"), ev.get("mode"))
         rank = record_rank(path, ev)
         if col not in latest or rank > latest[col][0]:
-            latest[col] = (rank, float(top1))
+            latest[col] = (rank, (float(top1), ev))
     return {col: v for col, (_, v) in latest.items()}
 
 
@@ -160,8 +167,13 @@ def collect(results_dir: str | Path) -> Leaderboard:
     for (data, preset, method, seed), (_, _, record, run_dir) in sorted(latest_per_seed.items(), key=order):
         row = rows.setdefault((data, preset, method), Row(method, record.get("family", ""), data, preset))
         row.seeds.append(seed)
-        for col, top1 in _run_evals(run_dir, record, notes, rel).items():
+        for col, (top1, ev) in _run_evals(run_dir, record, notes, rel).items():
             row.top1.setdefault(col, Stat([])).values.append(top1)
+            if ev.get("warnings"):
+                row.edge.add(col)
+            ci = ev.get("ci95")
+            if isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
+                row.ci_half[col] = max(row.ci_half.get(col, 0.0), (ci[1] - ci[0]) / 2)
         for attr, value in (
             ("images_per_s", record.get("images_per_s")),
             ("gpu_hours", record.get("gpu_hours")),
@@ -210,7 +222,7 @@ def table_rows(lb: Leaderboard) -> list[list[str]]:
         out.append(
             [r.method] + ([r.data] if lb.show_data else []) + ([r.preset] if lb.show_preset else [])
             + [",".join(map(str, r.seeds))]
-            + [fmt_stat(r.top1.get(c)) for c in lb.columns]
+            + [fmt_stat(r.top1.get(c)) + (EDGE_MARK if c in r.edge else "") for c in lb.columns]
             + [_plain(r.images_per_s, 0), _plain(r.gpu_hours, 2), _plain(r.wall_min, 1), "; ".join(r.hardware) or MISSING]
         )
     return out
@@ -231,6 +243,21 @@ FOOTNOTE = (
 )
 
 
+def footnotes(lb: Leaderboard) -> list[str]:
+    """Notes the table's content calls for: edge choices, proxies, the widest interval over test images."""
+    out = []
+    if any(r.edge for r in lb.rows):
+        out.append("† a hyper-parameter chosen on held-out sits on the edge of its grid in at least one run (the record's warnings): the best may lie outside the grid.")
+    if any("(proxy" in c for c in lb.columns):
+        out.append("finetune (proxy): a budget proxy of fine-tuning (the quick preset's LP-FT without augmentation), not the published recipe; compare it only with itself.")
+    if any(" (fast" in c for c in lb.columns):
+        out.append("(fast): probes on cached un-augmented features with the feature chosen per method, for quick looks; (official): each protocol as its source defines it (docs/protocols.md).")
+    halves = [h for r in lb.rows for h in r.ci_half.values()]
+    if halves:
+        out.append(f"95% interval over test images (Wilson, in each record's ci95): at most ±{max(halves):.2f} points per run.")
+    return out
+
+
 def to_markdown(lb: Leaderboard) -> str:
     from tabulate import tabulate
 
@@ -243,6 +270,8 @@ def to_markdown(lb: Leaderboard) -> str:
     else:
         lines += ["No finished runs.", ""]
     lines += [FOOTNOTE, ""]
+    for note in footnotes(lb):
+        lines += [note, ""]
     controls = sorted({r.method for r in lb.rows if r.family == CONTROL_FAMILY})
     if controls:
         lines += [f"Control rows (never pretrained; what every method should beat): {', '.join(controls)}.", ""]
@@ -285,7 +314,8 @@ def to_latex(lb: Leaderboard) -> str:
 
     body = tabulate(table_rows(lb), headers=headers(lb), tablefmt="latex_booktabs", disable_numparse=True)
     scope = f"% {_scope(lb)}\n" if _scope(lb) else ""
-    return f"% {FOOTNOTE}\n{scope}" + body.replace("±", r"$\pm$") + "\n"
+    notes = "".join(f"% {n}\n" for n in footnotes(lb))
+    return f"% {FOOTNOTE}\n{notes}{scope}" + body.replace("±", r"$\pm$") + "\n"
 
 
 # -- plot ------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_bench_end_to_end_and_rerun_skips_finished_work(tmp_path, capsys):
     records = sorted(str(p.relative_to(bench)) for p in bench.glob("*/evals/*.json"))
     assert records == [f"{r}/evals/{p}-fashion_mnist-smoke.json" for r in runs for p in ("attentive", "finetune", "knn", "linear")]
     lb = collect(bench)
-    assert [r.method for r in lb.rows] == ["mae", "simsiam"] and lb.columns == ["knn", "linear", "attentive", "finetune"]
+    assert [r.method for r in lb.rows] == ["mae", "simsiam"] and lb.columns == ["knn (official)", "linear (official)", "attentive (official)", "finetune (proxy)"]
     assert all(0 <= s.mean <= 100 and s.n == 1 for r in lb.rows for s in r.top1.values())
     table = [ln for ln in (bench / "leaderboard.md").read_text().splitlines() if ln.startswith("| ")]
     assert len(table) == 3 and all(ln in out for ln in table)  # header, mae, simsiam  # the final table is printed
