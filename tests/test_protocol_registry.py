@@ -27,7 +27,11 @@ def test_builtins_register_themselves_in_display_order():
 
     assert protocol_names()[:4] == ["knn", "linear", "attentive", "finetune"]
     assert get_protocol("knn").evaluate is evals.knn.evaluate
-    assert get_protocol("attentive").feature_kinds == ("patches",)
+    from evals.registry import kinds_per_split
+
+    official = kinds_per_split(get_protocol("attentive"), {"mode": "official"})
+    assert official == {"heldout": ("cls", "patches"), "test": ("cls", "patches")}  # training images are encoded anew
+    assert kinds_per_split(get_protocol("attentive"), {"mode": "fast"})["train"] == ("cls", "patches")
     assert get_protocol("linear").presets is None  # its section lives in evals.presets
     with pytest.raises(UserError, match="unknown protocol 'svm'; choose from knn, linear, attentive, finetune"):
         parse_protocols("knn,svm")
@@ -57,7 +61,7 @@ def test_a_registered_protocol_is_listed_configured_evaluated_and_ranked(clean_r
     record = json.loads(paths[0].read_text())
     assert record["protocol"] == "chance" and record["config"]["chance"]["vote"] == 1
     assert seen["params"]["train_size"] == 60 and record["details"] == {"n": 60}
-    assert collect(tmp_path / "results").columns == ["knn", "chance"]  # built-ins first
+    assert collect(tmp_path / "results").columns == ["knn (official)", "chance"]  # built-ins first; a plug-in without modes has no mode label
 
 
 def test_a_declared_protocol_that_registers_nothing_is_one_clear_line(clean_registry, monkeypatch):
