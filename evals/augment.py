@@ -7,7 +7,9 @@ and flips for an epoch from one generator seeded with (seed, epoch), and a batch
 images. So a batch's crops do not depend on how the split is cut into batches, and every epoch draws anew.
 
 The crop is one batched ``grid_sample`` (bicubic) over the images at their common side; a crop is at most
-the image, so it is only ever enlarged and needs no antialiasing.
+the image, so it is only ever enlarged and needs no antialiasing. The augmentation is stated as a
+``ssl_bench.data.views.View`` (crop scale / ratio and flip probability are read from it; its colour
+operations are off); until the batched device path of views lands, this module interprets it for probes.
 """
 from __future__ import annotations
 
@@ -17,19 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PROBE_CROP_SCALE = (0.08, 1.0)
-PROBE_CROP_RATIO = (3 / 4, 4 / 3)
+from ssl_bench.data.views import View
+
+PROBE_VIEW = View(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5)  # MAE / CAE / DINOv2 probes
 
 
-def crop_params(n: int, seed: int, epoch: int, scale=PROBE_CROP_SCALE, ratio=PROBE_CROP_RATIO, attempts: int = 10) -> np.ndarray:
+def crop_params(n: int, seed: int, epoch: int, view: View = PROBE_VIEW, attempts: int = 10) -> np.ndarray:
     """(n, 5) float64 rows (top, left, height, width, flip) for images 0..n-1, as fractions of the side.
 
     torchvision's RandomResizedCrop rule: up to ``attempts`` draws of (area fraction, log aspect ratio),
-    the first that fits inside the image wins; none fits: the whole image, clamped to ``ratio``.
+    the first that fits inside the image wins; none fits: the whole image.
     """
     rng = np.random.default_rng([seed, epoch])
-    area = rng.uniform(*scale, size=(n, attempts))
-    log_r = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, attempts))
+    area = rng.uniform(*view.crop_scale, size=(n, attempts))
+    log_r = rng.uniform(math.log(view.crop_ratio[0]), math.log(view.crop_ratio[1]), size=(n, attempts))
     u_top, u_left, u_flip = rng.random((n, attempts)), rng.random((n, attempts)), rng.random(n)
     w = np.sqrt(area * np.exp(log_r))  # fractions of a square image's side
     h = np.sqrt(area / np.exp(log_r))
@@ -39,7 +42,7 @@ def crop_params(n: int, seed: int, epoch: int, scale=PROBE_CROP_SCALE, ratio=PRO
     h, w, u_top, u_left = h[row, first], w[row, first], u_top[row, first], u_left[row, first]
     none = ~fits.any(axis=1)  # fallback: the centre crop of the whole image (square: ratio 1 is allowed)
     h[none], w[none], u_top[none], u_left[none] = 1.0, 1.0, 0.5, 0.5
-    return np.stack([u_top * (1 - h), u_left * (1 - w), h, w, (u_flip < 0.5).astype(np.float64)], axis=1)
+    return np.stack([u_top * (1 - h), u_left * (1 - w), h, w, (u_flip < view.flip_p).astype(np.float64)], axis=1)
 
 
 def crop_and_flip(images: torch.Tensor, params: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
