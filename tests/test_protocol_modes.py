@@ -146,7 +146,7 @@ def _write_run(root, method, figures):
 
 def test_leaderboard_names_modes_marks_edges_and_compare_modes_prints_the_shift(tmp_path, capsys):
     from evals.leaderboard import collect, to_markdown
-    from ssl_bench.cli import main
+    from ssl_bench_app.cli import main
 
     _write_run(tmp_path, "a", {("linear", "fast"): 70.0, ("linear", "official"): 60.0, ("finetune", "proxy"): 50.0})
     _write_run(tmp_path, "b", {("linear", "fast"): 72.0, ("linear", "official"): 58.0})
