@@ -158,6 +158,8 @@ def test_whole_view_equals_torchvision_ops_on_the_same_draw(folder):
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     views = cv.FolderViews(policy, 48, 3, mean, std)
     (ours,) = views(folder[0], seed=21)
+    assert ours.dtype == torch.uint8
+    ours = views.normaliser()(ours[None])[0]
     (draw,) = views.draws(21, 120, 90)
     with Image.open(folder[0]) as img:
         image = TF.pil_to_tensor(img.convert("RGB"))
@@ -249,4 +251,5 @@ def test_imagefolder_pretraining_batches_come_from_the_fast_path(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"])) and torch.equal(a["label"], b["label"])
     first = next(iter(sampler))
     path, _ = dataset.base[first]
-    assert torch.equal(a["views"][1][0], dataset.transform(path, sample_seed(cfg["seed"], 0, first))[1])  # the sample's seed
+    view = dataset.transform(path, sample_seed(cfg["seed"], 0, first))[1]  # the sample's seed; uint8 until normalised
+    assert view.dtype == torch.uint8 and torch.equal(a["views"][1][0], dataset.transform.normaliser()(view[None])[0])

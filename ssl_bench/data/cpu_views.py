@@ -4,7 +4,7 @@
     (seed, view) -> decode once (OpenCV's libjpeg-turbo), at the smallest JPEG DCT scale that still
     holds every crop at full resolution -> per view: crop + bicubic antialiased resize (torchvision's
     own uint8 kernel) -> colour jitter -> grayscale -> blur -> solarize -> flip (OpenCV and lookup
-    tables on uint8) -> normalise to float
+    tables on uint8); the loader's batches are normalised to float on the training device
 
 The parameters follow torchvision's distributions (RandomResizedCrop, ColorJitter in random order,
 RandomGrayscale, GaussianBlur, RandomSolarize, RandomHorizontalFlip); the pixel operations equal
@@ -247,15 +247,50 @@ def resized_crop(array: np.ndarray, top: float, left: float, height: float, widt
     return np.ascontiguousarray(out if array.ndim == 3 else out[..., 0])
 
 
+class Normalise:
+    """(B, C, H, W) uint8 batches -> float on ``device``, normalised with ``mean`` / ``std`` (0..1 scale):
+    done once per batch on the training device rather than per sample in the workers, so workers hand
+    over a quarter of the bytes."""
+
+    def __init__(self, mean, std, device="cpu"):
+        self.device = torch.device(device)
+        self.shift = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(self.device, non_blocking=True).float().sub_(self.shift).mul_(self.scale)
+
+
+class NormalisedBatches:
+    """A loader of uint8 views, yielding its batches on ``normalise.device`` with float normalised views."""
+
+    def __init__(self, loader, normalise: Normalise):
+        self.loader, self.normalise = loader, normalise
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            out = {k: v.to(self.normalise.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out["views"] = [self.normalise(v) for v in batch["views"]]
+            yield out
+
+
+def to_chw(array: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) or (H, W) array -> (C, H, W) tensor sharing its memory."""
+    image = torch.from_numpy(array)
+    return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
+
+
 class FolderViews:
     """A policy (a tuple of ``View``) applied to image files on the CPU: ``(path, seed) -> [views]``,
-    each view a float tensor (C, size, size) normalised with ``mean`` / ``std``."""
+    each view a uint8 tensor (C, size, size); ``Normalise`` turns a batch of them into model input."""
 
     def __init__(self, policy, img_size: int, in_chans: int, mean, std):
         self.policy, self.in_chans = tuple(policy), in_chans
         self.sizes = [view.resolved_size(img_size) for view in self.policy]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
+        self.mean, self.std = tuple(mean), tuple(std)
         cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV's own threads would oversubscribe
 
     def draws(self, seed: int, width: int, height: int) -> list[ViewDraw]:
@@ -276,12 +311,10 @@ class FolderViews:
             for d, size in zip(draws, self.sizes)
         ]
 
-    def normalise(self, array: np.ndarray) -> torch.Tensor:
-        image = torch.from_numpy(array)
-        image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
-        return image.to(torch.float32, memory_format=torch.contiguous_format).sub_(self.mean).mul_(self.inv_std)
+    def normaliser(self, device="cpu") -> Normalise:
+        return Normalise(self.mean, self.std, device)
 
     def __call__(self, path: str, seed: int | None = None) -> list[torch.Tensor]:
         """``seed`` None: torch's initial seed, which the pipeline sets to the sample's seed (a function
         of run seed, epoch and index) around each per-sample transform, as for torchvision's."""
-        return [self.normalise(a) for a in self.arrays(path, torch.initial_seed() if seed is None else seed)]
+        return [to_chw(a) for a in self.arrays(path, torch.initial_seed() if seed is None else seed)]

@@ -98,8 +98,7 @@ class DeviceFolderBatches:
 
     def __init__(self, loader, views: FolderViews, device):
         self.loader, self.views, self.device = loader, views, torch.device(device)
-        self.mean = views.mean.to(self.device).unsqueeze(0)
-        self.inv_std = views.inv_std.to(self.device).unsqueeze(0)
+        self.normalise = views.normaliser(self.device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -108,8 +107,7 @@ class DeviceFolderBatches:
         images = decode_batch(records, self.views.in_chans, self.device)
         out = []
         for k, size in enumerate(self.views.sizes):
-            batch = torch.stack([augment(image, r["draws"][k], size) for image, r in zip(images, records)])
-            out.append(batch.float().sub_(self.mean).mul_(self.inv_std))
+            out.append(self.normalise(torch.stack([augment(image, r["draws"][k], size) for image, r in zip(images, records)])))
         return out
 
     def __iter__(self):

@@ -50,8 +50,10 @@ def per_core_rates(samples: list[tuple[str, int]], policy: str, img_size: int, n
             torch.manual_seed(i)
             before(files[i % len(files)][0])
 
+    normalise = after.normaliser()
+
     def fast_path(i, sample):
-        after(sample[0], i)
+        [normalise(view[None]) for view in after(sample[0], i)]  # (normalised per batch on the device in training)
 
     n_before = max(4, n // 4)  # the torchvision path is slower: fewer samples, same rounds
     times_before, times_after = [], []
@@ -65,7 +67,7 @@ def per_core_rates(samples: list[tuple[str, int]], policy: str, img_size: int, n
 
 def loader_rate(samples: list[tuple[str, int]], policy: str, img_size: int, workers: int, batch_size: int, batches: int) -> dict:
     """The fast path in a DataLoader: wall images/s, and images per CPU second of its workers."""
-    from ssl_bench.data.cpu_views import FolderViews
+    from ssl_bench.data.cpu_views import FolderViews, NormalisedBatches
     from ssl_bench.data.datasets import ImagePaths
     from ssl_bench.data.pipeline import PretrainDataset, ResumableSampler
     from ssl_bench.data.views import resolve_policy
@@ -73,8 +75,8 @@ def loader_rate(samples: list[tuple[str, int]], policy: str, img_size: int, work
     transform = FolderViews(resolve_policy(policy), img_size, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     dataset = PretrainDataset(ImagePaths(samples), transform, seed=0)
     sampler = ResumableSampler(len(dataset), batch_size, seed=0)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                        prefetch_factor=4 if workers else None)
+    loader = NormalisedBatches(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                                          prefetch_factor=4 if workers else None), transform.normaliser())
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, wall0, seen = time.process_time(), None, 0
     iterator = iter(loader)

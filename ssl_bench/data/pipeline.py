@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl_bench.data.cpu_views import FolderViews
+from ssl_bench.data.cpu_views import FolderViews, NormalisedBatches
 from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded
-from ssl_bench.data.datasets import ImageFileDataset, fixed_subset, load_dataset
+from ssl_bench.data.datasets import ImageFileDataset, ImagePaths, fixed_subset, load_dataset
 from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.views import resolve_policy
 from ssl_bench.distributed import resolve_device
@@ -105,6 +105,7 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
         generator=torch.Generator(),  # workers' base seed must not consume the global RNG (exact resume)
         collate_fn=collate_encoded if on_device else None,
     )
-    if on_device:
-        loader = DeviceFolderBatches(loader, folder_views, resolve_device(cfg["train"]["device"]))
+    if isinstance(base, ImagePaths):  # folder views leave the workers as uint8 and are normalised on the device
+        device = resolve_device(cfg["train"]["device"])
+        loader = DeviceFolderBatches(loader, folder_views, device) if on_device else NormalisedBatches(loader, folder_views.normaliser(device))
     return loader, sampler, dataset, info
