@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -73,6 +74,8 @@ def loader_rate(samples: list[tuple[str, int]], policy: str, img_size: int, work
     from ssl_bench.data.views import resolve_policy
 
     transform = FolderViews(resolve_policy(policy), img_size, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # an epoch of exactly the batches timed, so the workers' CPU time covers no prefetched batch left unused
+    samples = [samples[i % len(samples)] for i in range((batches + 1) * batch_size)]
     dataset = PretrainDataset(ImagePaths(samples), transform, seed=0)
     sampler = ResumableSampler(len(dataset), batch_size, seed=0)
     loader = NormalisedBatches(DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
@@ -80,8 +83,7 @@ def loader_rate(samples: list[tuple[str, int]], policy: str, img_size: int, work
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, wall0, seen = time.process_time(), None, 0
     iterator = iter(loader)
-    for k in range(min(batches + 1, sampler.steps_per_epoch)):
-        next(iterator)
+    for k, _ in enumerate(iterator):
         if k == 0:  # the first batch pays for starting the workers
             wall0 = time.perf_counter()
         else:
@@ -145,9 +147,11 @@ def folder_section(root: str, out: str, overrides: list[str]) -> str:
 
     options = dict(o.split("=", 1) for o in overrides if "=" in o)
     img_size, workers = int(options.get("data.img_size", 224)), int(options.get("data.num_workers", 1))
+    load_before = os.getloadavg()[0]
     rows, table = folder_report(root, img_size=img_size, workers=workers)
-    hw = hardware()
-    section = (f"## Image-folder loader, {img_size} px\n\nHardware: {hw['summary']}; torch {hw['torch']}.\n"
+    hw, load_after = hardware(), os.getloadavg()[0]
+    section = (f"## Image-folder loader, {img_size} px\n\nHardware: {hw['summary']}; torch {hw['torch']}; "
+               f"load average {load_before:.1f} before, {load_after:.1f} after (other jobs on the machine).\n"
                f"Command: `ssl-bench throughput --data imagefolder --root {root} --loader-only "
                f"data.img_size={img_size} data.num_workers={workers}`\n\n"
                f"Per core: one thread's CPU time per sample, torchvision path (before) and fast path (after) in "
@@ -155,7 +159,8 @@ def folder_section(root: str, out: str, overrides: list[str]) -> str:
                f"images/s and images per CPU second of the workers.\n\n{table}\n")
     print(section)
     path = write_json_new(Path(out), f"loader-imagefolder-{img_size}px", {
-        "rows": rows, "root": root, "img_size": img_size, "workers": workers, "hardware": hw, "created": now_iso()})
+        "rows": rows, "root": root, "img_size": img_size, "workers": workers, "hardware": hw, "created": now_iso(),
+        "load_average": [load_before, load_after]})
     atomic_write(path.with_suffix(".md"), lambda f: f.write(section.encode()))
     print(f"written to {path} and {path.with_suffix('.md')}")
     return "\n" + section
