@@ -9,7 +9,8 @@ from ssl_bench.config import resolve_config
 from ssl_bench.data.datasets import load_dataset
 from ssl_bench.errors import UserError
 from ssl_bench.registry import get_method
-from ssl_bench.trainer import _seed_everything, pretrain
+from ssl_bench.runtime import seed_everything
+from ssl_bench.trainer import pretrain
 
 SMOKE = ["train.progress=false"]
 
@@ -25,7 +26,7 @@ def test_encoder_is_the_initialization_every_method_starts_from(tmp_path):
     assert record["status"] == "finished" and record["steps"] == 0 and record["family"] == "control"
     # MAE built the way the trainer builds it (seed first, then data, then the method) starts from these weights
     mae_cfg = resolve_config(get_method("mae"), "smoke", SMOKE)
-    _seed_everything(mae_cfg["seed"])
+    seed_everything(mae_cfg["seed"])
     _, info = load_dataset(mae_cfg["data"]["name"], None, "pretrain")
     mae_start = build_method(mae_cfg, info).encoder.state_dict()
     assert all(torch.equal(v, mae_start[k]) for k, v in encoder.state_dict().items())
