@@ -11,7 +11,8 @@
 Both go to metrics.jsonl / metrics.csv (probe every logged step), TensorBoard and ``run.json["monitor"]``.
 The trainer calls ``on_batch(step, batch, method)`` after each optimizer step and ``on_epoch_end(epoch)``;
 nothing here draws from the training random streams, so switching the monitor on changes no weight of the
-method. The probe restarts on resume (it is not checkpointed).
+method. Its state (probe, optimizer, running sums, history) is checkpointed with the run, so a resumed run
+continues it.
 """
 from __future__ import annotations
 
@@ -83,6 +84,20 @@ class Monitor:
             self.knn_history.append(result)
             if self.logger is not None:
                 self.logger.scalars(self.step, epoch, {f"monitor/{k}": v for k, v in result.items() if k not in ("epoch", "step")})
+
+    def state_dict(self) -> dict:
+        state = {"window": self._window, "epoch": self._epoch, "knn": self.knn_history, "probe_epochs": self.probe_epochs}
+        if self.probe is not None:
+            state |= {"probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._window.copy_(state["window"])
+        self._epoch.copy_(state["epoch"])
+        self.knn_history, self.probe_epochs = list(state["knn"]), list(state["probe_epochs"])
+        if self.probe is not None and "probe" in state:
+            self.probe.load_state_dict(state["probe"])
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def summary(self) -> dict:
         """What run.json records under "monitor"."""

@@ -132,6 +132,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     )
 
     step, elapsed, history, logged = 0, 0.0, {}, {}  # logged: what the method logs besides losses (monitors)
+    monitor_state = None
     ckpt_path = run_dir / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -142,6 +143,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, elapsed, history = ckpt["step"], ckpt["elapsed_s"], ckpt["history"]
         logged = ckpt.get("logged", {})
+        monitor_state = ckpt.get("monitor")
         _set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
     model = method
@@ -179,6 +181,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         wandb={"project": train.get("wandb_project", "ssl-bench"), "config": cfg} if train.get("wandb") else None,
     )
     monitor = build_monitor(cfg, method, info, device, logger) if dist_info.is_main else None
+    if monitor is not None and monitor_state:
+        monitor.load_state_dict(monitor_state)
     images_per_step = effective_batch
     timed_steps, timed_seconds = 0, 0.0
 
@@ -194,6 +198,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng, "elapsed_s": elapsed,
             "history": history, "logged": logged, "config": cfg,
+            "monitor": monitor.state_dict() if monitor is not None else None,
         })
 
     def finish(status: str, **extra) -> dict:
@@ -261,10 +266,10 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 for k, v in metrics.items():
                     logged.setdefault(k, []).append((step, v))
                 logger.step(step, epoch, lr, totals, metrics, images_per_step / dt)
+                if monitor is not None and step % steps_per_epoch == 0:  # before the checkpoint, which keeps its result
+                    monitor.on_epoch_end(epoch)
                 if step % train["ckpt_every"] == 0 or step == stop_step:
                     checkpoint()
-                if monitor is not None and step % steps_per_epoch == 0:
-                    monitor.on_epoch_end(epoch)
                 if step >= stop_step:
                     break
     except TrainingDiverged as exc:

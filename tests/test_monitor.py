@@ -53,3 +53,20 @@ def test_the_online_probe_learns_from_labels(tmp_path):
     after = monitor.knn_check()["probe_heldout_top1"]
     assert after > 40.0 and after > before + 20.0, (before, after)
     assert all(p.grad is None for p in method.parameters())  # nothing reached the method
+
+
+def test_a_resumed_run_continues_the_monitor(tmp_path, monkeypatch):
+    import pytest
+    from methods.simsiam import SimSiam
+    from tests.test_trainer import interrupt_after
+
+    cfg = smoke_config("simsiam", *TINY, *ON, "train.ckpt_every=2")
+    straight = pretrain(cfg, tmp_path / "straight")
+    with monkeypatch.context() as m:
+        interrupt_after(m, SimSiam, 3)  # in step 3: the checkpoint of step 2 (end of epoch 0) is the last
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, tmp_path / "resumed")
+    import torch
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
+    assert resumed["monitor"] == straight["monitor"]  # probe, its optimizer, running sums and kNN history carried over
