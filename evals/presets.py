@@ -204,4 +204,17 @@ def resolve_eval_config(preset: str, overrides: list[str] | tuple[str, ...] = ()
             if key in section and not isinstance(section[key], (list, tuple)):
                 section[key] = (section[key],)
     check_config(cfg, EVAL_CHECKS)
+    _check_randaug(cfg["finetune"].get("randaug"))
     return cfg
+
+
+def _check_randaug(spec) -> None:
+    """finetune.randaug is a timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1) or none; parsed here, not mid-run."""
+    if spec is None or str(spec).lower() == "none":
+        return
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(str(spec), {})
+    except Exception:  # timm raises assertion / value / key errors for a malformed spec
+        raise UserError(f"config key 'finetune.randaug' takes a timm RandAugment spec such as rand-m9-mstd0.5-inc1, or none, got {spec!r}") from None

@@ -48,7 +48,7 @@ def test_check_describes_what_it_allows():
 # -- the property: any value gives a run or one line ------------------------------------------------
 NUMBERS = st.one_of(
     st.integers(-3, 40), st.sampled_from([0.0, 0.5, 0.999, 1.0, 1.5, -0.1, 1e-3, 1e9]),
-    st.sampled_from([float("nan"), float("inf")]), st.none(), st.booleans(), st.sampled_from(["x", "auto", "sgd", "cpu", "(0.9,0.95)", "(1,)"]),
+    st.sampled_from([float("nan"), float("inf")]), st.none(), st.booleans(), st.sampled_from(["x", "auto", "sgd", "cpu", "(0.9,0.95)", "(1,)", "rand-m9-mstd0.5"]),
 )
 PRETRAIN_KEYS = [
     "seed", "data.subset", "data.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
@@ -60,7 +60,7 @@ PRETRAIN_KEYS = [
 EVAL_KEYS = [
     "knn.ks", "knn.temperature", "knn.query_chunk", "knn.train_size", "knn.heldout_size", "knn.test_size",
     "features.batch_size", "features.cache_mb", "features.device", "linear.epochs", "linear.blrs", "linear.optimizer",
-    "attentive.num_heads", "finetune.layer_decay", "finetune.crop_scale", "finetune.mixup",
+    "attentive.num_heads", "finetune.layer_decay", "finetune.crop_scale", "finetune.mixup", "finetune.randaug",
 ]
 
 
@@ -101,3 +101,11 @@ SIZES = ["knn.train_size=200", "knn.heldout_size=50", "knn.test_size=100"]
 def test_any_evaluation_value_runs_or_is_one_line(finished_run, capsys, assignments):
     _run_or_one_line(["eval", "--run", str(finished_run), "--protocol", "knn", "--preset", "smoke", *SIZES,
                       *(f"{k}={_text(v)}" for k, v in assignments)], capsys)
+
+
+def test_a_malformed_randaugment_spec_is_one_line():
+    from evals.presets import resolve_eval_config
+
+    assert resolve_eval_config("smoke", ["finetune.randaug=rand-m7-n2"])["finetune"]["randaug"] == "rand-m7-n2"
+    with pytest.raises(UserError, match="'finetune.randaug' takes a timm RandAugment spec"):
+        resolve_eval_config("smoke", ["finetune.randaug=xyz"])
