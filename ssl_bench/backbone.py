@@ -13,6 +13,7 @@ import math
 
 import timm
 import torch
+from timm.models.beit import RelativePositionBias
 from torch import nn
 
 from ssl_bench.errors import UserError
@@ -72,8 +73,16 @@ def init_linears_(module: nn.Module, scheme: str) -> None:
                 nn.init.zeros_(m.bias)
 
 
+REL_POS_BIAS = ("none", "shared")
+
+
 class ViTBackbone(nn.Module):
     """A timm ViT with fixed sin-cos position embeddings and a cls token.
+
+    ``rel_pos_bias="shared"`` (BEiT's default) replaces the absolute position embedding by one learned
+    relative position bias shared by all blocks (BEiT's ``RelativePositionBias``, timm's
+    ``timm.models.beit``: a table of (2G-1)^2 + 3 entries per head, zero at init, added to the attention
+    logits); a subset of positions (``forward_visible``) gets the rows and columns of its positions.
 
     Shapes: images (B, C, H, W) -> N = (H/p)*(W/p) patch tokens of width D.
     """
@@ -89,8 +98,11 @@ class ViTBackbone(nn.Module):
         depth: int | None = None,
         num_heads: int | None = None,
         layer_scale: float | None = None,
+        rel_pos_bias: str = "none",
     ):
         super().__init__()
+        if rel_pos_bias not in REL_POS_BIAS:
+            raise UserError(f"unknown model.rel_pos_bias '{rel_pos_bias}'; choose one of: {', '.join(REL_POS_BIAS)}")
         if arch not in ARCHS:
             raise UserError(f"unknown arch '{arch}'; choose one of: {', '.join(ARCHS)}")
         if img_size % patch_size:
@@ -115,14 +127,18 @@ class ViTBackbone(nn.Module):
             num_heads=self.num_heads,
             drop_path_rate=drop_path,
             init_values=layer_scale,  # LayerScale (CaiT), used by BEiT and CAE: residual branches start at x layer_scale
+            pos_embed="none" if rel_pos_bias == "shared" else "learn",
         )
         self.layer_scale = layer_scale
+        self.drop_path_rate = drop_path  # a method's own blocks may follow it (CAE's regressor and decoder)
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
-        pos = sincos_pos_embed(self.embed_dim, self.grid_size)
-        # timm keeps the cls slot in pos_embed; ours is zero there (as in MAE) and frozen.
-        self.vit.pos_embed.data.copy_(torch.cat([torch.zeros(1, self.embed_dim), pos]).unsqueeze(0))
-        self.vit.pos_embed.requires_grad_(False)
+        self.rel_pos_bias = RelativePositionBias((self.grid_size,) * 2, self.num_heads) if rel_pos_bias == "shared" else None
+        if self.vit.pos_embed is not None:
+            pos = sincos_pos_embed(self.embed_dim, self.grid_size)
+            # timm keeps the cls slot in pos_embed; ours is zero there (as in MAE) and frozen.
+            self.vit.pos_embed.data.copy_(torch.cat([torch.zeros(1, self.embed_dim), pos]).unsqueeze(0))
+            self.vit.pos_embed.requires_grad_(False)
         self.vit.patch_embed.strict_img_size = False  # smaller square views (multi-crop) get an interpolated table
         nn.init.normal_(self.vit.cls_token, std=0.02)
 
@@ -143,6 +159,8 @@ class ViTBackbone(nn.Module):
             nn.init.xavier_uniform_(proj.weight.data.view(proj.weight.shape[0], -1))
             nn.init.zeros_(proj.bias)
         nn.init.normal_(self.vit.cls_token, std=1e-6 if scheme == "moco" else 0.02)
+        if self.vit.pos_embed is None:  # rel_pos_bias="shared": no absolute table
+            return
         pos = sincos_pos_embed(self.embed_dim, self.grid_size)  # (N, D): column half, row half
         if scheme == "moco":
             pos = pos.roll(self.embed_dim // 2, dims=1)  # row half first
@@ -159,6 +177,8 @@ class ViTBackbone(nn.Module):
         }
         if self.layer_scale is not None:
             sig["layer_scale"] = self.layer_scale
+        if self.rel_pos_bias is not None:
+            sig["rel_pos_bias"] = "shared"
         return sig
 
     @property
@@ -167,6 +187,9 @@ class ViTBackbone(nn.Module):
 
     @property
     def patch_pos_embed(self) -> torch.Tensor:  # (1, N, D), frozen
+        if self.vit.pos_embed is None:
+            raise UserError("this encoder has no absolute position embedding (model.rel_pos_bias=shared); "
+                            "this method needs one: set model.rel_pos_bias=none")
         return self.vit.pos_embed[:, 1:]
 
     def pos_embed_for(self, n: int) -> torch.Tensor:
@@ -193,6 +216,8 @@ class ViTBackbone(nn.Module):
         ids:    (B, n) patch indices in [0, N); None means all N patches in order.
         Returns (B, 1 + n, D): the cls token then the n patch tokens, after the final norm.
         """
+        if self.rel_pos_bias is not None:
+            return self._forward_rel_pos(tokens, ids)
         pos = (self.patch_pos_embed if ids is not None else self.pos_embed_for(tokens.shape[1])).expand(tokens.shape[0], -1, -1)
         if ids is not None:
             pos = torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
@@ -200,6 +225,21 @@ class ViTBackbone(nn.Module):
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def _forward_rel_pos(self, tokens: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """``forward_tokens`` with the shared relative position bias and no absolute position embedding."""
+        bias = self.rel_pos_bias()  # (H, 1 + N, 1 + N), slot 0: the cls token
+        if ids is None and tokens.shape[1] != self.num_patches:
+            raise UserError("model.rel_pos_bias=shared has a bias table for the native grid only; use views at the data's image size")
+        if ids is None:
+            bias = bias.unsqueeze(0)  # (1, H, 1 + N, 1 + N)
+        else:  # the rows and columns of the cls token and the chosen positions: (B, H, 1 + n, 1 + n)
+            slots = torch.cat([ids.new_zeros(ids.shape[0], 1), ids + 1], dim=1)
+            bias = bias[:, slots.unsqueeze(-1), slots.unsqueeze(-2)].transpose(0, 1)
+        x = torch.cat([self.vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.vit.blocks:
+            x = block(x, attn_mask=bias.to(x.dtype))
         return self.vit.norm(x)
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ def build_backbone(model_cfg: dict, img_size: int, in_chans: int) -> ViTBackbone
         arch=model_cfg["arch"], img_size=img_size, patch_size=model_cfg["patch_size"], in_chans=in_chans,
         drop_path=model_cfg["drop_path"], embed_dim=model_cfg["embed_dim"], depth=model_cfg["depth"],
         num_heads=model_cfg["num_heads"], layer_scale=model_cfg.get("layer_scale"),
+        rel_pos_bias=model_cfg.get("rel_pos_bias", "none"),
     )
 
 

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "num_heads": None,
         "drop_path": 0.0,
         "layer_scale": None,  # LayerScale init value (BEiT / CAE: 0.1); None: no LayerScale
+        "rel_pos_bias": "none",  # none: fixed sin-cos absolute positions; shared: BEiT's shared relative position bias
     },
     "method": {},  # filled from the method's __init__ keyword defaults
     "train": {
@@ -184,6 +185,7 @@ CHECKS: dict[str, Check] = {
     "model.num_heads": Check(1, integer=True, none_ok=True),
     "model.drop_path": Check(0, 1, hi_open=True),
     "model.layer_scale": Check(0, lo_open=True, none_ok=True),
+    "model.rel_pos_bias": Check(choices=("none", "shared")),
     "train.epochs": Check(0, lo_open=True),  # a fraction of an epoch is allowed (the schedule spans it)
     "train.max_steps": Check(0, integer=True, none_ok=True),
     "train.batch_size": Check(1, integer=True),

@@ -30,3 +30,9 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(self._heads(self.q(q)), self._heads(self.k(k)), self._heads(self.v(v)))
         b, _, nq, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, nq, -1))
+
+
+def trunc_normal_within_std_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Normal(0, std) truncated at +-std (not timm's default +-2 absolute): the ``trunc_normal_`` of BEiT's
+    and CAE's official code, whose weights are therefore about half as spread as an untruncated normal."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
