@@ -16,45 +16,54 @@ Four parts, with the encoder the only one kept after pretraining:
 
 L = L_recon + lambda * L_align, lambda = 2. Block-wise masking of 50%.
 
-Choices, checked against the paper's public code (github.com/Atten4Vis/CAE):
-* Regressor block, as in that code: x = q + g1 * CrossAttn(LN(q + pos_q), LN(kv + pos_kv), LN(kv));
-  x = LN(x); x = x + g2 * MLP(x) (the second LN normalizes the residual stream, not only the MLP input);
-  layer scale g init 0.1; one final LN after the last block, so H's output is on the scale of the
-  encoder's (final-normed) latents it is aligned with.
-* The cls token: the official code drops it before the regressor. Here it stays in Zv as one more
-  key/value with a zero position embedding (its slot in the encoder's table is zero too): the regressor
-  may read the image summary, and the cls token, which the linear probe reads, gets a direct signal
-  from the pretext task. It is never a query and is never reconstructed.
-* No decoder (``use_decoder=False``, the paper's ablation: attentive 71.2 vs 73.8): the decoder's blocks
-  are dropped and the targets are predicted from H's output by the decoder's LN + linear head alone,
-  as the official code does for a depth-0 decoder.
-* The regressor and decoder are as wide as the encoder (alignment compares H's output with encoder
-  latents) and use the encoder's head count; no stochastic depth inside them (the official code applies
-  the encoder's drop-path rate there too).
-* Token targets: DALL-E's 8192-code dVAE cannot be downloaded, so ``target="tokens"`` uses a VQ-VAE from
-  ``ssl_bench.tokenizer`` trained without labels on the run's own images (``tokenizer="auto"``, trained in
-  ``prepare``; the paper's d-VAE trained on ImageNet-1K is the precedent), one at a given path, or OpenAI's
-  released encoder as ``dalle:/path/to/encoder.pkl`` (``ssl_bench.dalle``). It reads
-  the same augmented view as the encoder, uncorrupted.
+As the official code (github.com/Atten4Vis/CAE, a7fd162; tests/reference/test_cae_reference.py checks the
+loss and gradients against it on the same weights and inputs):
+* Regressor block: x = q + g1 * CrossAttn(LN(q + pos_q), LN(kv + pos_kv), LN(kv)); x = LN(x);
+  x = x + g2 * MLP(x) (the second LN normalizes the residual stream, not only the MLP input); layer scale
+  g init 0.1; one final LN after the last block. Keys/values are cat(Zv, queries) with Zv the visible
+  patch latents only: the encoder's cls token is dropped before the regressor (official code and paper).
+* Stochastic depth in the regressor and the decoder rising linearly to the encoder's rate (model.drop_path:
+  0.1 in the full recipe); LayerNorm eps 1e-6 everywhere.
+* Init (``init="cae"``): xavier_uniform for every Linear of encoder, regressor and decoder (the official
+  model re-initialises them all after building), zero biases; the patch projection, cls token and mask
+  token normal(0.02) truncated at +-0.02. ``init="timm"`` keeps timm's encoder init.
+* Targets: the official ones are the visual tokens of DALL-E's 8192-code dVAE (cross-entropy on the masked
+  patches). DALL-E's weights cannot be downloaded here, so ``target="tokens"`` (the default) reads a VQ-VAE
+  from ``ssl_bench.tokenizer`` trained without labels on the run's own images (``tokenizer="auto"``, trained
+  in ``prepare``; the paper's d-VAE trained on ImageNet-1K is the precedent), one at a given path, or
+  OpenAI's released encoder as ``dalle:/path/to/encoder.pkl`` (``ssl_bench.dalle``). It reads the same
+  augmented view as the encoder, uncorrupted. ``target="pixels"`` (normalized pixels, MSE) is the paper's
+  Table 8 alternative, which it reports performs similarly.
+* Augmentation: RandomResizedCrop scale 0.08-1 + flip, no colour jitter (run_pretraining.py defaults).
+* Masking: CAE's block-wise generator, exactly 98 of 196 patches (``BlockMaskGenerator(exact=True)``).
 * The alignment target runs the encoder in whatever mode the method is in, as the official copied
   encoder does (so drop path also applies to the target while training).
+* Weight decay: every parameter except biases and norms (the official model declares no exemptions).
+
+Our own choices:
+* No decoder (``use_decoder=False``, the paper's ablation: attentive 71.2 vs 73.8): the decoder's blocks
+  are dropped and the targets are predicted from H's output by the decoder's LN + linear head alone.
+* The regressor and decoder are as wide as the encoder and use its head count (the official ViT-B
+  setting: decoder_embed_dim 768, 12 heads).
 
 Recipe (ViT-B, ImageNet-1K): AdamW betas (0.9, 0.999) (the official script keeps PyTorch's default), lr
-1.5e-3 at batch 2048 (blr 1.875e-4), wd 0.05, drop path 0.1, grad clip 3.0, warmup 10/20/40 epochs for
-300/800/1600, RandomResizedCrop + flip, regressor and decoder depth 4 (1: attentive 67.5, 2: 71.1,
-4: 73.8, 5: 73.7), 98 of 196 patches masked block-wise.
+1.5e-3 at batch 2048 (blr 1.875e-4), wd 0.05, drop path 0.1, grad clip 3.0, layer scale 0.1, warmup
+10/20/40 epochs for 300/800/1600, regressor and decoder depth 4 (1: attentive 67.5, 2: 71.1, 4: 73.8,
+5: 73.7), 98 of 196 patches masked block-wise.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import DropPath, Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_bench.backbone import ViTBackbone, gather_tokens, normalized_pixel_targets
+from ssl_bench.backbone import ViTBackbone, gather_tokens, init_linears_, normalized_pixel_targets
 from ssl_bench.errors import UserError
-from ssl_bench.layers import CrossAttention
+from ssl_bench.layers import CrossAttention, trunc_normal_within_std_
 from ssl_bench.masking import BlockMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
@@ -62,46 +71,46 @@ from ssl_bench.tokenizer import check_compatible, load_tokenizer
 from ssl_bench.tokenizer_training import ensure_tokenizer
 
 LAYER_SCALE_INIT = 0.1  # CAE's regressor and decoder layer scale
-TARGETS = ("pixels", "tokens")
+TARGETS = ("tokens", "pixels")
+INITS = ("cae", "timm")
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the official norm layer
 
 
-def _init_weights(module: nn.Module) -> None:
-    """BEiT/CAE initialisation of the heads: truncated-normal linear weights, zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 at the first block to ``rate`` at the last (timm, BEiT, CAE)."""
+    return torch.linspace(0, rate, depth).tolist() if depth else []
 
 
 class RegressorBlock(nn.Module):
     """Queries (masked positions) attend to cat(Zv, queries); only the queries are updated."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm_q, self.norm_k, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_q, self.norm_k, self.norm_v = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
         self.attn = CrossAttention(dim, heads)
-        self.norm_mlp = nn.LayerNorm(dim)
+        self.norm_mlp = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.gamma1 = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
         self.gamma2 = nn.Parameter(torch.full((dim,), LAYER_SCALE_INIT))
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, pos_q: torch.Tensor, pos_kv: torch.Tensor) -> torch.Tensor:
-        # q: (B, Nm, D) queries; kv: (B, 1 + Nv + Nm, D) = cat(Zv, q); keys get positions, values do not
-        x = q + self.gamma1 * self.attn(self.norm_q(q + pos_q), self.norm_k(kv + pos_kv), self.norm_v(kv))
+        # q: (B, Nm, D) queries; kv: (B, Nv + Nm, D) = cat(Zv, q); keys get positions, values do not
+        x = q + self.drop_path(self.gamma1 * self.attn(self.norm_q(q + pos_q), self.norm_k(kv + pos_kv), self.norm_v(kv)))
         x = self.norm_mlp(x)
-        return x + self.gamma2 * self.mlp(x)
+        return x + self.drop_path(self.gamma2 * self.mlp(x))
 
 
 class LatentRegressor(nn.Module):
     """H: (Zv, mask-token queries) -> predicted masked latents (B, Nm, D), in the encoder's space."""
 
-    def __init__(self, dim: int, depth: int, heads: int):
+    def __init__(self, dim: int, depth: int, heads: int, drop_path: float = 0.0):
         super().__init__()
-        self.blocks = nn.ModuleList([RegressorBlock(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList([RegressorBlock(dim, heads, drop_path=r) for r in drop_path_rates(drop_path, depth)])
+        self.norm = LayerNorm(dim)
 
     def forward(self, queries: torch.Tensor, z_vis: torch.Tensor, pos_q: torch.Tensor, pos_vis: torch.Tensor) -> torch.Tensor:
-        # queries (B, Nm, D), z_vis (B, 1 + Nv, D), pos_q (B, Nm, D), pos_vis (B, 1 + Nv, D)
+        # queries (B, Nm, D), z_vis (B, Nv, D) visible patch latents (no cls), pos_q (B, Nm, D), pos_vis (B, Nv, D)
         pos_kv = torch.cat([pos_vis, pos_q], dim=1)
         for block in self.blocks:
             # Zv enters every block as it left the encoder; only the queries change from block to block
@@ -115,12 +124,13 @@ class CAEDecoder(nn.Module):
     It never sees the visible latents. With depth 0 it is the LN + linear head alone (no-decoder ablation).
     """
 
-    def __init__(self, dim: int, depth: int, heads: int, out_dim: int):
+    def __init__(self, dim: int, depth: int, heads: int, out_dim: int, drop_path: float = 0.0):
         super().__init__()
-        self.blocks = nn.Sequential(
-            *[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, init_values=LAYER_SCALE_INIT) for _ in range(depth)]
-        )
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(*[
+            Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, init_values=LAYER_SCALE_INIT, drop_path=r, norm_layer=LayerNorm)
+            for r in drop_path_rates(drop_path, depth)
+        ])
+        self.norm = LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
 
     def forward(self, z_masked: torch.Tensor, pos_masked: torch.Tensor) -> torch.Tensor:
@@ -137,10 +147,12 @@ class CAE(Method):
         "smoke": {
             "method": {"regressor_depth": 1, "decoder_depth": 1},
             "train": {"blr": 1.5e-3, "betas": (0.9, 0.999), "clip_grad": 3.0},
+            "model": {"layer_scale": 0.1},
         },
         "quick": {
             "method": {"regressor_depth": 2, "decoder_depth": 2},
             "train": {"blr": 1.5e-3, "betas": (0.9, 0.999), "clip_grad": 3.0},
+            "model": {"layer_scale": 0.1},
         },
         "full": {
             "method": {"regressor_depth": 4, "decoder_depth": 4},
@@ -161,12 +173,15 @@ class CAE(Method):
         align_weight: float = 2.0,
         use_alignment: bool = True,
         use_decoder: bool = True,
-        target: str = "pixels",
+        target: str = "tokens",
         tokenizer: str = "auto",
+        init: str = "cae",
     ):
         super().__init__(backbone)
         if target not in TARGETS:
             raise UserError(f"unknown method.target '{target}'; choose one of: {', '.join(TARGETS)}")
+        if init not in INITS:
+            raise UserError(f"unknown method.init '{init}'; choose one of: {', '.join(INITS)}")
         if not 0.0 < mask_ratio < 1.0:
             raise UserError(f"method.mask_ratio={mask_ratio} must be in (0, 1); CAE masks 0.5")
         if regressor_depth < 1:
@@ -178,7 +193,7 @@ class CAE(Method):
         self.mask_ratio, self.target = mask_ratio, target
         self.align_weight = align_weight
         self.use_alignment = use_alignment and align_weight > 0
-        dim, heads = backbone.embed_dim, backbone.num_heads
+        dim, heads, drop_path = backbone.embed_dim, backbone.num_heads, backbone.drop_path_rate
 
         self.tokenizer = None
         if target == "tokens":
@@ -188,13 +203,21 @@ class CAE(Method):
             out_dim = backbone.patch_size**2 * backbone.in_chans
 
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # one query for every masked position
-        self.regressor = LatentRegressor(dim, regressor_depth, heads)
-        self.decoder = CAEDecoder(dim, decoder_depth if use_decoder else 0, heads, out_dim)
-        self.regressor.apply(_init_weights)
-        self.decoder.apply(_init_weights)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        # the cls token's slot: zero, as in the encoder's table
-        self.register_buffer("cls_pos", torch.zeros(1, 1, dim), persistent=False)
+        self.regressor = LatentRegressor(dim, regressor_depth, heads, drop_path)
+        self.decoder = CAEDecoder(dim, decoder_depth if use_decoder else 0, heads, out_dim, drop_path)
+        if init == "cae":
+            for part in (backbone.vit, self.regressor, self.decoder):  # never the frozen tokenizer
+                init_linears_(part, "mae")  # xavier_uniform, zero biases; LayerNorms 1 / 0
+            for tensor in (backbone.vit.patch_embed.proj.weight, backbone.vit.cls_token, self.mask_token):
+                trunc_normal_within_std_(tensor)
+            nn.init.zeros_(backbone.vit.patch_embed.proj.bias)
+        else:
+            for part in (self.regressor, self.decoder):
+                init_linears_(part, "timm")
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return set()  # the official optimizer exempts biases and norms only (1-D parameters)
 
     # -- targets -----------------------------------------------------------------------------------
     @classmethod
@@ -234,18 +257,19 @@ class CAE(Method):
 
     # -- the algorithm -----------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
-        return DataSpec(augmentation="mim", mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio, exact=True))
+        # "cae": crop scale 0.08-1, no jitter. VIEWS CONTRACT: once ssl_bench/data/views.py lands, this becomes
+        # DataSpec(augmentation=views.mim(crop_scale=(0.08, 1.0)), ...)
+        return DataSpec(augmentation="cae", mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio, exact=True))
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images, mask = batch["views"][0], batch["mask"]  # (B, C, H, W), (B, N) True = masked
         ids_keep, ids_masked, _ = split_by_mask(mask)  # (B, Nv), (B, Nm)
         b = images.shape[0]
 
-        # F: encoder on the visible patches only -> Zv (B, 1 + Nv, D), cls first
-        z_vis = self.backbone.forward_visible(images, ids_keep)
+        # F: encoder on the visible patches only -> Zv (B, Nv, D); its cls token is not part of the context
+        z_vis = self.backbone.forward_visible(images, ids_keep)[:, 1:]
         pos = self.backbone.patch_pos_embed.expand(b, -1, -1)  # (B, N, D), fixed sin-cos
-        pos_vis = torch.cat([self.cls_pos.expand(b, -1, -1), gather_tokens(pos, ids_keep)], dim=1)  # (B, 1 + Nv, D)
-        pos_masked = gather_tokens(pos, ids_masked)  # (B, Nm, D)
+        pos_vis, pos_masked = gather_tokens(pos, ids_keep), gather_tokens(pos, ids_masked)  # (B, Nv, D), (B, Nm, D)
 
         # H: the shared mask token queries every masked position -> predicted latents (B, Nm, D)
         queries = self.mask_token.expand(b, ids_masked.shape[1], -1)

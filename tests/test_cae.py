@@ -20,8 +20,9 @@ from tests.conftest import smoke_config
 
 
 def build(fashion_info, *overrides):
-    """A tiny CAE (2 regressor blocks, so 'every block' means something) and one real batch."""
-    cfg = smoke_config("cae", "method.regressor_depth=2", *overrides)
+    """A tiny CAE (2 regressor blocks, so 'every block' means something) on pixel targets (no tokenizer
+    needed; the token targets have their own test) and one real batch."""
+    cfg = smoke_config("cae", "method.regressor_depth=2", "method.target=pixels", *overrides)
     torch.manual_seed(0)
     method = build_method(cfg, fashion_info)
     loader, *_ = build_pretrain_loader(cfg, method.data_spec())
@@ -55,22 +56,21 @@ def test_regressor_never_updates_visible_latents(cae_and_batch):
     method, batch = cae_and_batch
     mask = batch["mask"]
     ids_keep, ids_masked, _ = split_by_mask(mask)
-    n_ctx = 1 + ids_keep.shape[1]  # cls + visible
+    n_ctx = ids_keep.shape[1]  # the visible patches only: no cls token (official code and paper)
     encoder_out, block_inputs = [], []
     record_calls(method.backbone.vit.norm, encoder_out)  # first call: the visible patches
     for block in method.regressor.blocks:
         block.register_forward_pre_hook(lambda m, args: block_inputs.append([a.detach().clone() for a in args]))
     method.training_step(batch)
 
-    z_vis = encoder_out[0].detach()
+    z_vis = encoder_out[0].detach()[:, 1:]  # the encoder's output without its cls token
     pos = method.backbone.patch_pos_embed.expand(len(mask), -1, -1)
     assert len(block_inputs) == len(method.regressor.blocks) == 2
     for q, kv, pos_q, pos_kv in block_inputs:
         assert torch.equal(kv[:, :n_ctx], z_vis)  # keys/values of Zv are the encoder's Zv in every block
         assert torch.equal(kv[:, n_ctx:], q)  # followed by the current queries
         assert torch.equal(pos_q, gather_tokens(pos, ids_masked))
-        assert torch.equal(pos_kv[:, 1:n_ctx], gather_tokens(pos, ids_keep))
-        assert not pos_kv[:, 0].any()  # the cls token's position is zero
+        assert torch.equal(pos_kv[:, :n_ctx], gather_tokens(pos, ids_keep)) and torch.equal(pos_kv[:, n_ctx:], pos_q)
     # the first queries are the one shared mask token at every masked position
     first_q = block_inputs[0][0]
     assert torch.equal(first_q, method.mask_token.detach().expand_as(first_q))
@@ -182,7 +182,7 @@ def test_switches_change_the_loss_terms(fashion_info):
 def test_loss_falls_on_real_images(fashion_info, tmp_path):
     # 60 steps of a tiny CAE on 320 Fashion-MNIST images; both losses measured on the same fixed batches
     # (same images, same masks, eval mode) before and after, so batch-to-batch noise does not enter
-    cfg = smoke_config("cae", "data.subset=320", "train.epochs=6", "train.lr=2e-3", "train.log_every=1", "train.ckpt_every=1000")
+    cfg = smoke_config("cae", "method.target=pixels", "data.subset=320", "train.epochs=6", "train.lr=2e-3", "train.log_every=1", "train.ckpt_every=1000")
     torch.manual_seed(0)
     untrained = build_method(cfg, fashion_info).eval()
     loader, *_ = build_pretrain_loader(cfg, untrained.data_spec())
@@ -223,7 +223,8 @@ def tokenizer_path(tmp_path_factory):
 def test_token_targets_are_the_tokenizer_codes_of_masked_patches(tokenizer_path, fashion_info, monkeypatch, tmp_path):
     cfg = smoke_config("cae", "method.target=tokens", f"method.tokenizer={tokenizer_path}")
     assert CAE.prepare(cfg, tmp_path)["method"]["tokenizer"] == str(tokenizer_path.resolve())
-    assert CAE.prepare(smoke_config("cae"), tmp_path) == smoke_config("cae")  # pixels: no tokenizer trained
+    pixels = smoke_config("cae", "method.target=pixels")
+    assert CAE.prepare(pixels, tmp_path) == pixels  # pixels: no tokenizer trained
     method, batch = build(fashion_info, "method.target=tokens", f"method.tokenizer={tokenizer_path}")
     mask = batch["mask"]
     assert method.decoder.head.out_features == method.tokenizer.vocab_size
