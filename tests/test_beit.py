@@ -75,17 +75,88 @@ def test_mask_embedding_replaces_masked_patches_and_learns(beit_and_batch):
     method, batch = beit_and_batch
     images, mask = batch["views"][0], batch["mask"]
     seen = []
-    method.backbone.blocks.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+    method.backbone.blocks[0].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
     method.training_step(batch)["loss_mim"].backward()
-    x = seen[0][:, 1:]  # (B, N, D): the encoder's input, all N positions
-    pos = method.backbone.patch_pos_embed.expand_as(x)
-    expected_masked = (method.mask_token + pos)[mask]
-    expected_visible = (method.backbone.embed_patches(images) + pos)[~mask]
+    x = seen[0][:, 1:]  # (B, N, D): the encoder's input, all N positions, no absolute position embedding
+    expected_masked = method.mask_token.expand_as(x)[mask]
+    expected_visible = method.backbone.embed_patches(images)[~mask]
     assert x.shape[1] == method.backbone.num_patches
     assert torch.allclose(x[mask], expected_masked.detach(), atol=1e-6)
     assert torch.allclose(x[~mask], expected_visible.detach(), atol=1e-5)
     assert method.mask_token.grad is not None and method.mask_token.grad.abs().sum() > 0
     assert all(p.grad is None for p in method.tokenizer.parameters())  # the tokenizer is frozen
+
+
+def test_shared_relative_position_bias_is_the_only_position_signal(beit_and_batch):
+    method, batch = beit_and_batch
+    backbone = method.backbone
+    assert backbone.vit.pos_embed is None and backbone.signature()["rel_pos_bias"] == "shared"
+    table = backbone.rel_pos_bias.relative_position_bias_table
+    g = backbone.grid_size
+    assert table.shape == ((2 * g - 1) ** 2 + 3, backbone.num_heads) and not table.any()  # zero at init, as official
+    # one table for all blocks: every block receives the same bias as its attention mask
+    masks = []
+    for block in backbone.blocks:
+        block.register_forward_pre_hook(lambda m, args, kwargs: masks.append(kwargs["attn_mask"]), with_kwargs=True)
+    method.training_step(batch)["loss_mim"].backward()
+    assert len(masks) == backbone.depth and all(m is masks[0] for m in masks)
+    assert table.grad is not None and table.grad.abs().sum() > 0  # it learns
+    # a subset of positions (forward_visible) sees the bias rows/columns of exactly those positions
+    images = batch["views"][0][:2]
+    with torch.no_grad():
+        table.normal_()
+        ids = torch.tensor([[0, 3, 5, 9], [1, 2, 8, 15]])
+        sub = backbone.forward_visible(images, ids)
+        for i in range(2):
+            keep = torch.cat([torch.zeros(1, dtype=torch.long), ids[i] + 1])
+            x = torch.cat([backbone.vit.cls_token[0], backbone.embed_patches(images[i : i + 1])[0, ids[i]]])[None]
+            bias = backbone.rel_pos_bias()[:, keep][:, :, keep][None]
+            for block in backbone.blocks:
+                x = block(x, attn_mask=bias)
+            assert torch.allclose(backbone.vit.norm(x)[0], sub[i], atol=1e-5)
+
+
+def test_official_init_rescales_residual_projections(beit_and_batch):
+    method, _ = beit_and_batch
+    for layer_id, block in enumerate(method.backbone.blocks, start=1):
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            bound = 0.02 / (2 * layer_id) ** 0.5  # normal(0.02) truncated at one std, then / sqrt(2 * layer_id)
+            assert weight.abs().max() <= bound + 1e-7 and weight.abs().max() > 0.9 * bound
+    assert method.backbone.blocks[0].attn.qkv.weight.abs().max() <= 0.02 + 1e-7  # truncated at +-std
+
+
+def test_rel_pos_encoder_exports_to_timm_beit(beit_and_batch):
+    import timm
+
+    from evals.export import timm_create_kwargs, timm_state_dict
+
+    method, batch = beit_and_batch
+    backbone = method.backbone.eval()
+    with torch.no_grad():
+        backbone.rel_pos_bias.relative_position_bias_table.normal_()
+    name, kwargs = timm_create_kwargs(backbone)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model.load_state_dict(timm_state_dict(backbone), strict=True)
+    images = batch["views"][0][:4]
+    with torch.no_grad():
+        cls, patches = backbone(images)
+        tokens = model.forward_features(images)
+    assert torch.allclose(tokens[:, 0], cls, atol=1e-5) and torch.allclose(tokens[:, 1:], patches, atol=1e-5)
+
+
+def test_recipe_matches_official_defaults(beit_and_batch):
+    from methods.beit import BEiT
+    from ssl_bench.config import resolve_config
+    from ssl_bench.data.transforms import build_policy
+
+    for preset in ("smoke", "quick", "full"):
+        cfg = resolve_config(BEiT, preset)
+        assert cfg["train"]["clip_grad"] == 3.0 and cfg["model"]["rel_pos_bias"] == "shared" and cfg["model"]["layer_scale"] == 0.1
+    method, _ = beit_and_batch
+    ops = build_policy(method.data_spec().augmentation, 28, 3, [0.5] * 3, [0.5] * 3).transforms[0].transforms
+    jitter, crop = ops[0], ops[1]  # ColorJitter(0.4, 0.4, 0.4) always applied (no RandomApply), then the crop
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), None)
+    assert tuple(crop.scale) == (0.08, 1.0)
 
 
 def test_loss_falls_on_real_images(tokenizer_path, tmp_path):
