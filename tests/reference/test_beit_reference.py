@@ -1,0 +1,100 @@
+"""BEiT against the official implementation (microsoft/unilm beit/modeling_pretrain.py): the same tiny model (2
+blocks, width 32, 4x4 patches of 8 px, layer scale 0.1, shared relative position bias, 16 token classes), the
+same weights, images, block masks (BEiT's generator: counts may differ between samples) and token targets, in
+float64. The official numbers are in beit_official.json, measured outside this repository (see reference_case.py).
+
+The case guards the deviations found before: the absolute sin-cos position embedding instead of the shared
+relative position bias, and anything else that moves the loss or a gradient.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from methods.beit import BEiT
+from ssl_bench.backbone import ViTBackbone
+from ssl_bench.masking import BlockMaskGenerator
+from ssl_bench.tokenizer import Tokenizer, save_tokenizer
+from tests.reference.reference_case import check_against_fixture, export, fill_deterministic_, grad_norms, split_qkv_bias
+
+FIXTURE = Path(__file__).parent / "beit_official.json"
+CONFIG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, layer_scale=0.1, vocab_size=16, batch=4)
+GRADS = {  # our parameter -> official parameter, for the reported gradient norms
+    "backbone.vit.patch_embed.proj.weight": "patch_embed.proj.weight",
+    "backbone.vit.cls_token": "cls_token",
+    "backbone.vit.blocks.0.attn.qkv.weight": "blocks.0.attn.qkv.weight",
+    "backbone.vit.blocks.1.mlp.fc2.weight": "blocks.1.mlp.fc2.weight",
+    "backbone.rel_pos_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+    "mask_token": "mask_token",
+    "head.weight": "lm_head.weight",
+}
+RULES = [(r"^backbone\.vit\.blocks\.(\d+)\.ls([12])\.gamma$", r"blocks.\1.gamma_\2"), (r"^backbone\.(vit\.)?", ""), (r"^head\.", "lm_head.")]
+
+
+def official_name(key: str) -> str:
+    for pattern, repl in RULES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def official_state(method: BEiT) -> dict:
+    """Our weights under the official parameter names (the tokenizer excluded: the targets are given)."""
+    state = {}
+    for key, value in method.state_dict().items():
+        if key.startswith("tokenizer."):
+            continue
+        if key.endswith("attn.qkv.bias"):
+            split_qkv_bias(state, official_name(key), value, method.backbone.embed_dim)
+        else:
+            state[official_name(key)] = value
+    return state
+
+
+def build_case(tmp_dir: Path):
+    c = CONFIG
+    backbone = ViTBackbone("vit_tiny", img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], embed_dim=c["embed_dim"],
+                           depth=c["depth"], num_heads=c["num_heads"], layer_scale=c["layer_scale"], rel_pos_bias="shared")
+    tokenizer = Tokenizer(img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], vocab_size=c["vocab_size"],
+                          hidden_dim=8, code_dim=4, num_res_blocks=1)
+    method = BEiT(backbone, tokenizer=str(save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt")))
+    fill_deterministic_(method, seed=0)
+    method.double().train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(c["batch"], c["in_chans"], c["img_size"], c["img_size"], generator=g, dtype=torch.float64)
+    grid = c["img_size"] // c["patch_size"]
+    masks = BlockMaskGenerator(grid, 0.6)  # BEiT's generator, 10 of 16: one of these masks ends short (9)
+    rng = np.random.default_rng(7)
+    mask = torch.from_numpy(np.stack([masks(rng) for _ in range(c["batch"])]))
+    tokens = torch.randint(0, c["vocab_size"], (c["batch"], grid * grid), generator=g)
+    method.tokenizer.tokenize = lambda _: tokens  # the targets are given, as they are to the official code
+    return method, {"views": [images], "mask": mask}, tokens
+
+
+def our_numbers(method: BEiT, batch: dict) -> dict:
+    method.zero_grad()
+    loss = method.training_step(batch)["loss_mim"]
+    loss.backward()
+    return {"loss": loss.item()} | {f"grad_norm/{k}": v for k, v in grad_norms(method, list(GRADS)).items()}
+
+
+def test_case_has_masks_of_different_sizes(tmp_path):
+    _, batch, _ = build_case(tmp_path)
+    assert len(set(batch["mask"].sum(1).tolist())) > 1  # the loss must not assume one count per sample
+
+
+def test_beit_matches_official_implementation(tmp_path):
+    method, batch, _ = build_case(tmp_path)
+    check_against_fixture(our_numbers(method, batch), FIXTURE)
+
+
+if __name__ == "__main__":  # python -m tests.reference.test_beit_reference OUT.pt: the case for the official run
+    with tempfile.TemporaryDirectory() as tmp:
+        method, batch, tokens = build_case(Path(tmp))
+        print(batch["mask"].sum(1).tolist(), our_numbers(method, batch))
+        inputs = {"images": batch["views"][0], "mask": batch["mask"], "tokens": tokens}
+        export(sys.argv[1], official_state(method), inputs, CONFIG, GRADS)

@@ -1,0 +1,113 @@
+"""CAE against the official implementation (Atten4Vis/CAE, models/modeling_cae.py): the same tiny model (2
+encoder blocks, width 32, 4x4 patches of 8 px, 2 regressor and 2 decoder blocks, 16 token classes), the
+same weights, images, block masks and token targets, in float64. The official numbers are in
+cae_official.json, measured outside this repository (see reference_case.py).
+
+The case guards the deviations found before: the encoder's cls token as an extra key/value of the
+regressor, LayerNorm eps 1e-5 in regressor/decoder, and anything else that moves the loss or a gradient.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from methods.cae import CAE
+from ssl_bench.backbone import ViTBackbone
+from ssl_bench.masking import BlockMaskGenerator
+from ssl_bench.tokenizer import Tokenizer, save_tokenizer
+from tests.reference.reference_case import check_against_fixture, export, fill_deterministic_, grad_norms, split_qkv_bias
+
+FIXTURE = Path(__file__).parent / "cae_official.json"
+CONFIG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, layer_scale=0.1,
+              regressor_depth=2, decoder_depth=2, vocab_size=16, align_weight=2.0, batch=4)
+# our parameter -> official parameter, for the reported gradient norms
+GRADS = {
+    "backbone.vit.patch_embed.proj.weight": "encoder.patch_embed.proj.weight",
+    "backbone.vit.cls_token": "encoder.cls_token",
+    "backbone.vit.blocks.0.attn.qkv.weight": "encoder.blocks.0.attn.qkv.weight",
+    "backbone.vit.blocks.1.mlp.fc2.weight": "encoder.blocks.1.mlp.fc2.weight",
+    "mask_token": "mask_token",
+    "regressor.blocks.0.attn.q.weight": "regresser.regressor_blocks.0.cross_attn.q.weight",
+    "regressor.blocks.1.attn.k.weight": "regresser.regressor_blocks.1.cross_attn.k.weight",
+    "decoder.blocks.0.attn.qkv.weight": "decoder.decoder_blocks.0.attn.qkv.weight",
+    "decoder.head.weight": "decoder.head.weight",
+}
+ENCODER_RULES = [(r"^backbone\.vit\.blocks\.(\d+)\.ls([12])\.gamma$", r"encoder.blocks.\1.gamma_\2"), (r"^backbone\.vit\.", "encoder.")]
+REGRESSOR_RULES = [
+    (r"^regressor\.blocks\.(\d+)\.", r"regresser.regressor_blocks.\1."), (r"^regressor\.norm\.", "regresser.norm."),
+    (r"\.norm_q\.", ".norm1_q."), (r"\.norm_k\.", ".norm1_k."), (r"\.norm_v\.", ".norm1_v."), (r"\.norm_mlp\.", ".norm2_cross."),
+    (r"\.attn\.(q|k|v|proj)\.weight$", r".cross_attn.\1.weight"), (r"\.attn\.proj\.bias$", ".cross_attn.proj.bias"),
+    (r"\.attn\.(q|v)\.bias$", r".cross_attn.\1_bias"), (r"\.mlp\.", ".mlp_cross."), (r"\.gamma([12])$", r".gamma_\1_cross"),
+]
+DECODER_RULES = [(r"^decoder\.blocks\.(\d+)\.ls([12])\.gamma$", r"decoder.decoder_blocks.\1.gamma_\2"), (r"^decoder\.blocks\.", "decoder.decoder_blocks.")]
+
+
+def official_name(key: str) -> str:
+    rules = REGRESSOR_RULES if key.startswith("regressor.") else DECODER_RULES if key.startswith("decoder.") else ENCODER_RULES
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def official_state(method: CAE) -> dict:
+    """Our weights under the official parameter names (the tokenizer excluded: the targets are given)."""
+    state = {}
+    for key, value in method.state_dict().items():
+        if key.startswith("tokenizer.") or key.endswith("attn.k.bias"):  # the official cross-attention has no key bias
+            continue
+        if key.endswith("attn.qkv.bias"):
+            split_qkv_bias(state, official_name(key), value, method.backbone.embed_dim)
+        else:
+            state[official_name(key)] = value
+    state["rd_pos_embed"] = state["encoder.pos_embed"]  # the regressor/decoder table: same width, same table
+    return state
+
+
+def build_case(tmp_dir: Path):
+    c = CONFIG
+    backbone = ViTBackbone("vit_tiny", img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"],
+                           embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], layer_scale=c["layer_scale"])
+    tokenizer = Tokenizer(img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], vocab_size=c["vocab_size"],
+                          hidden_dim=8, code_dim=4, num_res_blocks=1)
+    path = save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt")
+    method = CAE(backbone, regressor_depth=c["regressor_depth"], decoder_depth=c["decoder_depth"], align_weight=c["align_weight"],
+                 target="tokens", tokenizer=str(path))
+    fill_deterministic_(method, seed=0)
+    method.double().train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(c["batch"], c["in_chans"], c["img_size"], c["img_size"], generator=g, dtype=torch.float64)
+    grid = c["img_size"] // c["patch_size"]
+    masks = BlockMaskGenerator(grid, 0.5, exact=True)
+    rng = np.random.default_rng(2)
+    mask = torch.from_numpy(np.stack([masks(rng) for _ in range(c["batch"])]))
+    tokens = torch.randint(0, c["vocab_size"], (c["batch"], grid * grid), generator=g)
+    method.tokenizer.tokenize = lambda _: tokens  # the targets are given, as they are to the official code
+    return method, {"views": [images], "mask": mask}, tokens
+
+
+def our_numbers(method: CAE, batch: dict) -> dict:
+    method.zero_grad()
+    losses = method.training_step(batch)
+    loss = sum(losses.values())
+    loss.backward()
+    numbers = {"loss": loss.item(), "loss_recon": losses["loss_recon"].item(),
+               "align_mse": losses["loss_align"].item() / CONFIG["align_weight"]}
+    return numbers | {f"grad_norm/{k}": v for k, v in grad_norms(method, list(GRADS)).items()}
+
+
+def test_cae_matches_official_implementation(tmp_path):
+    method, batch, _ = build_case(tmp_path)
+    check_against_fixture(our_numbers(method, batch), FIXTURE)
+
+
+if __name__ == "__main__":  # python -m tests.reference.test_cae_reference OUT.pt: the case for the official run
+    with tempfile.TemporaryDirectory() as tmp:
+        method, batch, tokens = build_case(Path(tmp))
+        print(our_numbers(method, batch))
+        inputs = {"images": batch["views"][0], "mask": batch["mask"], "tokens": tokens}
+        export(sys.argv[1], official_state(method), inputs, CONFIG, GRADS)
