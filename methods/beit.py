@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_bench.backbone import ViTBackbone
+from ssl_bench.data import views
 from ssl_bench.errors import UserError
 from ssl_bench.layers import trunc_normal_within_std_
 from ssl_bench.masking import BlockMaskGenerator
@@ -122,9 +123,11 @@ class BEiT(Method):
         return {**cfg, "method": {**cfg["method"], "tokenizer": ensure_tokenizer(cfg, run_dir)}}
 
     def data_spec(self) -> DataSpec:
-        # "beit": ColorJitter 0.4 always, crop scale 0.08-1. VIEWS CONTRACT: once ssl_bench/data/views.py lands,
-        # DataSpec(augmentation=views.mim(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0), ...)
-        return DataSpec(augmentation="beit", mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio))
+        # DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) on every image, RandomResizedCrop scale 0.08-1, flip
+        return DataSpec(
+            augmentation=views.mim(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0),
+            mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio),
+        )
 
     def no_weight_decay(self) -> set[str]:
         return {"backbone.vit.cls_token"}  # the official skip list (pos_embed, cls_token); the [MASK] embedding is decayed

@@ -26,7 +26,8 @@ loss and gradients against it on the same weights and inputs):
   0.1 in the full recipe); LayerNorm eps 1e-6 everywhere.
 * Init (``init="cae"``): xavier_uniform for every Linear of encoder, regressor and decoder (the official
   model re-initialises them all after building), zero biases; the patch projection, cls token and mask
-  token normal(0.02) truncated at +-0.02. ``init="timm"`` keeps timm's encoder init.
+  token normal(0.02) truncated at +-0.02; the fixed sin-cos table with the row in its first half, as the
+  official table (the same table as MAE's with its halves swapped). ``init="timm"`` keeps timm's encoder init.
 * Targets: the official ones are the visual tokens of DALL-E's 8192-code dVAE (cross-entropy on the masked
   patches). DALL-E's weights cannot be downloaded here, so ``target="tokens"`` (the default) reads a VQ-VAE
   from ``ssl_bench.tokenizer`` trained without labels on the run's own images (``tokenizer="auto"``, trained
@@ -62,6 +63,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_bench.backbone import ViTBackbone, gather_tokens, init_linears_, normalized_pixel_targets
+from ssl_bench.data import views
 from ssl_bench.errors import UserError
 from ssl_bench.layers import CrossAttention, trunc_normal_within_std_
 from ssl_bench.masking import BlockMaskGenerator, split_by_mask
@@ -211,6 +213,8 @@ class CAE(Method):
             for tensor in (backbone.vit.patch_embed.proj.weight, backbone.vit.cls_token, self.mask_token):
                 trunc_normal_within_std_(tensor)
             nn.init.zeros_(backbone.vit.patch_embed.proj.bias)
+            with torch.no_grad():  # the official sin-cos table encodes the row in its first half (ours: the column)
+                backbone.vit.pos_embed[:, 1:] = backbone.vit.pos_embed[:, 1:].roll(dim // 2, dims=-1)
         else:
             for part in (self.regressor, self.decoder):
                 init_linears_(part, "timm")
@@ -257,9 +261,11 @@ class CAE(Method):
 
     # -- the algorithm -----------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
-        # "cae": crop scale 0.08-1, no jitter. VIEWS CONTRACT: once ssl_bench/data/views.py lands, this becomes
-        # DataSpec(augmentation=views.mim(crop_scale=(0.08, 1.0)), ...)
-        return DataSpec(augmentation="cae", mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio, exact=True))
+        # RandomResizedCrop scale 0.08-1 + flip, no colour jitter (run_pretraining.py's defaults)
+        return DataSpec(
+            augmentation=views.mim(crop_scale=(0.08, 1.0)),
+            mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio, exact=True),
+        )
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images, mask = batch["views"][0], batch["mask"]  # (B, C, H, W), (B, N) True = masked

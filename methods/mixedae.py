@@ -28,20 +28,25 @@ embeddings the decoder has nothing that says which source to rebuild, so symmetr
 ill-posed; then the method reconstructs the mixed image itself, i.e. it is exactly MAE trained on
 mixed inputs (the naive-mixing baseline).
 
-Values and where they come from. The paper's method section could not be read through the search
-tools (only its abstract and introduction), so the exact values below are NOT confirmed from the paper:
-- mixing ratio r = 0.5 (unverified). r = 0.5 is the spec's example; the unofficial reimplementation
+UNVERIFIED CHOICES. No official code is public and the paper's method section could not be read here
+(only its abstract and introduction), so each value below is a choice, not a confirmed fact, and each is
+a named option (``method.<name>``) whose default is the value used so far:
+- ``mix_ratio`` r = 0.5 (groups of 2). r = 0.5 is the spec's example; the unofficial reimplementation
   github.com/Natyren/MixedAE mixes groups of 4 (r = 0.25). Any r with 1/r an integer works.
-- mask_ratio = 0.5 after mixing (our choice, unverified): each source then keeps 25% of its patches
+- ``topk_ratio`` (K): None = K = ceil(r * L) for a sequence of L tokens (spec: "K set by the expected
+  number of same-source patches"; exact rule unverified); a number sets K = ceil(topk_ratio * L). TopK is
+  applied in every encoder block (unverified).
+- ``temperature`` tau = 0.25 of the homologous contrastive loss.
+- ``contrastive_weight`` = 0.1, its weight beside the reconstruction loss (the unofficial code uses other,
+  ad hoc values).
+- ``segment_embed_place`` = "decoder": one learned embedding per source, added to every decoder token with
+  the position embedding. "both" also adds a second set, in encoder width, to the encoder's input patches
+  by their source, where the unofficial code puts them (it lets the encoder read a patch's source off its
+  input, which may make homologous recognition trivial, so it is not the default).
+- ``mask_ratio`` = 0.5, the MAE masking of the mixed image: each source then keeps 25% of its patches
   visible, MAE's share, and the encoder sees (B / G) * N / 2 = B * N / 4 tokens per batch, as MAE does,
   in line with the paper's "3% extra overhead over MAE" (abstract/intro figure). r = 0.25 with
   mask_ratio = 0 is the other configuration with the same budget.
-- K = ceil(r * L) (spec: "K set by the expected number of same-source patches"; exact rule unverified).
-  TopK is applied in every encoder block (unverified).
-- tau = 0.25, contrastive_weight = 0.1 (unverified; the unofficial code uses other, ad hoc values).
-- Segment embeddings in the decoder, one per source, added to all decoder tokens (spec marks their
-  place unverified; the unofficial code adds them to the encoder input, which would let the encoder
-  read a patch's source off its input and make homologous recognition trivial, so we do not).
 Published (spec): 300 ep ViT-B fine-tune 83.1 vs MAE 82.7; ADE20K 47.0 vs 46.1.
 Recipe: MAE's (AdamW betas (0.9, 0.95), wd 0.05, blr 1.5e-4, cosine with warmup); presets = MAE's.
 """
@@ -56,11 +61,14 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from methods.mae import MAE, masked_mse
-from ssl_bench.backbone import ViTBackbone, patchify, unpatchify
+from ssl_bench.backbone import ViTBackbone, gather_tokens, patchify, unpatchify
 from ssl_bench.errors import UserError
 from ssl_bench.masking import RandomMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec
 from ssl_bench.registry import register_method
+
+
+SEGMENT_EMBED_PLACES = ("decoder", "both")
 
 
 def group_size(mix_ratio: float) -> int:
@@ -176,6 +184,7 @@ class MixedAE(MAE):
         contrastive_weight: float = 0.1,
         temperature: float = 0.25,
         segment_embed: bool = True,
+        segment_embed_place: str = "decoder",
     ):
         super().__init__(backbone, mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss)
         self.group = group_size(mix_ratio)
@@ -191,8 +200,12 @@ class MixedAE(MAE):
         if homo_attention:  # this method's backbone only; other methods keep timm's attention
             for block in backbone.blocks:
                 block.attn = HomologousAttention(block.attn)
-        # one learned embedding per source slot of a group, in decoder width
+        if segment_embed_place not in SEGMENT_EMBED_PLACES:
+            raise UserError(f"unknown method.segment_embed_place '{segment_embed_place}'; choose one of: {', '.join(SEGMENT_EMBED_PLACES)}")
+        # one learned embedding per source slot of a group, in decoder width (and in encoder width for "both")
         self.segment_embed = nn.Parameter(torch.randn(self.group, decoder_dim) * 0.02) if segment_embed else None
+        with_encoder = segment_embed and segment_embed_place == "both"
+        self.encoder_segment_embed = nn.Parameter(torch.randn(self.group, backbone.embed_dim) * 0.02) if with_encoder else None
 
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:
@@ -209,7 +222,7 @@ class MixedAE(MAE):
         return DataSpec(augmentation="mim", mask=mask)
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"segment_embed"}
+        return super().no_weight_decay() | {"segment_embed", "encoder_segment_embed"}
 
     @contextlib.contextmanager
     def homologous_attention(self, seq_len: int):
@@ -224,6 +237,14 @@ class MixedAE(MAE):
             for m in modules:
                 m.topk = None
 
+    def encode(self, mixed: torch.Tensor, sources: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The encoder on the visible patches of the mixed images; with ``segment_embed_place="both"`` each
+        patch first gets the encoder-width segment embedding of its source."""
+        if self.encoder_segment_embed is None:
+            return self.backbone.forward_visible(mixed, ids_keep)
+        tokens = self.backbone.embed_patches(mixed) + self.encoder_segment_embed[sources]  # (B/G, N, D)
+        return self.backbone.forward_tokens(gather_tokens(tokens, ids_keep), ids_keep)
+
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["views"][0]  # (B, C, H, W)
         b, g, n = images.shape[0], self.group, self.backbone.num_patches
@@ -236,7 +257,7 @@ class MixedAE(MAE):
         ids_keep, _, ids_restore = split_by_mask(mask)
 
         with self.homologous_attention(1 + ids_keep.shape[1]) if self.homo_attention else contextlib.nullcontext():
-            latent = self.backbone.forward_visible(mixed, ids_keep)  # (B/G, 1 + N_vis, D)
+            latent = self.encode(mixed, sources, ids_keep)  # (B/G, 1 + N_vis, D)
 
         if self.segment_embed is None:  # naive mixing: MAE on the mixed image
             pred = self.decoder(latent, ids_restore)  # (B/G, N, P)

@@ -249,3 +249,18 @@ def test_token_targets_are_the_tokenizer_codes_of_masked_patches(tokenizer_path,
     assert all(p.grad is None for p in method.tokenizer.parameters())  # the tokenizer is frozen
     method.train()
     assert not method.tokenizer.training
+
+
+def test_official_recipe_details(fashion_info):
+    """Crop scale 0.08-1 without jitter, drop path rising to the encoder's rate in regressor and decoder,
+    xavier_uniform Linears (the official model re-initialises every Linear), token targets by default."""
+    method, _ = build(fashion_info, "model.drop_path=0.1", "method.decoder_depth=2")
+    (view,) = method.data_spec().augmentation
+    assert tuple(view.crop_scale) == (0.08, 1.0) and view.jitter is None
+    assert method.data_spec().mask.fixed_count  # CAE's generator: exactly the target in every sample
+    assert [b.drop_path.drop_prob for b in method.regressor.blocks[1:]] == [pytest.approx(0.1)]
+    assert method.decoder.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    for linear in (method.backbone.blocks[0].attn.qkv, method.regressor.blocks[0].attn.q, method.decoder.head):
+        bound = (6 / sum(linear.weight.shape)) ** 0.5  # xavier_uniform's bound
+        assert 0.9 * bound < linear.weight.abs().max() <= bound
+    assert CAE.option_defaults()["target"] == "tokens"

@@ -238,3 +238,26 @@ def test_bad_options_raise_one_clear_error(fashion_info):
         build(fashion_info, "method.mix_ratio=0.3")
     with pytest.raises(UserError, match="batch_size"):
         get_method("mixedae").prepare(smoke_config("mixedae", "method.mix_ratio=0.25", "train.batch_size=30"), None)
+
+
+def test_unverified_choices_are_named_options(fashion_info):
+    """No official code: r, K, tau, the loss weight, the segment embeddings' place and the post-mixing mask
+    ratio are options (defaults: the values used so far); "both" also feeds the encoder a per-source embedding."""
+    from methods.mixedae import MixedAE
+
+    defaults = MixedAE.option_defaults()
+    assert {k: defaults[k] for k in ("mix_ratio", "topk_ratio", "temperature", "contrastive_weight", "segment_embed_place", "mask_ratio")} == {
+        "mix_ratio": 0.5, "topk_ratio": None, "temperature": 0.25, "contrastive_weight": 0.1, "segment_embed_place": "decoder", "mask_ratio": 0.5}
+    method, batch = build(fashion_info, "method.segment_embed_place=both")
+    seen = []
+    method.backbone.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    torch.manual_seed(5)  # the same mixing masks in both steps
+    sum(method.training_step(batch).values()).backward()
+    assert method.encoder_segment_embed.grad is not None and method.encoder_segment_embed.grad.abs().sum() > 0
+    with torch.no_grad():  # without the embedding the encoder's input changes
+        method.encoder_segment_embed.zero_()
+    torch.manual_seed(5)
+    method.training_step(batch)
+    assert seen[0].shape == seen[1].shape and not torch.allclose(seen[0], seen[1])
+    with pytest.raises(UserError, match="segment_embed_place"):
+        build(fashion_info, "method.segment_embed_place=encoder")

@@ -1,6 +1,6 @@
-"""Shared pieces of the reference tests: a tiny method with fixed weights and inputs, its loss and gradient
-norms, and the export of both (weights under the official code's parameter names) for a run of the official
-implementation outside this repository.
+"""Pieces of the CAE and BEiT reference tests on top of ``tests/reference/tiny.py`` (its tiny ViT and
+name-seeded weights): the export of a case (weights under the official code's parameter names, inputs,
+sizes) for a run of the official implementation outside this repository, and the comparison.
 
 Each ``test_*_reference.py`` builds its case, computes the same numbers here, and compares them with the
 numbers the official code gave on the exported case (a JSON fixture naming the official repository and
@@ -15,29 +15,8 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 REL_TOL = 1e-5
-
-
-def fill_deterministic_(module: nn.Module, seed: int) -> None:
-    """Every trainable parameter from a seeded generator, independent of how the module initialised itself:
-    LayerNorm weights 1 + 0.1 N(0, 1), layer scales 0.5 + 0.1 N(0, 1), everything else 0.1 N(0, 1) (biases
-    included, so a bias the official code lacks must be one that cannot matter)."""
-    g = torch.Generator().manual_seed(seed)
-    norms = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, nn.LayerNorm)}
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            if not p.requires_grad:
-                continue
-            noise = 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
-            base = 1.0 if name in norms else 0.5 if name.endswith(("gamma", "gamma1", "gamma2")) else 0.0
-            p.copy_(base + noise)
-
-
-def grad_norms(module: nn.Module, names: list[str]) -> dict[str, float]:
-    params = dict(module.named_parameters())
-    return {n: float(params[n].grad.norm()) for n in names}
 
 
 def split_qkv_bias(state: dict, key: str, value: torch.Tensor, dim: int) -> None:

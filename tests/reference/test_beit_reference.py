@@ -20,10 +20,11 @@ from methods.beit import BEiT
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.masking import BlockMaskGenerator
 from ssl_bench.tokenizer import Tokenizer, save_tokenizer
-from tests.reference.reference_case import check_against_fixture, export, fill_deterministic_, grad_norms, split_qkv_bias
+from tests.reference.reference_case import check_against_fixture, export, split_qkv_bias
+from tests.reference.tiny import TINY_VIT, fill_deterministic_, grad_norms
 
 FIXTURE = Path(__file__).parent / "beit_official.json"
-CONFIG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, layer_scale=0.1, vocab_size=16, batch=4)
+CONFIG = dict(**{k: v for k, v in TINY_VIT.items() if k != "arch"}, layer_scale=0.1, vocab_size=16, batch=4)
 GRADS = {  # our parameter -> official parameter, for the reported gradient norms
     "backbone.vit.patch_embed.proj.weight": "patch_embed.proj.weight",
     "backbone.vit.cls_token": "cls_token",
@@ -57,8 +58,7 @@ def official_state(method: BEiT) -> dict:
 
 def build_case(tmp_dir: Path):
     c = CONFIG
-    backbone = ViTBackbone("vit_tiny", img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], embed_dim=c["embed_dim"],
-                           depth=c["depth"], num_heads=c["num_heads"], layer_scale=c["layer_scale"], rel_pos_bias="shared")
+    backbone = ViTBackbone(**TINY_VIT, layer_scale=c["layer_scale"], rel_pos_bias="shared")
     tokenizer = Tokenizer(img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], vocab_size=c["vocab_size"],
                           hidden_dim=8, code_dim=4, num_res_blocks=1)
     method = BEiT(backbone, tokenizer=str(save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt")))

@@ -20,10 +20,11 @@ from methods.cae import CAE
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.masking import BlockMaskGenerator
 from ssl_bench.tokenizer import Tokenizer, save_tokenizer
-from tests.reference.reference_case import check_against_fixture, export, fill_deterministic_, grad_norms, split_qkv_bias
+from tests.reference.reference_case import check_against_fixture, export, split_qkv_bias
+from tests.reference.tiny import TINY_VIT, fill_deterministic_, grad_norms
 
 FIXTURE = Path(__file__).parent / "cae_official.json"
-CONFIG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, layer_scale=0.1,
+CONFIG = dict(**{k: v for k, v in TINY_VIT.items() if k != "arch"}, layer_scale=0.1,
               regressor_depth=2, decoder_depth=2, vocab_size=16, align_weight=2.0, batch=4)
 # our parameter -> official parameter, for the reported gradient norms
 GRADS = {
@@ -58,20 +59,18 @@ def official_state(method: CAE) -> dict:
     """Our weights under the official parameter names (the tokenizer excluded: the targets are given)."""
     state = {}
     for key, value in method.state_dict().items():
-        if key.startswith("tokenizer.") or key.endswith("attn.k.bias"):  # the official cross-attention has no key bias
-            continue
+        if key.startswith("tokenizer.") or key.endswith(("attn.k.bias", "pos_embed")):
+            continue  # the official cross-attention has no key bias; each side computes its own sin-cos table
         if key.endswith("attn.qkv.bias"):
             split_qkv_bias(state, official_name(key), value, method.backbone.embed_dim)
         else:
             state[official_name(key)] = value
-    state["rd_pos_embed"] = state["encoder.pos_embed"]  # the regressor/decoder table: same width, same table
     return state
 
 
 def build_case(tmp_dir: Path):
     c = CONFIG
-    backbone = ViTBackbone("vit_tiny", img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"],
-                           embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], layer_scale=c["layer_scale"])
+    backbone = ViTBackbone(**TINY_VIT, layer_scale=c["layer_scale"])
     tokenizer = Tokenizer(img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], vocab_size=c["vocab_size"],
                           hidden_dim=8, code_dim=4, num_res_blocks=1)
     path = save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt")
