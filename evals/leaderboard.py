@@ -252,6 +252,8 @@ def footnotes(lb: Leaderboard) -> list[str]:
         out.append("finetune (proxy): a budget proxy of fine-tuning (the quick preset's LP-FT without augmentation), not the published recipe; compare it only with itself.")
     if any(" (fast" in c for c in lb.columns):
         out.append("(fast): probes on cached un-augmented features with the feature chosen per method, for quick looks; (official): each protocol as its source defines it (docs/protocols.md).")
+    if any(c in ("knn", "linear", "attentive") for c in lb.columns):
+        out.append("A probe column without a mode holds records written before modes existed: cached un-augmented features, the feature chosen per method (as fast mode).")
     halves = [h for r in lb.rows for h in r.ci_half.values()]
     if halves:
         out.append(f"95% interval over test images (Wilson, in each record's ci95): at most ±{max(halves):.2f} points per run.")
