@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "img_size": None,  # None: the data set's native size
         "num_workers": 2,
         "decode": "cpu",  # image folders: cpu (decode + views per sample in the workers) | device (JPEGs decoded in batches on the training device)
+        "device_augment": True,  # in-memory data sets: batched views on the training device (false: per sample on CPU)
     },
     "model": {
         "arch": "vit_tiny",
@@ -57,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         "clip_grad": None,
         "amp": "auto",  # auto (bf16 on GPU, off on CPU) | bf16 | none
-        "compile": False,
+        "compile": "auto",  # auto: on for GPU runs of the full preset (eager if compiling fails) | true | false
         "ckpt_every": 200,
         "log_every": 10,
         "progress": "auto",  # auto (a bar on a terminal, a line every 30 s otherwise) | bar | lines | off (or true/false)
@@ -179,6 +180,7 @@ CHECKS: dict[str, Check] = {
     "data.img_size": Check(1, integer=True, none_ok=True),
     "data.num_workers": Check(0, integer=True),
     "data.decode": Check(choices=("cpu", "device")),
+    "data.device_augment": SWITCH,
     "model.patch_size": Check(1, integer=True),
     "model.embed_dim": Check(4, integer=True, none_ok=True),
     "model.depth": Check(1, integer=True, none_ok=True),
@@ -200,7 +202,7 @@ CHECKS: dict[str, Check] = {
     "train.momentum": Check(0, 1),
     "train.clip_grad": Check(0, lo_open=True, none_ok=True),
     "train.amp": Check(choices=AMP_CHOICES),
-    "train.compile": SWITCH,
+    "train.compile": Check(choices=("auto", True, False)),
     "train.ckpt_every": Check(1, integer=True),
     "train.log_every": Check(1, integer=True),
     "train.progress": Check(choices=(True, False, "auto", "bar", "lines", "off")),

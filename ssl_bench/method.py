@@ -114,8 +114,9 @@ class Method(nn.Module):
 
     # -- metrics that are not losses --------------------------------------------------------------
     def log(self, name: str, value: torch.Tensor | float) -> None:
-        self._logged[name] = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        """Record a metric for this step; tensors stay on their device until the trainer logs them."""
+        self._logged[name] = value.detach() if isinstance(value, torch.Tensor) else float(value)
 
-    def pop_logged(self) -> dict[str, float]:
+    def pop_logged(self, as_float: bool = True) -> dict[str, float | torch.Tensor]:
         logged, self._logged = self._logged, {}
-        return logged
+        return {k: float(v) for k, v in logged.items()} if as_float else logged

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     if train.get("wandb"):  # (absent from configs of runs started before the option)
         require_wandb()  # before the run directory holds a record
     device = resolve_device(train["device"])
+    if device.type == "cuda":  # TF32 matmuls and convolutions for the float32 parts (bf16 autocast does the rest)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg["seed"] + dist_info.rank)
 
     # The data set's size and channels decide the backbone, so data comes first; the method's
@@ -115,7 +118,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
 
     _, info = load_dataset(cfg["data"]["name"], cfg["data"]["root"], "pretrain", img_size=cfg["data"]["img_size"])
     method = build_method(cfg, info).to(device)
-    loader, sampler, dataset, info = build_pretrain_loader(cfg, method.data_spec(), dist_info.rank, dist_info.world_size)
+    loader, sampler, dataset, info = build_pretrain_loader(cfg, method.data_spec(), dist_info.rank, dist_info.world_size, device)
 
     accum = train["accum_steps"]
     steps_per_epoch = sampler.steps_per_epoch // accum
@@ -149,8 +152,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     model = method
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
-    if train["compile"]:
-        model = torch.compile(model)
+    if _use_compile(train["compile"], cfg.get("preset"), device):
+        model = CompiledOrEager(model)
 
     record = {
         "status": "running",
@@ -219,6 +222,39 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         logger.close()
         return record
 
+    # Losses stay on the device; they are read (one sync) every log_every steps and before each
+    # checkpoint, where the NaN/inf guard runs: a checkpoint never holds weights after a bad step.
+    pending: list[tuple[int, int, float, dict, dict]] = []  # (step index, epoch, lr, losses, logged)
+    window_start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal window_start
+        if not pending:
+            return
+        tensors = [v for *_, losses, metrics in pending for v in (*losses.values(), *metrics.values()) if isinstance(v, torch.Tensor)]
+        numbers = iter(torch.stack([t.float().reshape(()).to(device) for t in tensors]).tolist() if tensors else [])
+
+        def read(values: dict) -> dict:
+            return {k: next(numbers) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
+        rows = [(index, epoch, lr, read(losses), read(metrics)) for index, epoch, lr, losses, metrics in pending]
+        pending.clear()
+        now = time.perf_counter()
+        rate = images_per_step * len(rows) / max(now - window_start, 1e-9)
+        window_start = now
+        for index, epoch, lr, losses, metrics in rows:
+            if not math.isfinite(losses["loss"]):
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items() if k != "loss")
+                raise TrainingDiverged(
+                    f"loss is {losses['loss']} at step {index} ({parts}); stopped; last good checkpoint: "
+                    f"{ckpt_path if ckpt_path.exists() else 'none yet'}; lower train.blr or set train.clip_grad"
+                )
+            for k, v in losses.items():
+                history.setdefault(k, []).append((index + 1, v))
+            for k, v in metrics.items():
+                logged.setdefault(k, []).append((index + 1, v))
+            logger.step(index + 1, epoch, lr, losses, metrics, rate)
+
     method.train()
     try:
         while step < stop_step:
@@ -231,41 +267,31 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 lr = cosine_with_warmup(step, total_steps, warmup_steps, base_lr, train["min_lr"])
                 set_lr(optimizer, lr)
                 method.on_step_start(step, total_steps)
-                totals: dict[str, float] = {}
+                totals: dict[str, torch.Tensor] = {}
                 for micro in range(accum):
                     batch = _to_device(next(batches), device)
                     sync = micro == accum - 1 or dist_info.world_size == 1
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, train["amp"]):
                         losses = model(batch)
                         loss = sum(losses.values())
-                    if not torch.isfinite(loss.detach()):
-                        raise TrainingDiverged(
-                            f"loss is {loss.item()} at step {step} ({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); "
-                            f"stopped; last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'}; "
-                            f"lower train.blr or set train.clip_grad"
-                        )
                     (loss / accum).backward()
-                    for k, v in losses.items():
-                        totals[k] = totals.get(k, 0.0) + v.item() / accum
-                    totals["loss"] = totals.get("loss", 0.0) + loss.item() / accum
+                    for k, v in {**losses, "loss": loss}.items():
+                        totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
                 if train["clip_grad"]:
-                    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(method.parameters(), train["clip_grad"]))
+                    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(method.parameters(), train["clip_grad"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_optimizer_step()
+                pending.append((step, epoch, lr, totals, method.pop_logged(as_float=False)))
                 step += 1
                 if monitor is not None:
                     monitor.on_batch(step, batch, method)
+                if step % train["log_every"] == 0 or step % train["ckpt_every"] == 0 or step == stop_step or step == 1:
+                    flush()  # before any checkpoint: the NaN guard keeps bad weights out of it
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 if step > 2 or stop_step <= 2:  # the first steps pay for allocation/compilation
                     timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
-                for k, v in totals.items():
-                    history.setdefault(k, []).append((step, v))
-                metrics = method.pop_logged()
-                for k, v in metrics.items():
-                    logged.setdefault(k, []).append((step, v))
-                logger.step(step, epoch, lr, totals, metrics, images_per_step / dt)
                 if monitor is not None and step % steps_per_epoch == 0:  # before the checkpoint, which keeps its result
                     monitor.on_epoch_end(epoch)
                 if step % train["ckpt_every"] == 0 or step == stop_step:
@@ -276,6 +302,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         finish("diverged", error=str(exc))
         raise
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or a preempted/requeued job: resumable
+        with contextlib.suppress(TrainingDiverged):
+            flush()
         finish("interrupted", error=f"{exc.__class__.__name__}: {exc}")
         raise
     except BaseException as exc:
@@ -284,6 +312,37 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     if stop_step == 0:  # a 0-step run (the random_init control) still leaves the weights it was built with
         checkpoint()
     return finish("finished")
+
+
+def _use_compile(setting, preset: str | None, device: torch.device) -> bool:
+    return setting is True or (setting == "auto" and preset == "full" and device.type == "cuda")
+
+
+class CompiledOrEager:
+    """``torch.compile(model)``; if compiling fails at the first call, says so in one line and runs the
+    eager model instead (with the RNG state it had before the attempt, so the run stays reproducible)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.eager, self.compiled, self.proven = model, torch.compile(model), False
+
+    def __call__(self, batch: dict):
+        if self.compiled is None or self.proven:
+            return (self.compiled or self.eager)(batch)
+        state = _rng_state()
+        try:
+            out = self.compiled(batch)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(f"ssl-bench: torch.compile failed ({exc.__class__.__name__}: {detail}); training without compilation "
+                  f"(train.compile=false skips the attempt)", file=sys.stderr, flush=True)
+            self.compiled = None
+            _set_rng_state(state)
+            return self.eager(batch)
+        self.proven = True
+        return out
+
+    def no_sync(self):
+        return self.eager.no_sync()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

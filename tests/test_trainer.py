@@ -28,10 +28,11 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resume_is_bit_for_bit(tmp_path, monkeypatch, workers):
-    # drop path and a loader worker make this test sensitive to RNG and data-order state
-    cfg = smoke_config("mae", "model.drop_path=0.1", "train.ckpt_every=3", f"data.num_workers={workers}")
+@pytest.mark.parametrize("workers,device_augment", [(0, True), (1, True), (1, False)])
+def test_resume_is_bit_for_bit(tmp_path, monkeypatch, workers, device_augment):
+    # drop path and a loader worker make this test sensitive to RNG and data-order state; both data paths
+    cfg = smoke_config("mae", "model.drop_path=0.1", "train.ckpt_every=3", f"data.num_workers={workers}",
+                       f"data.device_augment={device_augment}")
     straight = pretrain(cfg, tmp_path / "straight")
     with monkeypatch.context() as m:
         interrupt_after(m, MAE, 5)

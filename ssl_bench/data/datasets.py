@@ -199,21 +199,15 @@ def imagefolder(root: str | None, split: str):
 
 
 def synthetic(split: str, img_size: int | None = None, size: int = 20000, in_chans: int = 3):
-    """Random images and labels, for throughput measurements (learns nothing)."""
+    """Random images and labels, in memory, for throughput measurements (learns nothing). Large sides hold
+    fewer images (at most 2**28 bytes, at least 2048 images): an epoch is then a few steps."""
     side = img_size or 224
+    n = max(2048, min(size, 2**28 // (in_chans * side * side)))
+    n = n if split != "test" else n // 5
     g = torch.Generator().manual_seed(0 if split != "test" else 1)
-    n = size if split != "test" else size // 5
-
-    class _Random(Dataset):
-        def __len__(self):
-            return n
-
-        def __getitem__(self, idx):
-            gi = torch.Generator().manual_seed(int(g.initial_seed()) * 1_000_003 + idx)
-            img = torch.randint(0, 256, (in_chans, side, side), dtype=torch.uint8, generator=gi)
-            return img, idx % 10
-
-    return _Random(), DatasetInfo("synthetic", 10, side, in_chans, (0.5,) * in_chans, (0.29,) * in_chans)
+    images = torch.randint(0, 256, (n, in_chans, side, side), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 10
+    return TensorImageDataset(images, labels), DatasetInfo("synthetic", 10, side, in_chans, (0.5,) * in_chans, (0.29,) * in_chans)
 
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")

@@ -1,8 +1,16 @@
 """Batches for pretraining, reproducible from (seed, epoch, index) alone.
 
-Every sample's augmentation and mask are drawn from RNGs seeded by (seed, epoch, index), and the
-order of samples by (seed, epoch); so a run resumed at step k sees exactly the batches an
-uninterrupted run sees, whatever the number of loader workers.
+Every sample's augmentation and mask are functions of (seed, epoch, index), and the order of samples
+of (seed, epoch); so a run resumed at step k sees exactly the batches an uninterrupted run sees, whatever
+the number of loader workers. Two paths make the views:
+
+* data sets held in memory (``data.device_augment=true``, the default): the uint8 images sit on the
+  training device and each batch's views are made there in batched ops (``ssl_bench.data.batched``);
+  a light loader only draws the masks (per sample, on the CPU);
+* image folders: per sample on the CPU (``ssl_bench.data.cpu_views``), in persistent loader workers;
+  in-memory data with ``data.device_augment=false``: per sample with torchvision (``ssl_bench.data.transforms``).
+
+The sampler hands each worker ``(epoch, index)``, so persistent workers need no epoch state.
 """
 from __future__ import annotations
 
@@ -10,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ssl_bench.data.batched import BatchedViews
 from ssl_bench.data.cpu_views import FolderViews, NormalisedBatches
 from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded
-from ssl_bench.data.datasets import ImageFileDataset, ImagePaths, fixed_subset, load_dataset
+from ssl_bench.data.datasets import ImageFileDataset, ImagePaths, TensorImageDataset, fixed_subset, load_dataset
 from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.views import resolve_policy
 from ssl_bench.distributed import resolve_device
@@ -24,8 +33,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def sample_mask(mask_generator, seed: int, epoch: int, index: int) -> torch.Tensor:
+    return torch.from_numpy(mask_generator(np.random.default_rng(sample_seed(seed, epoch, index))))
+
+
 class PretrainDataset(Dataset):
-    """Wraps an (image, label) data set: returns {"views": [...], "mask": (N,) bool?, "label": int}."""
+    """Wraps an (image, label) data set: returns {"views": [...], "mask": (N,) bool?, "label": int}.
+
+    Indexed by ``index`` (at the epoch of ``set_epoch``) or by ``(epoch, index)``.
+    """
 
     def __init__(self, base: Dataset, transform, mask_generator=None, seed: int = 0, indices=None):
         self.base, self.transform, self.mask_generator = base, transform, mask_generator
@@ -38,17 +54,72 @@ class PretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        epoch, idx = key if isinstance(key, tuple) else (self.epoch, key)
         image, label = self.base[int(self.indices[idx]) if self.indices is not None else idx]
-        s = sample_seed(self.seed, self.epoch, idx)
+        s = sample_seed(self.seed, epoch, idx)
         # fork_rng: torchvision draws from torch's global RNG; keep the caller's stream untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             views = self.transform(image)
         item = {"views": views, "label": label}
         if self.mask_generator is not None:
-            item["mask"] = torch.from_numpy(self.mask_generator(np.random.default_rng(s)))
+            item["mask"] = sample_mask(self.mask_generator, self.seed, epoch, idx)
         return item
+
+
+class _WithEpoch(Sampler):
+    """Yields ``(epoch, index)`` from a ResumableSampler, or whole batches of them (``batch_size``)."""
+
+    def __init__(self, sampler: "ResumableSampler", batch_size: int | None = None):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler) // (self.batch_size or 1)
+
+    def __iter__(self):
+        epoch, indices = self.sampler.epoch, list(self.sampler)
+        if self.batch_size is None:
+            return ((epoch, i) for i in indices)
+        b = self.batch_size
+        return ((epoch, indices[k:k + b]) for k in range(0, len(indices) - b + 1, b))
+
+
+class _MaskBatches(Dataset):
+    """``(epoch, [indices])`` -> {"epoch", "index" (B,), "mask" (B, N) bool?}: all the CPU does per batch
+    on the batched path."""
+
+    def __init__(self, num_samples: int, mask_generator, seed: int):
+        self.num_samples, self.mask_generator, self.seed = num_samples, mask_generator, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, key) -> dict:
+        epoch, indices = key
+        out = {"epoch": epoch, "index": torch.tensor(indices, dtype=torch.long)}
+        if self.mask_generator is not None:
+            out["mask"] = torch.stack([sample_mask(self.mask_generator, self.seed, epoch, i) for i in indices])
+        return out
+
+
+class DeviceBatches:
+    """Iterates a light (index, mask) loader and makes each batch's views on the device."""
+
+    def __init__(self, loader: DataLoader, views: BatchedViews, labels: torch.Tensor):
+        self.loader, self.views = loader, views
+        self.labels = labels.to(views.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for item in self.loader:
+            index = item["index"].to(self.views.device, non_blocking=True)
+            batch = {"views": self.views(index, item["epoch"]), "label": self.labels.index_select(0, index)}
+            if "mask" in item:
+                batch["mask"] = item["mask"].to(self.views.device, non_blocking=True)
+            yield batch
 
 
 class ResumableSampler(Sampler[int]):
@@ -78,18 +149,24 @@ class ResumableSampler(Sampler[int]):
         return iter(mine[self.start_step * self.batch_size :].tolist())
 
 
-def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: int = 1):
-    """-> (DataLoader, ResumableSampler, PretrainDataset, DatasetInfo) for a resolved run config."""
+def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: int = 1, device=None):
+    """-> (loader, ResumableSampler, PretrainDataset, DatasetInfo) for a resolved run config.
+
+    The loader yields {"views": [(B, C, size, size), ...], "mask"?, "label"}; on the batched path (an
+    in-memory data set and ``data.device_augment``) its tensors are already on ``device``.
+    """
     data = cfg["data"]
     base, info = load_dataset(data["name"], data["root"], "pretrain", img_size=data["img_size"])
     img_size = data["img_size"] or info.img_size
+    policy = resolve_policy(spec.augmentation)
+    indices = fixed_subset(len(base), data["subset"])
     on_device = isinstance(base, ImageFileDataset) and data.get("decode", "cpu") == "device"  # (runs from before the key: cpu)
     if isinstance(base, ImageFileDataset):  # files: read, decoded and augmented by the fast CPU path, or only read (device)
-        folder_views = FolderViews(resolve_policy(spec.augmentation), img_size, info.in_chans, info.mean, info.std)
+        folder_views = FolderViews(policy, img_size, info.in_chans, info.mean, info.std)
         base, transform = base.undecoded(), EncodedFiles(folder_views) if on_device else folder_views
     else:
-        transform = build_policy(spec.augmentation, img_size, info.in_chans, info.mean, info.std)
-    dataset = PretrainDataset(base, transform, spec.mask, seed=cfg["seed"], indices=fixed_subset(len(base), data["subset"]))
+        transform = build_policy(policy, img_size, info.in_chans, info.mean, info.std)
+    dataset = PretrainDataset(base, transform, spec.mask, seed=cfg["seed"], indices=indices)
     batch = cfg["train"]["batch_size"]
     sampler = ResumableSampler(len(dataset), batch, seed=cfg["seed"], rank=rank, world_size=world_size)
     if sampler.steps_per_epoch == 0:
@@ -98,12 +175,22 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
             f"lower train.batch_size or raise data.subset"
         )
     workers = data["num_workers"]
+    common = dict(num_workers=workers, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                  generator=torch.Generator())  # workers' base seed must not consume the global RNG (exact resume)
+    if data["device_augment"] and isinstance(base, TensorImageDataset):
+        device = torch.device(device or "cpu")
+        images, labels = base.images, base.labels
+        if indices is not None:
+            images, labels = images[torch.from_numpy(indices)], labels[torch.from_numpy(indices)]
+        views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device)
+        if spec.mask is None:
+            common.update(num_workers=0, persistent_workers=False, prefetch_factor=None)
+        masks = DataLoader(_MaskBatches(len(dataset), spec.mask, cfg["seed"]), sampler=_WithEpoch(sampler, batch),
+                           batch_size=None, **common)
+        return DeviceBatches(masks, views, labels), sampler, dataset, info
     loader = DataLoader(
-        dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator(),  # workers' base seed must not consume the global RNG (exact resume)
-        collate_fn=collate_encoded if on_device else None,
+        dataset, batch_size=batch, sampler=_WithEpoch(sampler), drop_last=True,
+        pin_memory=torch.cuda.is_available(), collate_fn=collate_encoded if on_device else None, **common,
     )
     if isinstance(base, ImagePaths):  # folder views leave the workers as uint8 and are normalised on the device
         device = resolve_device(cfg["train"]["device"])

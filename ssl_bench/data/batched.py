@@ -1,0 +1,272 @@
+"""Batched augmentation on the training device, for data sets held in memory.
+
+The uint8 data set sits on the training device (the GPU when there is one); a batch is a tensor of
+sample indices, and each view of the policy is made for all its samples at once:
+
+    indices (B,) -> uniforms (B, DRAWS) = hash(seed, epoch, index, view, draw)
+                 -> crop boxes -> bicubic resize -> colour jitter -> grayscale -> blur -> solarize -> flip
+                 -> normalize -> (B, C, size, size)
+
+Random parameters come from a counter-based hash of (seed, epoch, index, view, draw), not from an RNG
+stream, so they are a function of those numbers alone: a resumed run or another DDP shard draws the same
+augmentation for the same sample, and no global RNG state is consumed.
+
+The parameters follow torchvision's definitions (RandomResizedCrop's ten attempts and centre fallback,
+ColorJitter's factor ranges and random order, GaussianBlur's kernel), so both paths draw the same
+distributions (tests/test_batched.py). The crop is resized with torchvision's antialiased bicubic kernel
+(the CPU path's interpolation), written as two per-sample resampling matrices, (size, H) and (W, size),
+applied with one batched matmul: the same interpolation as the per-sample path, antialiased when a crop
+shrinks, one kernel for the whole batch. (``grid_sample`` has no antialiasing and ``roi_align`` only
+bilinear.) Per-sample choices are blends with 0/1 factors and comparisons are written with ``floor``,
+which is exact and, unlike ``torch.where``, vectorised on CPU as on GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ssl_bench.data.transforms import blur_kernel_size
+from ssl_bench.data.views import View
+
+_M32 = 0xFFFFFFFF
+ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback
+# uniforms per (sample, view): crop (area, log-ratio, top, left) x ATTEMPTS, then one per decision below
+_AREA, _RATIO, _TOP, _LEFT = (k * ATTEMPTS for k in range(4))
+_FLIP, _JITTER_P, _BRIGHT, _CONTRAST, _SAT, _HUE, _ORDER = range(4 * ATTEMPTS, 4 * ATTEMPTS + 7)
+_GRAY, _BLUR_P, _SIGMA, _SOLARIZE = range(_ORDER + 4, _ORDER + 8)
+DRAWS = _SOLARIZE + 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x < 2**32, without overflowing int64 (16-bit limbs)."""
+    return ((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2**32) with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniforms(seed: int, epoch: int, index: torch.Tensor, view: int, draws: int = DRAWS) -> torch.Tensor:
+    """(B, draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, draw)."""
+    key = torch.tensor([seed & _M32, (seed >> 32) & _M32, epoch & _M32, view & _M32], device=index.device)
+    h = _mix32(key[0] ^ 0x9E3779B9)
+    for k in key[1:]:
+        h = _mix32(h ^ k)
+    h = _mix32(h ^ index.long())  # (B,)
+    h = _mix32(h[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
+    h = _mix32(h ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully
+    return h.double() * 2.0**-32
+
+
+# -- parameters (pure functions of uniforms; tests compare them with torchvision's) -----------------
+def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
+    """RandomResizedCrop.get_params for each row of ``u``: (B, 4) boxes (top, left, h, w) as float64."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, _RATIO:_RATIO + ATTEMPTS])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(u[:, _TOP:_TOP + ATTEMPTS] * (height - h + 1))
+    left = torch.floor(u[:, _LEFT:_LEFT + ATTEMPTS] * (width - w + 1))
+    first = ok.int().argmax(dim=1, keepdim=True)  # the first attempt that fits
+    pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
+    boxes = torch.stack([pick(top), pick(left), pick(h), pick(w)], dim=1)
+    # fallback, as torchvision: the whole image, clamped to the ratio range, centred
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=boxes.dtype, device=boxes.device)
+    return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
+
+
+def jitter_factors(u: torch.Tensor, jitter) -> torch.Tensor:
+    """(B, 4) ColorJitter factors: brightness, contrast, saturation in [max(0, 1-x), 1+x], hue in [-h, h]."""
+    b, c, s, h = jitter
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], dtype=u.dtype, device=u.device)
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h], dtype=u.dtype, device=u.device)
+    return lo + (hi - lo) * u[:, _BRIGHT:_HUE + 1]
+
+
+def jitter_order(u: torch.Tensor) -> torch.Tensor:
+    """(B, 4) a uniformly random permutation of the four colour operations per sample."""
+    return u[:, _ORDER:_ORDER + 4].argsort(dim=1)
+
+
+def _below(u: torch.Tensor, p: float) -> torch.Tensor:
+    """1.0 with probability p: (u < p) for uniforms u (B,), as float."""
+    return (u < p).to(u.dtype)
+
+
+def blur_sigmas(u: torch.Tensor, sigma) -> torch.Tensor:
+    return sigma[0] + (sigma[1] - sigma[0]) * u[:, _SIGMA]
+
+
+# -- batched image operations on float images in [0, 1] -------------------------------------------------
+def _step(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x >= 0 else 0.0, for x in [-1, 1): exact, and fast where comparisons are not."""
+    return torch.floor(x) + 1
+
+
+def _pick(choice: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample: ``a`` where choice (B,) is 1.0, ``b`` where 0.0 (exact for 0/1 choices)."""
+    c = choice.to(a.dtype).view(-1, *([1] * (a.ndim - 1)))
+    return a * c + b * (1 - c)
+
+
+def _bicubic_aa(x: torch.Tensor) -> torch.Tensor:
+    """torch's antialiased bicubic kernel (a = -0.5, as PIL), evaluated at distances ``x``. Both pieces
+    vanish at their ends (|x| = 1, 2), so clamping |x| into each piece's interval selects it exactly."""
+    a = -0.5
+    t = x.abs_()
+    near = t.clamp(max=1.0)
+    far = t.clamp_(1.0, 2.0)
+    near = ((a + 2) * near - (a + 3)) * near * near + 1
+    far = ((a * far - 5 * a) * far + 8 * a) * far - 4 * a
+    return near.add_(far)
+
+
+def resample_matrix(start: torch.Tensor, length: torch.Tensor, src: int, size: int) -> torch.Tensor:
+    """(B, size, src) weights that resize source pixels [start, start + length) to ``size`` pixels, as torch's
+    antialiased bicubic resize does: the kernel widens by the shrink factor, rows sum to one."""
+    start, length = start.float(), length.float()  # whole pixels: exact in float32
+    scale = (length / size).view(-1, 1, 1)  # source px per output px
+    support = scale.clamp(min=1.0)
+    centre = start.view(-1, 1, 1) + (torch.arange(size, device=start.device, dtype=start.dtype).view(1, -1, 1) + 0.5) * scale
+    pixel = torch.arange(src, device=start.device, dtype=start.dtype).view(1, 1, -1) + 0.5
+    w = _bicubic_aa((pixel - centre) / support)
+    return w / w.sum(dim=2, keepdim=True)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) luma of RGB images, torchvision's weights."""
+    r, g, b = x.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1).to(x.dtype)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` (B,) turns (torchvision's hexagonal HSV), without branches."""
+    r, g, b = x.unbind(dim=1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    delta = maxc - minc
+    grey = 1 - torch.ceil(delta)  # 1.0 where r == g == b (no hue)
+    s = delta / (maxc + (1 - torch.ceil(maxc)))
+    d = delta + grey
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    is_r = _step(r - maxc)  # the first channel that holds the max picks the hue sector, as torchvision
+    is_g = (1 - is_r) * _step(g - maxc)
+    is_b = 1 - is_r - is_g
+    h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
+    h = (1 - grey) * h / 6.0 + shift.view(-1, 1, 1).to(x.dtype)
+    h = h - torch.floor(h)  # mod 1
+    # HSV -> RGB: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = n + 6.0 * h
+        k = k - 6.0 * torch.floor(k / 6.0)
+        out.append(maxc - maxc * s * torch.minimum(k, 4.0 - k).clamp_(0, 1))
+    return torch.stack(out, dim=1)
+
+
+def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """ColorJitter per sample in its own random order; samples with ``apply`` False keep identity factors."""
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=factors.dtype, device=factors.device)
+    factors = _pick(apply, factors, identity.expand_as(factors))
+    ops = (0, 1) if x.shape[1] == 1 else (0, 1, 2, 3)  # 1 channel: no saturation or hue
+    # rank of each present op in this sample's order (torchvision draws a permutation of all four)
+    rank = order.argsort(dim=1)[:, list(ops)].argsort(dim=1)  # (B, len(ops))
+    for slot in range(len(ops)):
+        for j, op in enumerate(ops):
+            here = (rank[:, j] == slot).to(factors.dtype)
+            f = factors[:, op] * here + identity[op] * (1 - here)
+            if op == 0:
+                x = _blend(x, torch.zeros_like(x[:, :1]), f)
+            elif op == 1:
+                lum = x if x.shape[1] == 1 else _gray(x)
+                x = _blend(x, lum.mean(dim=(1, 2, 3), keepdim=True), f)
+            elif op == 2:
+                x = _blend(x, _gray(x), f)
+            else:
+                hued = _adjust_hue(x, f)  # (the HSV round trip is not exact: keep samples without a shift as they are)
+                x = _pick(here * factors[:, 3].ne(0).to(here.dtype), hued, x)
+    return x
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample, reflect padding (as torchvision), as a sum of
+    ``kernel`` shifted copies per direction."""
+    B, C, H, W = x.shape
+    half = (kernel - 1) / 2
+    pos = torch.linspace(-half, half, kernel, device=x.device, dtype=torch.float64)
+    w = torch.exp(-0.5 * (pos[None] / sigma[:, None]) ** 2)
+    w = (w / w.sum(dim=1, keepdim=True)).to(x.dtype).view(B, 1, 1, 1, kernel)
+    pad = kernel // 2
+    y = F.pad(x, (pad, pad, 0, 0), mode="reflect")
+    x = sum(w[..., t] * y[..., t:t + W] for t in range(kernel))
+    y = F.pad(x, (0, 0, pad, pad), mode="reflect")
+    return sum(w[..., t] * y[:, :, t:t + H, :] for t in range(kernel))
+
+
+class BatchedViews:
+    """Holds a uint8 data set (N, C, H, W) on ``device`` and makes a batch's views from its indices."""
+
+    def __init__(self, images: torch.Tensor, policy: tuple[View, ...], img_size: int, mean, std, seed: int, device):
+        assert images.dtype == torch.uint8 and images.ndim == 4
+        self.images = images.to(device)
+        self.policy, self.img_size, self.seed, self.device = policy, img_size, seed, torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, index: torch.Tensor, epoch: int) -> list[torch.Tensor]:
+        index = index.to(self.device, non_blocking=True)
+        source = self.images.index_select(0, index).float()  # (B, C, H, W), 0..255
+        return [self.view(source, index, epoch, k) for k in range(len(self.policy))]
+
+    def view(self, source: torch.Tensor, index: torch.Tensor, epoch: int, k: int) -> torch.Tensor:
+        v = self.policy[k]
+        size = v.resolved_size(self.img_size)
+        B, C, H, W = source.shape
+        u = uniforms(self.seed, epoch, index, k)  # (B, DRAWS)
+
+        top, left, h, w = crop_boxes(u, H, W, v.crop_scale, v.crop_ratio).unbind(dim=1)
+        rows = resample_matrix(top, h, H, size)  # (B, size, H)
+        cols = resample_matrix(left, w, W, size)  # (B, size, W)
+        # the horizontal flip, drawn here, is applied last (below) by reversing the output columns: every op
+        # in between (colour, blur with a symmetric kernel, solarize) commutes with it
+        flip = _below(u[:, _FLIP], v.flip_p)
+        cols = _pick(flip, cols.flip(1), cols)
+        x = rows.unsqueeze(1) @ source @ cols.transpose(1, 2).unsqueeze(1)  # (B, C, size, size), 0..255
+        x = x.div_(255.0).clamp_(0, 1)
+
+        if v.jitter is not None and v.jitter_p > 0:
+            x = _colour_jitter(x, jitter_factors(u, v.jitter), jitter_order(u), _below(u[:, _JITTER_P], v.jitter_p))
+        if v.grayscale_p > 0 and C == 3:
+            x = _pick(_below(u[:, _GRAY], v.grayscale_p), _gray(x).expand_as(x), x)
+        if v.blur_p > 0:
+            # samples not blurred get a vanishing sigma: their kernel is an exact delta
+            blurred = _below(u[:, _BLUR_P], v.blur_p)
+            sigma = blurred * blur_sigmas(u, v.blur_sigma) + (1 - blurred) * 1e-3
+            x = _gaussian_blur(x, sigma, blur_kernel_size(size))
+        if v.solarize_p > 0:
+            above = _step(x - 128 / 255)  # solarize inverts pixels >= 128 (of 255)
+            solarized = _below(u[:, _SOLARIZE], v.solarize_p).to(x.dtype).view(-1, 1, 1, 1) * above
+            x = x + solarized * (1 - 2 * x)
+        return (x - self.mean) / self.std

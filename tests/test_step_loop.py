@@ -1,0 +1,68 @@
+"""The step loop: losses read at log time only, the NaN guard there, torch.compile's fallback."""
+import json
+
+import pytest
+import torch
+
+from methods.mae import MAE
+from ssl_bench.errors import TrainingDiverged
+from ssl_bench.trainer import pretrain
+from tests.conftest import smoke_config
+
+
+def test_losses_are_read_once_per_log_window(tmp_path, monkeypatch):
+    """Every step's losses are read in one transfer per log_every steps, not one per step."""
+    reads = {"n": 0}
+    original = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        reads["n"] += self.is_floating_point()  # (the sampler's index lists are integer)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    cfg = smoke_config("mae", "train.max_steps=8", "train.log_every=4", "train.ckpt_every=100")
+    record = pretrain(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 4, 8] and record["steps"] == 8
+    assert len(record["loss"]["loss"]["curve"]) == 8  # every step's loss is kept, read in bulk
+    assert reads["n"] == 3  # flushes at steps 1, 4 and 8
+
+
+def test_nan_is_caught_at_log_time_and_the_checkpoint_before_it_kept(tmp_path, monkeypatch):
+    cfg = smoke_config("mae", "train.ckpt_every=4", "train.log_every=4")
+    original, calls = MAE.training_step, {"n": 0}
+
+    def step(self, batch):
+        calls["n"] += 1
+        losses = original(self, batch)
+        return {k: v * float("inf") for k, v in losses.items()} if calls["n"] == 6 else losses
+
+    monkeypatch.setattr(MAE, "training_step", step)
+    with pytest.raises(TrainingDiverged, match=r"loss is (inf|nan) at step 5 .*last good checkpoint: .*checkpoint"):
+        pretrain(cfg, tmp_path / "run")
+    assert calls["n"] == 8  # found when step 8 was logged, not before
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "diverged" and record["loss"]["loss"]["curve"][-1][0] == 5  # last good step
+
+
+def test_compile_failure_falls_back_to_eager_in_one_line(tmp_path, monkeypatch, capsys):
+    cfg = smoke_config("mae", "train.max_steps=3", "model.drop_path=0.1")
+    eager = pretrain(cfg, tmp_path / "eager")
+
+    def broken_compile(model, **kwargs):
+        def run(*args, **kw):
+            torch.rand(5)  # a failed attempt may have consumed RNG: the fallback must restore it
+            raise RuntimeError("backend exploded\nlong compiler traceback")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = pretrain({**cfg, "train": {**cfg["train"], "compile": True}}, tmp_path / "fallback")
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "torch.compile" in ln]
+    assert err == ["ssl-bench: torch.compile failed (RuntimeError: backend exploded); training without compilation "
+                   "(train.compile=false skips the attempt)"]
+    assert fallback["status"] == "finished"
+    a = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "fallback" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
