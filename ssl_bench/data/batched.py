@@ -145,8 +145,10 @@ def resample_matrix(start: torch.Tensor, length: torch.Tensor, src: int, size: i
     scale = (length / size).view(-1, 1, 1)  # source px per output px
     support = scale.clamp(min=1.0)
     centre = start.view(-1, 1, 1) + (torch.arange(size, device=start.device, dtype=start.dtype).view(1, -1, 1) + 0.5) * scale
-    pixel = torch.arange(src, device=start.device, dtype=start.dtype).view(1, 1, -1) + 0.5
-    w = _bicubic_aa((pixel - centre) / support)
+    pixel = torch.arange(src, device=start.device, dtype=start.dtype).view(1, 1, -1)
+    # only the crop's own pixels, as resizing the cropped image does (whole numbers: the clamps give 0 or 1)
+    inside = (pixel - start.view(-1, 1, 1) + 1).clamp_(0, 1) * (start.view(-1, 1, 1) + length.view(-1, 1, 1) - pixel).clamp_(0, 1)
+    w = _bicubic_aa((pixel + 0.5 - centre) / support) * inside
     return w / w.sum(dim=2, keepdim=True)
 
 
@@ -192,7 +194,8 @@ def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, 
     factors = _pick(apply, factors, identity.expand_as(factors))
     ops = (0, 1) if x.shape[1] == 1 else (0, 1, 2, 3)  # 1 channel: no saturation or hue
     # rank of each present op in this sample's order (torchvision draws a permutation of all four)
-    rank = order.argsort(dim=1)[:, list(ops)].argsort(dim=1)  # (B, len(ops))
+    position = order.argsort(dim=1)  # (B, 4): when each op comes
+    rank = position[:, list(ops)].argsort(dim=1).argsort(dim=1)  # (B, len(ops)): its turn among the present ops
     for slot in range(len(ops)):
         for j, op in enumerate(ops):
             here = (rank[:, j] == slot).to(factors.dtype)
