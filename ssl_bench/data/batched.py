@@ -53,16 +53,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int(x: int) -> int:
+    """_mix32 on a Python int (the per-call prefix of the hash: no tensor, so no host-to-device copy)."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
 def uniforms(seed: int, epoch: int, index: torch.Tensor, view: int, draws: int = DRAWS) -> torch.Tensor:
     """(B, draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, draw)."""
-    key = torch.tensor([seed & _M32, (seed >> 32) & _M32, epoch & _M32, view & _M32], device=index.device)
-    h = _mix32(key[0] ^ 0x9E3779B9)
-    for k in key[1:]:
-        h = _mix32(h ^ k)
-    h = _mix32(h ^ index.long())  # (B,)
-    h = _mix32(h[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
-    h = _mix32(h ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully
-    return h.double() * 2.0**-32
+    h = _mix32_int((seed & _M32) ^ 0x9E3779B9)
+    for k in ((seed >> 32) & _M32, epoch & _M32, view & _M32):
+        h = _mix32_int(h ^ k)
+    x = _mix32(index.long() ^ h)  # (B,)
+    x = _mix32(x[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
+    x = _mix32(x ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully
+    return x.double() * 2.0**-32
 
 
 # -- parameters (pure functions of uniforms; tests compare them with torchvision's) -----------------
@@ -88,16 +96,16 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
         fh, fw = height, int(round(height * max(ratio)))
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=boxes.dtype, device=boxes.device)
-    return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
+    fits = ok.any(dim=1)
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)  # scalars: no host-to-device copy per batch
+    return torch.stack([torch.where(fits, boxes[:, k], float(v)) for k, v in enumerate(fallback)], dim=1)
 
 
 def jitter_factors(u: torch.Tensor, jitter) -> torch.Tensor:
     """(B, 4) ColorJitter factors: brightness, contrast, saturation in [max(0, 1-x), 1+x], hue in [-h, h]."""
     b, c, s, h = jitter
-    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], dtype=u.dtype, device=u.device)
-    hi = torch.tensor([1 + b, 1 + c, 1 + s, h], dtype=u.dtype, device=u.device)
-    return lo + (hi - lo) * u[:, _BRIGHT:_HUE + 1]
+    ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
+    return torch.stack([lo + (hi - lo) * u[:, _BRIGHT + k] for k, (lo, hi) in enumerate(ranges)], dim=1)
 
 
 def jitter_order(u: torch.Tensor) -> torch.Tensor:
@@ -190,8 +198,9 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """ColorJitter per sample in its own random order; samples with ``apply`` False keep identity factors."""
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=factors.dtype, device=factors.device)
-    factors = _pick(apply, factors, identity.expand_as(factors))
+    identity = (1.0, 1.0, 1.0, 0.0)
+    keep = apply.to(factors.dtype)
+    factors = torch.stack([factors[:, k] * keep + identity[k] * (1 - keep) for k in range(4)], dim=1)
     ops = (0, 1) if x.shape[1] == 1 else (0, 1, 2, 3)  # 1 channel: no saturation or hue
     # rank of each present op in this sample's order (torchvision draws a permutation of all four)
     position = order.argsort(dim=1)  # (B, 4): when each op comes

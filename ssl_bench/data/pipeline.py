@@ -114,11 +114,13 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self):
+        cuda = self.views.device.type == "cuda"
         for item in self.loader:
-            index = item["index"].to(self.views.device, non_blocking=True)
+            # pinned host memory: the copies are queued behind the running step instead of waiting for it
+            index = (item["index"].pin_memory() if cuda else item["index"]).to(self.views.device, non_blocking=True)
             batch = {"views": self.views(index, item["epoch"]), "label": self.labels.index_select(0, index)}
             if "mask" in item:
-                batch["mask"] = item["mask"].to(self.views.device, non_blocking=True)
+                batch["mask"] = (item["mask"].pin_memory() if cuda else item["mask"]).to(self.views.device, non_blocking=True)
             yield batch
 
 
