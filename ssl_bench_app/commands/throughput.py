@@ -1,8 +1,12 @@
-"""``ssl-bench throughput``: training images/s of each method under one preset, as ratios to MAE.
+"""``ssl-bench throughput``: training images/s of each method under one preset, beside its limits.
 
-A benchmark, not a test: it runs the real trainer (data loading, augmentation, masking, forward,
-backward, optimizer) for a fixed number of steps per method on the same backbone and data, and writes a
-table (markdown + JSON) naming the hardware. Steps after the first two are timed.
+A benchmark, not a test: per method it runs the real trainer (data loading, augmentation, masking,
+forward, backward, optimizer) for a fixed number of steps (after the first two, timed), then the method's
+step alone on one batch held in memory, and the data loader alone on one core (``ssl_bench.throughput``);
+with a GPU also MFU and peak memory. ``--compare-paths`` measures the per-sample CPU data path
+(data.device_augment=false) and the batched device path side by side in one run. ``--synthetic-vitb16``
+is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures. It
+writes a table (markdown + JSON) naming the hardware.
 """
 from __future__ import annotations
 
@@ -19,6 +23,12 @@ def register(sub) -> None:
     p.add_argument("--data-root", "--root", default=None, help="where the data set lives (for imagefolder: the folder)")
     p.add_argument("--loader-only", action="store_true", help="imagefolder: only the loader table, no training")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per method (default: 12)")
+    p.add_argument("--compare-paths", action="store_true",
+                   help="measure the per-sample CPU data path (before) and the batched device path (after) side by side")
+    p.add_argument("--synthetic-vitb16", action="store_true",
+                   help="synthetic 224 px data, ViT-B/16, batch 256, bf16 (the official codes' H100 configuration)")
+    p.add_argument("--no-limits", action="store_true", help="trainer images/s only (skip step-alone and loader-alone)")
+    p.add_argument("--limit-steps", type=int, default=8, help="timed steps of the step alone and batches of the loader alone (default: 8)")
     p.add_argument("--out", default="results/throughput", help="where to write the table (default: results/throughput)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every method")
     p.set_defaults(func=run)
@@ -32,6 +42,7 @@ def run(args) -> int:
     from ssl_bench.data.folder_bench import folder_section
     from ssl_bench.records import hardware, now_iso, write_json_new
     from ssl_bench.registry import available_methods, get_method
+    from ssl_bench.throughput import loader_alone, step_alone
     from ssl_bench.trainer import pretrain
 
     folder_md = folder_section(args.data_root, args.out, args.overrides) if args.data == "imagefolder" else ""
@@ -39,38 +50,85 @@ def run(args) -> int:
         return 0
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
     names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
+    if args.synthetic_vitb16:
+        args.data = "synthetic"
+        args.overrides = [*VITB16, *args.overrides]
     overrides = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false", *args.overrides]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    paths = [("per-sample CPU", "data.device_augment=false"), ("batched device", "data.device_augment=true")]
+    paths = paths if args.compare_paths else [(None, None)]
     rows = []
     for name in names:
-        cfg = resolve_config(get_method(name), args.preset, overrides)
-        # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            record = pretrain(cfg, Path(tmp) / "run")
-            total = time.perf_counter() - t0
-        rows.append({"method": name, "images_per_s": record["images_per_s"], "steps": record["steps"],
-                     "batch": record["effective_batch"], "setup_and_run_s": total})
-        print(f"{name}: {record['images_per_s']:.1f} images/s", flush=True)
+        for path_name, path_override in paths:
+            cfg = resolve_config(get_method(name), args.preset, [*overrides, *([path_override] if path_override else [])])
+            path_name = path_name or ("batched device" if cfg["data"]["device_augment"] and args.data != "imagefolder" else "per-sample CPU")
+            # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                record = pretrain(cfg, Path(tmp) / "run")
+                total = time.perf_counter() - t0
+                if not args.no_limits:
+                    # prepare() may have written files (a tokenizer) that the method needs to be built
+                    cfg = record["config"]
+                    limits = {**step_alone(cfg, args.limit_steps), "loader_images_per_s": loader_alone(cfg, args.limit_steps)}
+                else:
+                    limits = {}
+            row = {"method": name, "data_path": path_name, "images_per_s": record["images_per_s"], "steps": record["steps"],
+                   "batch": record["effective_batch"], "setup_and_run_s": total, **limits}
+            if "step_images_per_s" in row:
+                row["trainer_over_step"] = row["images_per_s"] / row["step_images_per_s"]
+            rows.append(row)
+            print(f"{name} [{path_name}]: {record['images_per_s']:.1f} images/s"
+                  + (f", step alone {row['step_images_per_s']:.1f}, loader alone {row['loader_images_per_s']:.0f}" if limits else ""), flush=True)
     ref = next((r["images_per_s"] for r in rows if r["method"] == "mae"), rows[0]["images_per_s"])
     for r in rows:
         r["ratio_to_mae"] = r["images_per_s"] / ref
     hw = hardware()
-    table = tabulate(
-        [[r["method"], f"{r['images_per_s']:.1f}", f"{r['ratio_to_mae']:.2f}", r["batch"], r["steps"]] for r in rows],
-        headers=["method", "images/s", "× MAE", "batch", "steps"], tablefmt="github",
-    )
+    table = _table(rows, tabulate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput-{args.data}-{args.preset}"
+    stem = f"throughput-{'synthetic-vitb16' if args.synthetic_vitb16 else args.data}-{args.preset}"
     path = write_json_new(out, stem, {"rows": rows, "preset": args.preset, "data": args.data, "hardware": hw,
                                       "overrides": args.overrides, "created": now_iso()})
     md = path.with_suffix(".md")
+    command = " ".join(["ssl-bench throughput", f"--preset {args.preset}", f"--data {args.data}", f"--steps {args.steps}",
+                        *(["--methods " + args.methods] if args.methods != "all" else []),
+                        *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else [])])
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
-            f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `ssl-bench throughput --preset {args.preset} --data {args.data} "
-            f"--steps {args.steps}`\n\n{table}\n{folder_md}")
+            f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
+            f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
+            f"on one batch held in memory. Loader alone: the pretraining loader on one core (no workers, one thread).\n\n"
+            f"{table}\n{folder_md}")
     atomic_write(md, lambda f: f.write(text.encode()))
     print(table)
     print(f"written to {path} and {md}")
     return 0
+
+
+# the official codes' H100 figures were taken with ViT-B/16 on 224 px images, batch 256, bf16
+VITB16 = ["data.img_size=224", "model.arch=vit_base", "model.patch_size=16", "train.batch_size=256", "train.amp=bf16",
+          "model.embed_dim=none", "model.depth=none", "model.num_heads=none"]
+
+
+def _table(rows: list[dict], tabulate) -> str:
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    gpu = any(r.get("mfu") is not None or r.get("peak_mem_gib") is not None for r in rows)
+    head = ["method", "data path", "trainer img/s", "step alone img/s", "trainer / step", "loader alone img/s (1 core)"]
+    head += ["MFU", "peak GiB"] if gpu else []
+    body = []
+    for r in rows:
+        line = [r["method"], r["data_path"], num(r["images_per_s"], ".1f"), num(r.get("step_images_per_s"), ".1f"),
+                num(r.get("trainer_over_step"), ".2f"), num(r.get("loader_images_per_s"), ".0f")]
+        line += [num(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else ""), num(r.get("peak_mem_gib"), ".1f")] if gpu else []
+        body.append(line)
+    text = tabulate(body, headers=head, tablefmt="github")
+    before = {r["method"]: r for r in rows if r["data_path"] == "per-sample CPU"}
+    gains = [(m, r["loader_images_per_s"] / before[m]["loader_images_per_s"]) for m, r in
+             ((r["method"], r) for r in rows if r["data_path"] == "batched device")
+             if m in before and r.get("loader_images_per_s") and before[m].get("loader_images_per_s")]
+    if gains:
+        text += "\n\nLoader alone, batched / per-sample (same core): " + ", ".join(f"{m} {g:.1f}x" for m, g in gains)
+    return text

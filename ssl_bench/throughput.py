@@ -1,0 +1,131 @@
+"""Throughput measurements beside the trainer's own: the data loader alone and the method's step alone.
+
+* loader alone: batches from the pretraining loader as the trainer builds it, on one core (no loader
+  workers, one torch thread), so the per-sample and the batched paths compare per core;
+* step alone: the method's training step (forward, backward, optimizer, method hooks) on one batch held
+  in memory, with the trainer's autocast and compile settings; with a GPU also the model FLOPs utilisation
+  (FLOPs of one step counted by ``torch.utils.flop_counter``) and the peak memory.
+
+``trainer images/s / step-alone images/s`` is the share of the step's speed the full loop keeps: what the
+data path and the loop's bookkeeping cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from ssl_bench.build import build_method
+from ssl_bench.data.datasets import load_dataset
+from ssl_bench.data.pipeline import build_pretrain_loader
+from ssl_bench.distributed import resolve_device
+from ssl_bench.optim import build_optimizer
+
+# dense bf16 peak of the GPUs we know (TFLOP/s); MFU is left out for others
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(cfg: dict):
+    device = resolve_device(cfg["train"]["device"])
+    torch.manual_seed(cfg["seed"])
+    _, info = load_dataset(cfg["data"]["name"], cfg["data"]["root"], "pretrain", img_size=cfg["data"]["img_size"])
+    method = build_method(cfg, info).to(device)
+    return method, device
+
+
+def loader_alone(cfg: dict, batches: int = 8) -> float:
+    """Images/s of the pretraining loader on one core: no workers, one torch thread."""
+    cfg = {**cfg, "data": {**cfg["data"], "num_workers": 0}}
+    method, device = _build(cfg)
+    with _threads(1):
+        loader, sampler, _, _ = build_pretrain_loader(cfg, method.data_spec(), device=device)
+        batches = max(1, min(batches, sampler.steps_per_epoch - 1))  # within one epoch
+        it = iter(loader)
+        next(it)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(batches):
+            batch = next(it)
+            n += len(batch["views"][0])
+        _sync(device)
+        return n / (time.perf_counter() - t0)
+
+
+def step_alone(cfg: dict, steps: int = 8) -> dict:
+    """The method's step on one batch held in memory: images/s, and with a GPU MFU and peak memory."""
+    from ssl_bench.trainer import CompiledOrEager, _autocast, _to_device, _use_compile
+
+    method, device = _build(cfg)
+    train = cfg["train"]
+    loader, *_ = build_pretrain_loader(cfg, method.data_spec(), device=device)
+    batch = _to_device(next(iter(loader)), device)
+    images = len(batch["views"][0])
+    lr = train["lr"] or train["blr"] * train["batch_size"] / 256
+    optimizer = build_optimizer(method.param_groups(train["weight_decay"]), train["optimizer"], lr,
+                                betas=train["betas"], momentum=train["momentum"])
+    model = CompiledOrEager(method) if _use_compile(train["compile"], cfg.get("preset"), device) else method
+    autocast = _autocast(train["amp"], device)
+    method.train()
+
+    def one_step(i: int) -> None:
+        method.on_step_start(i, 1000)
+        with autocast:
+            loss = sum(model(batch).values())
+        loss.backward()
+        if train["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(method.parameters(), train["clip_grad"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step()
+        method.pop_logged(as_float=False)
+
+    for i in range(2):  # allocation, compilation
+        one_step(i)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one_step(2 + i)
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    out = {"step_images_per_s": images / seconds, "mfu": None, "peak_mem_gib": None, "flops_per_step": None}
+    if device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        counter = FlopCounterMode(display=False)
+        with counter:  # eager, once: the model FLOPs of one step (forward + backward)
+            with autocast:
+                loss = sum(method(batch).values())
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        out["flops_per_step"] = counter.get_total_flops()
+        peak = peak_tflops(device)
+        if peak:
+            out["mfu"] = out["flops_per_step"] / seconds / (peak * 1e12)
+    return out
