@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# One command for a GPU machine without internet: measures what issue 10 asks and writes
+# results/gpu/<date>-<gpu>.md. It installs nothing; missing packages are named with how to bring them
+# (README, "GPU check").
+#
+#   scripts/gpu-check.sh            # on a machine with a CUDA GPU
+#   scripts/gpu-check.sh --dry-run  # anywhere: the same steps at smoke size on the CPU (checks the script)
+#
+# Steps: (1) the throughput table (fashion_mnist at the full preset for MAE, MoCo v3, SimSiam; synthetic
+# 224 px ViT-B/16, batch 256, bf16, for MAE and MoCo v3), (2) a faiss kNN over 1M x 768 random features
+# against 1M references on the GPU, (3) a short full-preset MAE pretraining on fashion_mnist and its
+# kNN / linear evaluation. Options: --out DIR (default results/gpu), --python PY (default: python3, or
+# the repo's .venv), --steps N (trainer steps per throughput row, default 30).
+set -euo pipefail
+
+DRY=0
+OUT=results/gpu
+STEPS=30
+PY=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --out) OUT="$2"; shift ;;
+        --steps) STEPS="$2"; shift ;;
+        --python) PY="$2"; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+cd "$(dirname "$0")/.."
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# -- 1. what is installed (nothing is fetched) ----------------------------------------------------------
+"$PY" - "$DRY" <<'EOF'
+import importlib, sys
+dry = sys.argv[1] == "1"
+missing = [m for m in ("torch", "torchvision", "timm", "faiss", "scipy", "tabulate") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu-check: missing Python packages: {', '.join(missing)}. This machine has no internet: on a connected "
+             f"machine run `pip download -d wheels <packages>` for this Python and platform, copy wheels/ here and "
+             f"`pip install --no-index --find-links wheels <packages>` (README, 'GPU check').")
+import torch, faiss
+if not dry and not torch.cuda.is_available():
+    sys.exit("gpu-check: no CUDA GPU is visible to torch; run on a GPU machine, or pass --dry-run for the CPU check")
+if not dry and faiss.get_num_gpus() == 0:
+    print("gpu-check: warning: this faiss has no GPU support (faiss-cpu); the kNN step runs on the CPU. "
+          "Bring a faiss-gpu wheel (README, 'GPU check') for the GPU figure.", file=sys.stderr)
+EOF
+
+SLUG=$("$PY" -c "
+import re, sys, torch
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and sys.argv[1] == '0' else 'cpu-dryrun'
+print(re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower())" "$DRY")
+DATE=$(date -u +%Y-%m-%d)
+mkdir -p "$OUT"
+REPORT="$OUT/$DATE-$SLUG.md"
+n=1
+while [ -e "$REPORT" ]; do REPORT="$OUT/$DATE-$SLUG-$n.md"; n=$((n + 1)); done  # never overwrite an earlier check
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+CLI=("$PY" -m ssl_bench.cli)
+
+if [ "$DRY" = 1 ]; then
+    PRESET=smoke; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=32)
+    KNN_N=20000; PRE=(--preset smoke train.max_steps=4); EVAL=(--preset smoke --protocol knn)
+else
+    PRESET=full; TP_EXTRA=(--steps "$STEPS"); VITB=(--preset full --synthetic-vitb16)
+    KNN_N=1000000; PRE=(--preset full train.max_steps=2000); EVAL=(--preset quick --protocol knn,linear)
+fi
+
+# -- 2. throughput -----------------------------------------------------------------------------------
+echo "gpu-check: throughput, fashion_mnist at $PRESET" >&2
+"${CLI[@]}" throughput --preset "$PRESET" --methods mae,mocov3,simsiam "${TP_EXTRA[@]}" --out "$WORK/tp" train.progress=false >&2
+echo "gpu-check: throughput, ViT-B/16 synthetic" >&2
+"${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" --out "$WORK/tp" >&2
+
+# -- 3. faiss kNN over random features -------------------------------------------------------------------
+echo "gpu-check: faiss kNN, $KNN_N x 768" >&2
+"$PY" - "$KNN_N" > "$WORK/knn.md" <<'EOF'
+import sys, time
+import numpy as np, torch
+from evals.knn import KNNClassifier
+n = int(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+refs, queries = torch.randn(n, 768, generator=g), torch.randn(n, 768, generator=g)
+labels = torch.randint(0, 1000, (n,), generator=g)
+t0 = time.perf_counter()
+knn = KNNClassifier(refs, labels, num_classes=1000)
+t1 = time.perf_counter()
+knn.scores(queries, ks=[20], chunk=8192)
+t2 = time.perf_counter()
+print(f"| {n:,} x 768 | {n:,} | {'GPU' if knn.on_gpu else 'CPU'} | {t1 - t0:.1f} | {t2 - t1:.1f} |")
+EOF
+
+# -- 4. a short full-preset MAE pretraining and its evaluation ---------------------------------------------
+echo "gpu-check: MAE pretraining and evaluation" >&2
+"${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" train.progress=false >&2
+"${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}" >&2
+
+# -- 5. the report ------------------------------------------------------------------------------------------
+"$PY" - "$WORK" "$REPORT" "$DRY" <<'EOF'
+import glob, json, sys
+from pathlib import Path
+from ssl_bench.records import hardware
+work, report, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+hw = hardware()
+lines = [f"# GPU check, {hw['summary']}", ""]
+if dry:
+    lines += ["**Dry run on the CPU at smoke size: checks the script, measures nothing about a GPU.**", ""]
+lines += [f"torch {hw['torch']}, timm {hw['timm']}, Python {hw['python']}; CPU: {hw['cpu']} ({hw['cpu_cores']} cores). "
+          f"Command: `scripts/gpu-check.sh{' --dry-run' if dry else ''}`.", ""]
+for md in sorted(glob.glob(str(work / "tp" / "*.md"))):
+    lines += ["## " + Path(md).read_text().split("\n", 1)[0].lstrip("# "), "", Path(md).read_text().split("\n", 1)[1].strip(), ""]
+lines += ["## faiss kNN over random features (k = 20)", "", "| queries | references | device | index s | search s |",
+          "|---|---|---|---|---|", (work / "knn.md").read_text().strip(), ""]
+run = json.loads((work / "mae" / "run.json").read_text())
+lines += ["## MAE, fashion_mnist, short pretraining", "",
+          f"{run['steps']} steps, batch {run['effective_batch']}, {run['images_per_s']:.0f} images/s, "
+          f"{run['wall_time_s']:.0f} s; loss {run['loss']['loss']['first']:.4f} -> {run['loss']['loss']['last']:.4f}.", ""]
+for rec in sorted(glob.glob(str(work / "mae" / "evals" / "*.json")) + sorted(glob.glob(str(work / "mae" / "eval*.json")))):
+    data = json.loads(Path(rec).read_text())
+    score = {k: v for k, v in data.items() if isinstance(v, (int, float)) and ("top1" in k or "acc" in k)}
+    lines.append(f"- {Path(rec).name}: " + ", ".join(f"{k} {v:.2f}" for k, v in score.items()))
+report.parent.mkdir(parents=True, exist_ok=True)
+report.write_text("\n".join(lines) + "\n")
+print(f"gpu-check: written {report}")
+EOF
