@@ -77,7 +77,8 @@ def loader_alone(cfg: dict, batches: int = 8) -> float:
 
 def step_alone(cfg: dict, steps: int = 8) -> dict:
     """The method's step on one batch held in memory: images/s, and with a GPU MFU and peak memory."""
-    from ssl_bench.trainer import CompiledOrEager, _autocast, _to_device, _use_compile
+    from ssl_bench.runtime import autocast
+    from ssl_bench.trainer import CompiledOrEager, _to_device, _use_compile
 
     method, device = _build(cfg)
     train = cfg["train"]
@@ -88,12 +89,11 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
     optimizer = build_optimizer(method.param_groups(train["weight_decay"]), train["optimizer"], lr,
                                 betas=train["betas"], momentum=train["momentum"])
     model = CompiledOrEager(method) if _use_compile(train["compile"], cfg.get("preset"), device) else method
-    autocast = _autocast(train["amp"], device)
     method.train()
 
     def one_step(i: int) -> None:
         method.on_step_start(i, 1000)
-        with autocast:
+        with autocast(device, train["amp"]):
             loss = sum(model(batch).values())
         loss.backward()
         if train["clip_grad"]:
@@ -120,7 +120,7 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         counter = FlopCounterMode(display=False)
         with counter:  # eager, once: the model FLOPs of one step (forward + backward)
-            with autocast:
+            with autocast(device, train["amp"]):
                 loss = sum(method(batch).values())
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
