@@ -65,8 +65,8 @@ trap 'rm -rf "$WORK"' EXIT
 CLI=("$PY" -m ssl_bench.cli)
 
 if [ "$DRY" = 1 ]; then
-    PRESET=smoke; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=32)
-    KNN_N=20000; PRE=(--preset smoke train.max_steps=4); EVAL=(--preset smoke --protocol knn)
+    PRESET=smoke; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=28)
+    KNN_N=5000; PRE=(--preset smoke train.max_steps=4); EVAL=(--preset smoke --protocol knn)
 else
     PRESET=full; TP_EXTRA=(--steps "$STEPS"); VITB=(--preset full --synthetic-vitb16)
     KNN_N=1000000; PRE=(--preset full train.max_steps=2000); EVAL=(--preset quick --protocol knn,linear)

@@ -10,6 +10,7 @@ writes a table (markdown + JSON) naming the hardware.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -38,9 +39,7 @@ def run(args) -> int:
     from tabulate import tabulate
 
     from ssl_bench.config import resolve_config
-    from ssl_bench.atomic import atomic_write
     from ssl_bench.data.folder_bench import folder_section
-    from ssl_bench.records import hardware, now_iso, write_json_new
     from ssl_bench.registry import available_methods, get_method
     from ssl_bench.throughput import loader_alone, step_alone
     from ssl_bench.trainer import pretrain
@@ -79,31 +78,43 @@ def run(args) -> int:
             if "step_images_per_s" in row:
                 row["trainer_over_step"] = row["images_per_s"] / row["step_images_per_s"]
             rows.append(row)
+            _write(args, rows, folder_md, tabulate, finished=False)  # a cut-short run still leaves its rows
             print(f"{name} [{path_name}]: {record['images_per_s']:.1f} images/s"
                   + (f", step alone {row['step_images_per_s']:.1f}, loader alone {row['loader_images_per_s']:.0f}" if limits else ""), flush=True)
+    print(_write(args, rows, folder_md, tabulate, finished=True))
+    return 0
+
+
+def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> str:
+    """The table (markdown) and rows (JSON) so far, at paths chosen by the first call (never an earlier run's)."""
+    from ssl_bench.atomic import atomic_write
+    from ssl_bench.records import hardware, now_iso, write_json_new
+
     ref = next((r["images_per_s"] for r in rows if r["method"] == "mae"), rows[0]["images_per_s"])
     for r in rows:
         r["ratio_to_mae"] = r["images_per_s"] / ref
     hw = hardware()
     table = _table(rows, tabulate)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput-{'synthetic-vitb16' if args.synthetic_vitb16 else args.data}-{args.preset}"
-    path = write_json_new(out, stem, {"rows": rows, "preset": args.preset, "data": args.data, "hardware": hw,
-                                      "overrides": args.overrides, "created": now_iso()})
-    md = path.with_suffix(".md")
+    record = {"rows": rows, "preset": args.preset, "data": args.data, "hardware": hw, "overrides": args.overrides,
+              "created": now_iso(), "finished": finished}
+    if getattr(args, "_json_path", None) is None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"throughput-{'synthetic-vitb16' if args.synthetic_vitb16 else args.data}-{args.preset}"
+        args._json_path = write_json_new(out, stem, record)
+    else:
+        atomic_write(args._json_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    md = args._json_path.with_suffix(".md")
     command = " ".join(["ssl-bench throughput", f"--preset {args.preset}", f"--data {args.data}", f"--steps {args.steps}",
-                        *(["--methods " + args.methods] if args.methods != "all" else []),
+                        f"--limit-steps {args.limit_steps}", *(["--methods " + args.methods] if args.methods != "all" else []),
                         *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else [])])
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
             f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
             f"on one batch held in memory. Loader alone: the pretraining loader on one core (no workers, one thread).\n\n"
-            f"{table}\n{folder_md}")
+            f"{table}\n{'' if finished else chr(10) + '(run still going or cut short: the rows measured so far)' + chr(10)}{folder_md}")
     atomic_write(md, lambda f: f.write(text.encode()))
-    print(table)
-    print(f"written to {path} and {md}")
-    return 0
+    return f"{table}\nwritten to {args._json_path} and {md}"
 
 
 # the official codes' H100 figures were taken with ViT-B/16 on 224 px images, batch 256, bf16
