@@ -66,10 +66,10 @@ CLI=("$PY" -m ssl_bench.cli)
 
 if [ "$DRY" = 1 ]; then
     PRESET=smoke; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=28)
-    KNN_N=5000; PRE=(--preset smoke train.max_steps=4); EVAL=(--preset smoke --protocol knn)
+    KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
 else
     PRESET=full; TP_EXTRA=(--steps "$STEPS"); VITB=(--preset full --synthetic-vitb16)
-    KNN_N=1000000; PRE=(--preset full train.max_steps=2000); EVAL=(--preset quick --protocol knn,linear)
+    KNN_N=1000000; PRE=(--preset full); PRE_STEPS=2000; EVAL=(--preset quick --protocol knn,linear)
 fi
 
 # -- 2. throughput -----------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ EOF
 
 # -- 4. a short full-preset MAE pretraining and its evaluation ---------------------------------------------
 echo "gpu-check: MAE pretraining and evaluation" >&2
-"${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" train.progress=false >&2
+"${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=false >&2
 "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}" >&2
 
 # -- 5. the report ------------------------------------------------------------------------------------------
