@@ -62,7 +62,7 @@ n=1
 while [ -e "$REPORT" ]; do REPORT="$OUT/$DATE-$SLUG-$n.md"; n=$((n + 1)); done  # never overwrite an earlier check
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-CLI=("$PY" -m ssl_bench.cli)
+CLI=("$PY" -m ssl_bench_app.cli)
 
 if [ "$DRY" = 1 ]; then
     PRESET=smoke; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=28)

@@ -1,7 +1,7 @@
 """`ssl-bench throughput`: trainer, step-alone and loader-alone figures for both data paths in one table."""
 import json
 
-from ssl_bench.cli import main
+from ssl_bench_app.cli import main
 
 
 def test_compare_paths_table(tmp_path, capsys):
