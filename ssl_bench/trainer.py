@@ -282,10 +282,10 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_optimizer_step()
-                pending.append((step, epoch, lr, totals, method.pop_logged(as_float=False)))
                 step += 1
                 if monitor is not None:
                     monitor.on_batch(step, batch, method)
+                pending.append((step - 1, epoch, lr, totals, method.pop_logged(as_float=False)))  # the monitor logs too
                 if step % train["log_every"] == 0 or step % train["ckpt_every"] == 0 or step == stop_step or step == 1:
                     flush()  # before any checkpoint: the NaN guard keeps bad weights out of it
                 dt = time.perf_counter() - t0
