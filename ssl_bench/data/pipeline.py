@@ -179,7 +179,8 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
     workers = data["num_workers"]
     common = dict(num_workers=workers, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                   generator=torch.Generator())  # workers' base seed must not consume the global RNG (exact resume)
-    if data["device_augment"] and isinstance(base, TensorImageDataset):
+    # a run recorded before the batched path existed (no such key) keeps the per-sample path it started with
+    if data.get("device_augment", False) and isinstance(base, TensorImageDataset):
         device = torch.device(device or "cpu")
         images, labels = base.images, base.labels
         if indices is not None:
