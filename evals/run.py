@@ -272,7 +272,7 @@ def evaluate(
         n_test = int(result["details"].get("n_test", 0))
         record: dict[str, Any] = {
             "protocol": name, "mode": mode, "data": ctx.data, "preset": preset, "top1": float(result["top1"]),
-            "ci95": wilson_interval(float(result["top1"]), n_test), "n_test": n_test,
+            "ci95": wilson_interval(float(result["top1"]), n_test) if n_test > 0 else None, "n_test": n_test,  # None: no n_test given
             "warnings": list(result.get("warnings", [])),
             "selected": result["selected"], "details": result["details"],
             "method": base.record.get("method"), "run_dir": str(base.run_dir.resolve()),

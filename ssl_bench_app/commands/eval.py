@@ -24,9 +24,9 @@ def register(sub) -> None:
 def summary(record: dict, path: Path) -> str:
     chosen = ", ".join(f"{k}={v}" for k, v in record["selected"].items())
     ci = record.get("ci95") or []
-    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 else ""
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci) else ""
     warned = f"  WARNING: {'; '.join(record['warnings'])}" if record.get("warnings") else ""
-    return (f"{record['protocol']:<9} {record.get('mode', '-'):<8} {record['data']} ({record['preset']}): top-1 {record['top1']:.2f}%{interval}  "
+    return (f"{record['protocol']:<9} {record.get('mode') or '-':<8} {record['data']} ({record['preset']}): top-1 {record['top1']:.2f}%{interval}  "
             f"[{chosen}]  {record['wall_time_s']:.0f}s  -> {path}{warned}")
 
 
