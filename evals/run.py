@@ -27,6 +27,7 @@ from evals.features import AugmentedImages, Features, file_sha256, load_features
 from evals.presets import resolve_eval_config
 from evals.registry import get_protocol, kinds_per_split, protocol_names
 from evals.selection import wilson_interval
+from ssl_bench.atomic import remove_stale_temps
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.checkpoint import load_encoder
 from ssl_bench.data.datasets import DatasetInfo, TransformedSubset, fixed_subset, load_dataset
@@ -249,6 +250,7 @@ def evaluate(
     modes = parse_modes(modes)
     cfg = resolve_eval_config(preset, list(overrides))
     base = make_context(run_dir, data, data_root, preset, cfg)
+    remove_stale_temps(base.run_dir)  # feature caches or records a killed evaluation was writing
     _check_applicable(base.record.get("method"), names)
     cfg = resolve_eval_config(preset, list(overrides), arch=base.record.get("arch", {}).get("arch"))
     chosen = {name: get_protocol(name) for name in names}

@@ -10,7 +10,9 @@ leaves the previous file as it was and raises :class:`WriteFailed`, one line nam
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import BinaryIO
 from ssl_bench.errors import UserError
 
 TEMP_PREFIX = ".tmp-"  # temp files start with this; a crash may leave one behind, never a torn target
+# temp names carry their writer (host, pid), so a later process can tell a dead writer's leftover from a live write
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class WriteFailed(UserError):
@@ -48,12 +52,37 @@ def _failed(path: Path, exc: OSError) -> WriteFailed:
     return WriteFailed(f"could not write {path} ({reason}); {kept}; free space or fix the directory and rerun")
 
 
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files under ``directory`` left by writers that died mid-write (``kill -9``, power
+    loss): those written on this host by a process that no longer runs. A live writer's temp file, or
+    one from another host (a shared file system), is left alone. Returns what was removed."""
+    removed = []
+    for path in Path(directory).rglob(f"{TEMP_PREFIX}*"):
+        parts = path.name[: len(path.name) - len(path.suffix)].rsplit("-", 3)  # .tmp-<stem>, host, pid, uuid
+        if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit() or _writer_alive(int(parts[2])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 class Staged:
     """A temp file beside ``target``: ``tmp`` is filled by the caller; ``path`` is where it ended up."""
 
     def __init__(self, target: Path):
         self.target = target
-        self.tmp = target.with_name(f"{TEMP_PREFIX}{target.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}{target.suffix}")
+        self.tmp = target.with_name(f"{TEMP_PREFIX}{target.stem}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{target.suffix}")
         self.path: Path | None = None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_bench.atomic import WriteFailed
+from ssl_bench.atomic import WriteFailed, remove_stale_temps
 from ssl_bench.build import build_method
 from ssl_bench.checkpoint import (
     check_signature, load_checkpoint, numpy_state_from_plain, python_state_from_plain,
@@ -87,6 +87,8 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
 def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     dist_info = init_distributed()
     run_dir = prepare_run_dir(out_dir, resume) if dist_info.is_main else Path(out_dir)
+    if resume and dist_info.is_main:
+        remove_stale_temps(run_dir)  # what a killed run was writing when it died
     if resume and (run_dir / RECORD_NAME).exists():
         previous = read_json(run_dir / RECORD_NAME)
         if previous.get("status") == "finished":

@@ -73,3 +73,23 @@ def test_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
     assert main(["pretrain", "--resume", "--method", "mae", "--preset", "smoke", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["steps"] == 6
+
+
+def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sub").mkdir()
+    # a writer that dies mid-write (its temp file stays), and one that is still writing
+    code = ("import sys; from pathlib import Path; from ssl_bench import atomic;"
+            "s = atomic.Staged(Path(sys.argv[1])); s.tmp.write_text('half'); print(s.tmp)")
+    dead = Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub" / "record.json")], check=True,
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "."}).stdout.strip())
+    live = atomic.Staged(tmp_path / "checkpoint.pt").tmp
+    live.write_text("writing")
+    foreign = tmp_path / f"{atomic.TEMP_PREFIX}x-00000000-1-abcdef12.json"  # another host's writer
+    foreign.write_text("?")
+    assert dead.exists()
+    assert atomic.remove_stale_temps(tmp_path) == [dead]
+    assert live.exists() and foreign.exists() and not dead.exists()
