@@ -91,12 +91,12 @@ class MAE(Method):
         init: str = "mae",
     ):
         super().__init__(backbone)
+        backbone.init_weights(init)  # first, so the encoder's start depends on the seed alone (= random_init's)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         p, c = backbone.patch_size, backbone.in_chans
         self.decoder = MAEDecoder(
             backbone.embed_dim, backbone.num_patches, backbone.grid_size, p * p * c, decoder_dim, decoder_depth, decoder_heads
         )
-        backbone.init_weights(init)
         init_linears_(self.decoder, init)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 

@@ -5,6 +5,9 @@ weights are the initialization every method starts from (same architecture, same
 does not beat this row on a protocol has learnt nothing that protocol can see; at short budgets that
 happens, and the table should say so.
 
+The methods' official codes initialise differently (``ssl_bench.backbone.INIT_SCHEMES``); ``method.init``
+picks which initialization this row shows, MAE's by default (the same weights MAE starts from).
+
 It runs through the common trainer with ``train.max_steps`` forced to 0 in ``prepare`` (whatever a sweep's
 overrides say), which writes the run record and a checkpoint of the initial weights.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ssl_bench.backbone import INIT_SCHEMES, ViTBackbone
+from ssl_bench.config import Check
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY
 from ssl_bench.method import DataSpec, Method
@@ -24,6 +29,11 @@ class RandomInit(Method):
     description = "Control: the backbone at its initialization, never trained (0 steps)"
     family = CONTROL_FAMILY
     pretrains = False
+    option_checks = {"init": Check(choices=INIT_SCHEMES)}
+
+    def __init__(self, backbone: ViTBackbone, init: str = "mae"):
+        super().__init__(backbone)
+        backbone.init_weights(init)
 
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:

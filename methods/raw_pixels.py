@@ -21,6 +21,7 @@ class RawPixels(RandomInit):
     name = "raw_pixels"
     description = "Control: no encoder, the probes read the input pixels (no fine-tuning)"
     protocols = ("knn", "linear", "attentive")
+    option_checks = {}
 
     def __init__(self, backbone: ViTBackbone):
         super().__init__(backbone)
