@@ -20,8 +20,6 @@ multi-crop 2 x global (scale 0.4-1) + 8 x local (scale 0.05-0.4, 96 px for 224 p
 Where this differs from the official code, and why:
 * schedules are fractions of training (``teacher_temp_warmup`` 0.3 = 30 of 100 epochs, ``freeze_last_layer``
   0.01 = 1 of 100), so shorter presets scale them, and tau_t rises per step instead of per epoch;
-* the weight decay stays at 0.04: the common trainer has no weight-decay schedule (official: cosine
-  0.04 -> 0.4);
 * clipping is the trainer's, on the global gradient norm (official: each parameter's norm clipped to 3.0);
 * the frozen last layer gets zero gradients (official: none), so AdamW's step count includes that epoch.
 """
@@ -39,7 +37,7 @@ from ssl_bench.heads import cosine_momentum, ema_update_, momentum_copy
 from ssl_bench.method import DataSpec, Method
 from ssl_bench.registry import register_method
 
-_ADAMW = {"optimizer": "adamw", "betas": (0.9, 0.999), "weight_decay": 0.04, "clip_grad": 3.0, "min_lr": 1e-6}
+_ADAMW = {"optimizer": "adamw", "betas": (0.9, 0.999), "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0, "min_lr": 1e-6}
 
 
 class DINOHead(nn.Module):

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "min_lr": 0.0,
         "warmup_epochs": 0.0,
         "weight_decay": 0.05,
+        "weight_decay_end": None,  # None: constant; a number: half-cosine from weight_decay to this over training (DINO)
         "betas": (0.9, 0.95),
         "momentum": 0.9,
         "clip_grad": None,
@@ -198,6 +199,7 @@ CHECKS: dict[str, Check] = {
     "train.min_lr": Check(0),
     "train.warmup_epochs": Check(0),
     "train.weight_decay": Check(0),
+    "train.weight_decay_end": Check(0),
     "train.betas": Check(0, 1, hi_open=True, each=True, length=2),
     "train.momentum": Check(0, 1),
     "train.clip_grad": Check(0, lo_open=True, none_ok=True),

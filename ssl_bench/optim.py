@@ -74,3 +74,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             g["lr"] = g["base_lr"]
         else:
             g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Scheduled weight decay for every decayed group; groups exempt from decay (weight_decay 0) stay so."""
+    for g in optimizer.param_groups:
+        if g["weight_decay"] > 0:
+            g["weight_decay"] = weight_decay

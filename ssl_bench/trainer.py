@@ -32,7 +32,7 @@ from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
 from ssl_bench.logging import MetricLogger, require_wandb
 from ssl_bench.monitor import build_monitor
-from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr
+from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr, set_weight_decay
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
 from ssl_bench.runtime import autocast, seed_everything
@@ -268,6 +268,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 t0 = time.perf_counter()
                 lr = cosine_with_warmup(step, total_steps, warmup_steps, base_lr, train["min_lr"])
                 set_lr(optimizer, lr)
+                if train.get("weight_decay_end") is not None:  # no warmup, as DINO's schedule
+                    set_weight_decay(optimizer, cosine_with_warmup(step, total_steps, 0, train["weight_decay"], train["weight_decay_end"]))
                 method.on_step_start(step, total_steps)
                 totals: dict[str, torch.Tensor] = {}
                 for micro in range(accum):

@@ -111,3 +111,15 @@ def test_run_record_contents(tmp_path):
     assert on_disk["hardware"]["torch"] == torch.__version__ and on_disk["hardware"]["timm"]
     assert record["images_per_s"] > 0 and record["loss"]["loss"]["last"] > 0
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == record["steps"]
+
+
+def test_weight_decay_schedule_rises_on_decayed_groups_only(tmp_path):
+    """train.weight_decay_end: half-cosine from weight_decay to it over training (DINO's 0.04 -> 0.4)."""
+    from ssl_bench.optim import cosine_with_warmup
+
+    cfg = smoke_config("mae", "train.weight_decay=0.04", "train.weight_decay_end=0.4", "train.max_steps=3")
+    record = pretrain(cfg, tmp_path / "run")
+    groups = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    last = cosine_with_warmup(2, record["total_steps"], 0, 0.04, 0.4)  # the value set for the last step taken
+    assert 0.04 < last < 0.4
+    assert sorted({round(g["weight_decay"], 9) for g in groups}) == [0.0, round(last, 9)]
