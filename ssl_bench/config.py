@@ -199,7 +199,7 @@ CHECKS: dict[str, Check] = {
     "train.min_lr": Check(0),
     "train.warmup_epochs": Check(0),
     "train.weight_decay": Check(0),
-    "train.weight_decay_end": Check(0),
+    "train.weight_decay_end": Check(0, none_ok=True),
     "train.betas": Check(0, 1, hi_open=True, each=True, length=2),
     "train.momentum": Check(0, 1),
     "train.clip_grad": Check(0, lo_open=True, none_ok=True),
