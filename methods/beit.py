@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_bench.backbone import ViTBackbone
+from ssl_bench.config import Check
 from ssl_bench.data import views
 from ssl_bench.errors import UserError
 from ssl_bench.layers import trunc_normal_within_std_
@@ -79,6 +80,7 @@ class BEiT(Method):
     name = "beit"
     description = "BEiT (Bao et al. 2022): [MASK] embeddings in a full-sequence ViT predict a tokenizer's codes at ~40% block-masked patches"
     family = "mim"
+    option_checks = {"mask_ratio": Check(0, 1, lo_open=True, hi_open=True)}
     recipes = {
         "smoke": {"train": {"blr": 10 * BLR, "betas": (0.9, 0.999), "clip_grad": 3.0}, "model": ENCODER},
         "quick": {"train": {"blr": 10 * BLR, "betas": (0.9, 0.999), "clip_grad": 3.0}, "model": ENCODER},

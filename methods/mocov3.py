@@ -44,7 +44,10 @@ class MoCoV3(Method):
     description = "MoCo v3 (Chen et al. 2021): InfoNCE between a ViT query encoder and its momentum copy"
     family = "siamese"
     weight_decay_all = True  # the official AdamW gets model.parameters(): biases, norms, cls token decayed too
-    option_checks = {"init": Check(choices=INIT_SCHEMES), "freeze_patch_embed": SWITCH}
+    option_checks = {
+        "init": Check(choices=INIT_SCHEMES), "freeze_patch_embed": SWITCH, "mlp_dim": Check(1, integer=True),
+        "out_dim": Check(1, integer=True), "temperature": Check(0, lo_open=True), "base_momentum": Check(0, 1),
+    }
     recipes = {
         "smoke": {"method": {"mlp_dim": 256, "out_dim": 64}, "train": {**_ADAMW, "blr": 1.5e-3}},
         "quick": {"method": {"mlp_dim": 1024, "out_dim": 256}, "train": {**_ADAMW, "blr": 1.5e-3}},

@@ -44,7 +44,10 @@ class SimSiam(Method):
     description = "SimSiam (Chen & He 2021): two views, predictor, stop-gradient on the target; no negatives"
     family = "siamese"
     weight_decay_all = True  # the official SGD gets every parameter
-    option_checks = {"stop_gradient": SWITCH, "proj_hidden_dim": Check(1, integer=True, none_ok=True)}
+    option_checks = {
+        "stop_gradient": SWITCH, "proj_hidden_dim": Check(1, integer=True, none_ok=True),
+        "proj_dim": Check(1, integer=True), "pred_dim": Check(1, integer=True),
+    }
     recipes = {
         "smoke": {"method": {"proj_dim": 64, "pred_dim": 16}, "train": dict(_SGD)},
         "quick": {"method": {"proj_dim": 512, "pred_dim": 128}, "train": dict(_SGD)},
