@@ -10,65 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from evals.features import Features
 from evals.selection import edge_warnings
 from evals.registry import register_protocol
 from ssl_bench.errors import UserError
+from ssl_bench.knn import KNNClassifier
 
 FEATURE_TYPES = ("cls", "mean")
 MODES = ("official", "fast")
-
-
-class KNNClassifier:
-    """A faiss index over the l2-normalized train features (n, D) with their labels (n,)."""
-
-    def __init__(self, train: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int, temperature: float = 0.07):
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.num_classes, self.temperature = num_classes, temperature
-        self.on_gpu = faiss.get_num_gpus() > 0
-        index = faiss.IndexFlatIP(train.shape[1])  # exact search: inner product of unit vectors = cosine
-        if self.on_gpu:
-            self._gpu_resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
-        index.add(_unit(train))
-        self.index = index
-
-    def search(self, queries: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Similarities (nq, k) float32, descending, and train indices (nq, k) of the k nearest."""
-        if k > self.index.ntotal:
-            raise UserError(f"kNN asks for k={k} neighbours but there are only {self.index.ntotal} train images; lower knn.ks or raise knn.train_size")
-        q = _unit(queries)
-        sims, ids = zip(*(self.index.search(q[i : i + chunk], k) for i in range(0, len(q), chunk)))
-        return torch.from_numpy(np.concatenate(sims)), torch.from_numpy(np.concatenate(ids))
-
-    def scores(self, queries: torch.Tensor, ks: Sequence[int], chunk: int = 1024) -> dict[int, torch.Tensor]:
-        """Class scores (nq, C) for every k in ``ks``, from one search at max(ks)."""
-        sims, ids = self.search(queries, max(ks), chunk)
-        weights = (sims / self.temperature).exp()  # (nq, kmax)
-        votes = self.labels[ids]  # (nq, kmax)
-        out = {}
-        for k in ks:  # neighbours come sorted by similarity, so the k nearest are the first k columns
-            scores = torch.zeros(len(queries), self.num_classes)
-            out[k] = scores.scatter_add_(1, votes[:, :k], weights[:, :k])
-        return out
-
-    def accuracy(self, queries: torch.Tensor, labels: torch.Tensor | np.ndarray, ks: Sequence[int], chunk: int = 1024) -> dict[int, float]:
-        """Top-1 (%) for every k; scores are computed one chunk of queries at a time."""
-        labels = torch.as_tensor(labels, dtype=torch.int64)
-        correct = dict.fromkeys(ks, 0)
-        for i in range(0, len(queries), chunk):
-            for k, s in self.scores(queries[i : i + chunk], ks, chunk).items():
-                correct[k] += int((s.argmax(dim=1) == labels[i : i + chunk]).sum())
-        return {k: 100.0 * c / len(queries) for k, c in correct.items()}
-
-
-def _unit(x: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(F.normalize(torch.as_tensor(x, dtype=torch.float32), dim=1).numpy())
 
 
 def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temperature: float, chunk: int, feature_types=FEATURE_TYPES) -> dict:

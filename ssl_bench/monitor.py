@@ -135,7 +135,7 @@ class Monitor:
 
     def knn_check(self) -> dict:
         """kNN top-1 (%) of the held-out queries against the memory; the online probe's top-1 on them too."""
-        from evals.knn import KNNClassifier
+        from ssl_bench.knn import KNNClassifier
 
         memory, queries = self._knn_data()
         train_x, train_y = self._features(memory)
