@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_bench.data.transforms import blur_kernel_size
-from ssl_bench.data.views import View
+from ssl_bench.data.views import View, crop_fallback
 
 _M32 = 0xFFFFFFFF
 ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback
@@ -88,16 +88,8 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.
     first = ok.int().argmax(dim=1, keepdim=True)  # the first attempt that fits
     pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
     boxes = torch.stack([pick(top), pick(left), pick(h), pick(w)], dim=1)
-    # fallback, as torchvision: the whole image, clamped to the ratio range, centred
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
     fits = ok.any(dim=1)
-    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)  # scalars: no host-to-device copy per batch
+    fallback = crop_fallback(height, width, ratio)  # scalars: no host-to-device copy per batch
     return torch.stack([torch.where(fits, boxes[:, k], float(v)) for k, v in enumerate(fallback)], dim=1)
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ssl_bench.data.transforms import blur_kernel_size
 from ssl_bench.data.datasets import unreadable_image
+from ssl_bench.data.views import crop_fallback
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 SOLARIZE_THRESHOLD = 128
@@ -66,14 +67,7 @@ def sample_crop(rng: np.random.Generator, width: int, height: int, scale, ratio)
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return crop_fallback(height, width, ratio)
 
 
 def _jitter_ranges(jitter, in_chans: int) -> list[tuple[str, float, float]]:

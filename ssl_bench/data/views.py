@@ -73,6 +73,19 @@ class View:
         return self.size or img_size
 
 
+def crop_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box when no attempt fits (as torchvision): the whole image clamped to the ratio
+    range, centred, as (top, left, h, w). Shared by the per-sample and batched paths."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def _pair(value, name: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise UserError(f"View.{name}={value!r}: must be a (low, high) pair")
