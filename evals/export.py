@@ -10,7 +10,9 @@
 ``ssl_bench`` section naming the run it came from. ``ViTBackbone`` wraps a timm ``VisionTransformer``
 (``backbone.vit``) whose ``pos_embed`` holds the fixed sin-cos table with a zero cls slot, so
 ``backbone.vit.state_dict()`` already has timm's keys and ``forward_features`` computes exactly
-``ViTBackbone.forward``. An encoder option a plain timm ViT does not have is refused, never dropped.
+``ViTBackbone.forward``. An encoder with BEiT's shared relative position bias (``model.rel_pos_bias=shared``)
+exports as timm's ``Beit`` (:func:`beit_state_dict` renames its keys). An encoder option neither has is
+refused, never dropped.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ CONFIG_FILE = "config.json"
 # signature keys -> timm VisionTransformer arguments; any other key is an option a plain timm ViT lacks
 TIMM_ARGS = {"img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans", "embed_dim": "embed_dim",
              "depth": "depth", "num_heads": "num_heads", "layer_scale": "init_values"}
+# model.rel_pos_bias=shared -> timm's Beit; width, depth and heads are always given, so tiny/small use the base name
+BEIT_NAMES = {"vit_large": "beit_large_patch16_224"}
+BEIT_DEFAULT = "beit_base_patch16_224"
 
 
 def timm_create_kwargs(signature: dict) -> tuple[str, dict]:
@@ -37,14 +42,45 @@ def timm_create_kwargs(signature: dict) -> tuple[str, dict]:
         raise UserError(f"this run's encoder is the '{sig['kind']}' control, not a ViT: there are no weights to export")
     sig.pop("kind", None)
     arch = sig.pop("arch")
+    beit = sig.get("rel_pos_bias") == "shared"
+    if beit:
+        sig.pop("rel_pos_bias")
     foreign = {k: v for k, v in sig.items() if k not in TIMM_ARGS and v not in (None, "none", False)}
     if foreign:
         options = ", ".join(f"model.{k}={v}" for k, v in foreign.items())
-        raise UserError(f"cannot export this encoder as a timm ViT: it uses {options}, which timm's VisionTransformer "
-                        f"does not have; evaluate it with ssl-bench eval instead")
+        raise UserError(f"cannot export this encoder to timm: it uses {options}, which timm's VisionTransformer "
+                        f"and Beit do not have; evaluate it with ssl-bench eval instead")
     kwargs = {TIMM_ARGS[k]: v for k, v in sig.items() if k in TIMM_ARGS and v is not None}
     kwargs["num_classes"] = 0  # no head: forward() returns the cls token, forward_features() all tokens
-    return ARCHS[arch][0], kwargs
+    if not beit:
+        return ARCHS[arch][0], kwargs
+    # every Beit default that differs from our encoder is given: the registered beit_* names turn on a
+    # per-block bias, an absolute table, LayerScale 0.1 and average pooling (which moves the final norm)
+    kwargs.update(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                  init_values=sig.get("layer_scale"), global_pool="token")
+    return BEIT_NAMES.get(arch, BEIT_DEFAULT), kwargs
+
+
+def beit_state_dict(vit_state: dict, rel_pos_bias_table) -> dict:
+    """Our ViT's keys renamed to timm's ``Beit`` (same computation):
+
+    blocks.i.attn.qkv.bias (3D,) -> blocks.i.attn.q_bias, v_bias (D,) each. Beit has no key bias, and needs
+        none: a key bias adds q_i . b_k to every logit of query i's row, which the softmax cancels.
+    blocks.i.ls1.gamma / ls2.gamma -> blocks.i.gamma_1 / gamma_2 (LayerScale)
+    the shared relative position bias table ((2G-1)^2 + 3, H) -> rel_pos_bias.relative_position_bias_table
+    """
+    out = {}
+    for key, value in vit_state.items():
+        if key.endswith(".attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[key.replace(".qkv.bias", ".q_bias")] = q.clone()
+            out[key.replace(".qkv.bias", ".v_bias")] = v.clone()
+        elif key.endswith((".ls1.gamma", ".ls2.gamma")):
+            out[key[: -len(".ls1.gamma")] + (".gamma_1" if ".ls1." in key else ".gamma_2")] = value
+        else:
+            out[key] = value
+    out["rel_pos_bias.relative_position_bias_table"] = rel_pos_bias_table.detach().cpu().contiguous()
+    return out
 
 
 def timm_config(model_name: str, kwargs: dict, mean, std, source: dict) -> dict:
@@ -68,7 +104,9 @@ def timm_config(model_name: str, kwargs: dict, mean, std, source: dict) -> dict:
             "source": source,
             "input": "pixels / 255, then (x - mean) / std, at input_size",
             "features": "forward_features(x): (B, 1 + N, D) after the final norm; [:, 0] cls token, [:, 1:] patch tokens",
-            "position_embedding": "fixed 2-D sin-cos (stored in pos_embed, cls slot zero); keep it frozen when fine-tuning",
+            "position_embedding": "one learned relative position bias shared by all blocks (rel_pos_bias), no absolute table"
+                                  if kwargs.get("use_shared_rel_pos_bias") else
+                                  "fixed 2-D sin-cos (stored in pos_embed, cls slot zero); keep it frozen when fine-tuning",
             "timm_version": timm.__version__,
             "created": now_iso(),
         },
@@ -112,6 +150,8 @@ def export_encoder(run_dir: str | Path, out: str | Path) -> Path:
     backbone, record = load_encoder(run_dir)
     model_name, kwargs = timm_create_kwargs(backbone.signature())
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.vit.state_dict().items()}
+    if backbone.rel_pos_bias is not None:
+        state = beit_state_dict(state, backbone.rel_pos_bias.relative_position_bias_table)
     # The promise of this folder: timm builds this exact model and accepts every key. Check it here, so a
     # timm upgrade that renames a key fails at export, not in a user's script.
     timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state, strict=True)

@@ -61,8 +61,10 @@ def test_an_encoder_option_timm_lacks_is_refused_in_one_line():
 
     sig = {"arch": "vit_tiny", "img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
     assert timm_create_kwargs(sig)[1]["num_classes"] == 0
-    with pytest.raises(UserError, match="model.rel_pos_bias=shared, which timm's VisionTransformer does not have"):
-        timm_create_kwargs({**sig, "rel_pos_bias": "shared"})
+    assert timm_create_kwargs({**sig, "rel_pos_bias": "shared"})[0] == "beit_base_patch16_224"  # exported as timm's Beit
+    # an option neither timm class has (here a made-up one, as a newer suite's signature could carry)
+    with pytest.raises(UserError, match="model.rope=2d, which timm's VisionTransformer and Beit do not have"):
+        timm_create_kwargs({**sig, "rel_pos_bias": "shared", "rope": "2d"})
     with pytest.raises(UserError, match="no weights to export"):
         timm_create_kwargs({"kind": "pixels", "img_size": 28, "in_chans": 1})
 
@@ -90,3 +92,57 @@ def test_layer_scale_encoder_exports_and_guards_its_signature(tmp_path):
     assert ViTBackbone(**plain).signature() == plain  # no LayerScale: the signature reads as before
     with pytest.raises(UserError, match="layer_scale: checkpoint 0.1 vs this run None"):
         check_signature(encoder.signature(), plain, "x.pt")
+
+
+def test_beit_keys_become_timm_beit_with_the_same_features():
+    """The renaming of :func:`beit_state_dict` (q/v bias out of the qkv bias, LayerScale gammas, the shared
+    relative position bias table) on weights far from their init, so that any misplaced tensor shows."""
+    from evals.export import beit_state_dict, timm_create_kwargs
+    from ssl_bench.backbone import ViTBackbone
+
+    torch.manual_seed(0)
+    encoder = ViTBackbone("vit_tiny", img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                          layer_scale=0.1, rel_pos_bias="shared").eval()
+    with torch.no_grad():
+        for p in encoder.parameters():  # the bias table and q/k/v biases start at zero, the gammas at 0.1
+            p.add_(torch.randn_like(p) * 0.2)
+    name, kwargs = timm_create_kwargs(encoder.signature())
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    assert isinstance(model, timm.models.beit.Beit) and model.rel_pos_bias is not None and model.pos_embed is None
+    model.load_state_dict(beit_state_dict(encoder.vit.state_dict(), encoder.rel_pos_bias.relative_position_bias_table), strict=True)
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        cls, patches = encoder(images)
+        tokens = model.forward_features(images)
+        torch.testing.assert_close(tokens[:, 0], cls)
+        torch.testing.assert_close(tokens[:, 1:], patches)
+        torch.testing.assert_close(model(images), cls)
+        model.rel_pos_bias.relative_position_bias_table.zero_()  # the table matters: without it the features differ
+        assert not torch.allclose(model.forward_features(images), tokens, atol=1e-3)
+
+
+def test_beit_run_exports_as_a_timm_beit_folder(tmp_path, monkeypatch):
+    """A pretrained BEiT encoder (shared relative position bias and LayerScale, BEiT's defaults) exports to a
+    folder that the README's one call loads as timm's Beit, giving the suite's features."""
+    from ssl_bench import tokenizer_training as tt
+
+    monkeypatch.setitem(tt.TOKENIZER_PRESETS["smoke"], "train", {**tt.TOKENIZER_PRESETS["smoke"]["train"], "steps": 3, "holdout": 50})
+    run = tmp_path / "beit"
+    pretrain(resolve_config(get_method("beit"), "smoke", ["train.max_steps=2", "train.progress=false", "data.subset=64"]), run)
+    encoder, record = load_encoder(run)
+    assert encoder.signature()["rel_pos_bias"] == "shared" and encoder.signature()["layer_scale"] == 0.1
+    out = export_encoder(run, tmp_path / "export")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"].startswith("beit_") and cfg["model_args"]["use_shared_rel_pos_bias"] is True
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # exactly the README's call
+    assert isinstance(model, timm.models.beit.Beit)
+    images = torch.randn(3, encoder.in_chans, encoder.img_size, encoder.img_size)
+    with torch.no_grad():
+        tokens = model.forward_features(images)  # (B, 1 + N, D)
+        cls, patches = encoder(images)
+        untrained = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+        assert not torch.allclose(untrained.forward_features(images), tokens)  # the comparison below is not vacuous
+        torch.testing.assert_close(tokens[:, 0], cls)
+        torch.testing.assert_close(tokens[:, 1:], patches)
+        torch.testing.assert_close(model(images), cls)
+    assert cfg["pretrained_cfg"]["mean"] == record["data_info"]["mean"] and cfg["ssl_bench"]["source"]["method"] == "beit"
