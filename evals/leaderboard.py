@@ -13,6 +13,9 @@ Rules (stated again under the table):
   so does each mode: ``linear (official)``, ``linear (fast)``, ``finetune (proxy)`` (records before modes
   existed have none);
 * a cell is marked † when a counted record warns that its choice sits on the edge of its grid;
+* "Against the controls" (under the table): per protocol column, whether a method beats every control row
+  beyond the seed spread: its lowest seed scores above every control's highest seed, with at least two
+  seeds of the method and of each control;
 * an eval record whose ``checkpoint_sha256`` is not the run's current ``checkpoint.pt`` is stale (it scored
   weights that are no longer there): it is not counted and is listed under the table. Records whose run keeps
   no checkpoint (committed results) cannot be checked and count.
@@ -260,6 +263,47 @@ def footnotes(lb: Leaderboard) -> list[str]:
     return out
 
 
+def beats_controls(lb: Leaderboard) -> dict[tuple[str, str, str], dict[str, str]]:
+    """(data, preset, method) -> column -> verdict against every control row of the same data and preset:
+    ``yes`` (lowest seed above every control's highest), ``no``, ``n<2`` (fewer than two seeds of the method
+    or of a control: no spread to judge by) or ``-`` (a score missing)."""
+    out: dict[tuple, dict[str, str]] = {}
+    for r in lb.rows:
+        if r.family == CONTROL_FAMILY:
+            continue
+        controls = [c for c in lb.rows if c.family == CONTROL_FAMILY and (c.data, c.preset) == (r.data, r.preset)]
+        verdicts = {}
+        for col in lb.columns:
+            mine, theirs = r.top1.get(col), [c.top1.get(col) for c in controls]
+            if mine is None or not controls or any(t is None for t in theirs):
+                verdicts[col] = MISSING
+            elif mine.n < 2 or any(t.n < 2 for t in theirs):
+                verdicts[col] = "n<2"
+            else:
+                verdicts[col] = "yes" if min(mine.values) > max(max(t.values) for t in theirs) else "no"
+        out[(r.data, r.preset, r.method)] = verdicts
+    return out
+
+
+def controls_section(lb: Leaderboard) -> list[str]:
+    """The markdown lines under the table that say which methods beat both controls, per protocol."""
+    from tabulate import tabulate
+
+    verdicts = beats_controls(lb)
+    if not verdicts:
+        return []
+    controls = sorted({r.method for r in lb.rows if r.family == CONTROL_FAMILY})
+    rows = [[method] + ([data] if lb.show_data else []) + ([preset] if lb.show_preset else []) + [v[c] for c in lb.columns]
+            for (data, preset, method), v in verdicts.items()]
+    head = ["Method"] + (["Data"] if lb.show_data else []) + (["Preset"] if lb.show_preset else []) + lb.columns
+    return [
+        f"## Against the controls ({', '.join(controls)})", "",
+        "yes: the method's lowest seed scores above every control's highest seed on that protocol (beyond the seed spread); "
+        "no: it does not; n<2: fewer than two seeds, so no spread to judge by.", "",
+        tabulate(rows, headers=head, tablefmt="github", disable_numparse=True), "",
+    ]
+
+
 def to_markdown(lb: Leaderboard) -> str:
     from tabulate import tabulate
 
@@ -277,6 +321,7 @@ def to_markdown(lb: Leaderboard) -> str:
     controls = sorted({r.method for r in lb.rows if r.family == CONTROL_FAMILY})
     if controls:
         lines += [f"Control rows (never pretrained; what every method should beat): {', '.join(controls)}.", ""]
+        lines += controls_section(lb)
     if lb.notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in lb.notes] + [""]
     return "\n".join(lines)

@@ -155,3 +155,32 @@ def test_control_rows_come_last_and_are_named(results):
     hatched = [b.get_hatch() == "//" for b in ax.patches]  # per protocol column: mae, simsiam, random_init
     assert hatched == [False, False, True] * len(lb.columns)
     assert ax.get_xticklabels()[-1].get_text() == "random_init\n(control)"
+
+
+def _scored_run(root, method, seed, family, scores):
+    run = root / f"{method}-s{seed}"
+    (run / "evals").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"method": method, "family": family, "data": "fashion_mnist", "preset": "quick", "seed": seed, "status": "finished"}))
+    for protocol, top1 in scores.items():
+        (run / f"evals/{protocol}-fashion_mnist-quick.json").write_text(json.dumps({"protocol": protocol, "top1": top1}))
+
+
+def test_against_the_controls_needs_the_whole_spread_above(tmp_path):
+    """A method beats the controls on a protocol only when its worst seed is above every control's best seed."""
+    for seed, (rand, pix, a, b) in enumerate([(70, 80, 81, 85), (72, 80, 82, 79), (71, 80, 83, 90)]):
+        _scored_run(tmp_path, "random_init", seed, "control", {"knn": rand, "linear": rand})
+        _scored_run(tmp_path, "raw_pixels", seed, "control", {"knn": pix, "linear": pix})
+        _scored_run(tmp_path, "clear", seed, "mim", {"knn": a, "linear": 60})  # knn: 81..83 > 80
+        _scored_run(tmp_path, "noisy", seed, "mim", {"knn": b})  # mean 84.7 above, but its seed 1 (79) is not
+    _scored_run(tmp_path, "single", 0, "mim", {"knn": 99, "linear": 99})
+    from evals.leaderboard import beats_controls
+
+    lb, _ = write_leaderboard(tmp_path, ["md"], plot=False)
+    verdicts = {method: v for (_, _, method), v in beats_controls(lb).items()}
+    assert verdicts == {
+        "clear": {"knn": "yes", "linear": "no"},
+        "noisy": {"knn": "no", "linear": "-"},
+        "single": {"knn": "n<2", "linear": "n<2"},
+    }
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert "## Against the controls (random_init, raw_pixels)" in text and "| clear    | yes   | no       |" in text
