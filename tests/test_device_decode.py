@@ -4,6 +4,7 @@ with the CPU path's draws; unreadable files are one line naming the file."""
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from ssl_bench.data import cpu_views as cv
 from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded, decode_batch
@@ -134,3 +135,101 @@ def test_resume_on_a_jpeg_folder_is_bit_for_bit(tmp_path, monkeypatch, decode):
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert resumed["steps"] == straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path):
+    """Sample by sample, the batched device ops equal torchvision's functional ops (float images) applied to
+    the decoded image with that sample's draw: crop box, resize, every colour op in its order, flip."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from ssl_bench.data.transforms import blur_kernel_size
+
+    view = View(size=20, crop_scale=(0.3, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.3)
+    tv = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+    for chans in (3, 1):
+        pixels = synthetic_image(np.random.default_rng(chans), 40, 30)
+        path = tmp_path / f"photo{chans}.jpg"
+        Image.fromarray(pixels if chans == 3 else pixels[..., 0]).save(path, quality=90)
+        views = cv.FolderViews((view,), 20, chans, (0.0,) * chans, (1.0,) * chans)
+        records = [EncodedFiles(views)(str(path), seed=i) for i in range(32)]
+        (out,) = DeviceFolderBatches(None, views, "cpu").make_views(records)
+        image = decode_batch(records[:1], chans, torch.device("cpu"))[0].float()
+        for i, record in enumerate(records):
+            d = record["draws"][0]
+            x = TF.resized_crop(image, d.top, d.left, d.height, d.width, [20, 20], InterpolationMode.BICUBIC, antialias=True)
+            x = (x / 255).clamp(0, 1)
+            for op, factor in d.jitter:
+                x = tv[op](x, factor)
+            if d.grayscale:
+                x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            if d.blur_sigma is not None:
+                x = TF.gaussian_blur(x, [blur_kernel_size(20)] * 2, [d.blur_sigma] * 2)
+            if d.solarize:
+                x = TF.solarize(x, 128 / 255)
+            if d.flip:
+                x = TF.horizontal_flip(x)
+            assert torch.allclose(out[i], x, atol=2e-4), (chans, i, d, (out[i] - x).abs().max())
+
+
+N_RATES = 2000
+
+
+def _device_views(tmp_path, pixels: np.ndarray, view: View):
+    """The device path's views of one 16 x 16 JPEG for N_RATES sample seeds -> ((N, C, 16, 16) in [0, 1],
+    each sample's draw, the decoded image in [0, 1])."""
+    from PIL import Image
+
+    path = tmp_path / "one.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    views = cv.FolderViews((view,), 16, 3, (0.0,) * 3, (1.0,) * 3)
+    records = [EncodedFiles(views)(str(path), seed=i) for i in range(N_RATES)]
+    (out,) = DeviceFolderBatches(None, views, "cpu").make_views(records)
+    return out, [r["draws"][0] for r in records], decode_batch(records[:1], 3, torch.device("cpu"))[0].float() / 255
+
+
+def _constant(rgb) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (16, 16, 3)).copy()
+
+
+@pytest.mark.parametrize("op,p", [("flip", 0.5), ("flip", 0.25), ("solarize", 0.2), ("grayscale", 0.2), ("blur", 0.5), ("blur", 0.1)])
+def test_device_path_rates_read_back_from_images(tmp_path, op, p):
+    """Each operation's rate, read back from the device path's images, is the view's probability (binomial
+    test, with a control 5 points off), and each sample shows exactly its own draw."""
+    from tests.test_batched import NO_CROP, binomial_ok
+
+    if op == "flip":  # a ramp, increasing left to right
+        ramp = np.broadcast_to((np.arange(16, dtype=np.uint8) * 16)[None, :, None], (16, 16, 3)).copy()
+        out, draws, _ = _device_views(tmp_path, ramp, View(flip_p=p, **NO_CROP))
+        seen, drawn = out[:, 0, 0, 0] > out[:, 0, 0, -1], [d.flip for d in draws]
+    elif op == "solarize":
+        out, draws, _ = _device_views(tmp_path, _constant(200), View(solarize_p=p, flip_p=0.0, **NO_CROP))
+        seen, drawn = out.mean(dim=(1, 2, 3)) < 0.5, [d.solarize for d in draws]
+    elif op == "grayscale":
+        out, draws, _ = _device_views(tmp_path, _constant((200, 0, 0)), View(grayscale_p=p, flip_p=0.0, **NO_CROP))
+        seen, drawn = (out[:, 0] - out[:, 1]).abs().amax(dim=(1, 2)) < 1e-6, [d.grayscale for d in draws]
+    else:  # a vertical edge: blurred samples differ from the decoded image, the others equal it
+        edge = _constant(0)
+        edge[:, 8:] = 255
+        out, draws, plain = _device_views(tmp_path, edge, View(blur_p=p, blur_sigma=(0.5, 2.0), flip_p=0.0, **NO_CROP))
+        assert torch.allclose(out[[d.blur_sigma is None for d in draws]], plain, atol=1e-5)
+        seen, drawn = (out - plain).abs().amax(dim=(1, 2, 3)) > 1e-2, [d.blur_sigma is not None for d in draws]
+    assert seen.tolist() == drawn
+    hits = int(seen.sum())
+    assert binomial_ok(hits, N_RATES, p) and not binomial_ok(hits, N_RATES, p + 0.05)
+
+
+def test_device_path_brightness_factors_read_back_match_colorjitter(tmp_path):
+    from torchvision import transforms as T1
+
+    from tests.test_batched import NO_CROP, binomial_ok
+
+    out, draws, plain = _device_views(tmp_path, _constant(100), View(jitter=(0.4, 0.0, 0.0, 0.0), jitter_p=0.8, flip_p=0.0, **NO_CROP))
+    factor = (out.mean(dim=(1, 2, 3)) / plain.mean()).numpy()
+    applied = np.abs(factor - 1) > 1e-6
+    assert applied.tolist() == [bool(d.jitter) for d in draws] and binomial_ok(int(applied.sum()), N_RATES, 0.8)
+    torch.manual_seed(0)
+    ref = np.array([T1.ColorJitter.get_params((0.6, 1.4), None, None, None)[1] for _ in range(N_RATES)])
+    assert stats.ks_2samp(factor[applied], ref).pvalue > 1e-3
+    assert stats.ks_2samp(factor[applied], ref * 1.05).pvalue < 1e-4  # control: 5% off is told apart

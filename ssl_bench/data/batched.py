@@ -23,6 +23,7 @@ which is exact and, unlike ``torch.where``, vectorised on CPU as on GPU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,52 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.T
     return sum(w[..., t] * y[:, :, t:t + H, :] for t in range(kernel))
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """One view's per-sample choices after the crop, each (B,) 0.0/1.0 unless said; None = no sample takes
+    that operation (it is skipped). Drawn from uniforms here, or taken from the folder path's draws."""
+
+    jitter: torch.Tensor | None = None  # colour jitter applied
+    factors: torch.Tensor | None = None  # (B, 4) brightness, contrast, saturation factors and hue shift
+    order: torch.Tensor | None = None  # (B, 4) the jitter operations' indices in the order applied
+    grayscale: torch.Tensor | None = None
+    blur: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None  # (B,) the blur's sigma where ``blur`` is 1.0
+    solarize: torch.Tensor | None = None
+
+
+def decisions(u: torch.Tensor, v: View, channels: int) -> Decisions:
+    """The choices of view ``v`` from uniforms ``u`` (B, DRAWS), for images with ``channels`` channels."""
+    jitter = v.jitter is not None and v.jitter_p > 0
+    return Decisions(
+        jitter=_below(u[:, _JITTER_P], v.jitter_p) if jitter else None,
+        factors=jitter_factors(u, v.jitter) if jitter else None,
+        order=jitter_order(u) if jitter else None,
+        grayscale=_below(u[:, _GRAY], v.grayscale_p) if v.grayscale_p > 0 and channels == 3 else None,
+        blur=_below(u[:, _BLUR_P], v.blur_p) if v.blur_p > 0 else None,
+        sigma=blur_sigmas(u, v.blur_sigma) if v.blur_p > 0 else None,
+        solarize=_below(u[:, _SOLARIZE], v.solarize_p) if v.solarize_p > 0 else None,
+    )
+
+
+def after_crop(x: torch.Tensor, d: Decisions) -> torch.Tensor:
+    """Colour jitter, grayscale, blur and solarize, in the View's order, on float images (B, C, size, size)
+    in [0, 1], each sample as ``d`` decides. (The flip, which commutes with all of them, is the caller's.)"""
+    if d.jitter is not None:
+        x = _colour_jitter(x, d.factors, d.order, d.jitter)
+    if d.grayscale is not None:
+        x = _pick(d.grayscale, _gray(x).expand_as(x), x)
+    if d.blur is not None:
+        # samples not blurred get a vanishing sigma: their kernel is an exact delta
+        sigma = d.blur * d.sigma + (1 - d.blur) * 1e-3
+        x = _gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1]))
+    if d.solarize is not None:
+        above = _step(x - 128 / 255)  # solarize inverts pixels >= 128 (of 255)
+        solarized = d.solarize.to(x.dtype).view(-1, 1, 1, 1) * above
+        x = x + solarized * (1 - 2 * x)
+    return x
+
+
 class BatchedViews:
     """Holds a uint8 data set (N, C, H, W) on ``device`` and makes a batch's views from its indices."""
 
@@ -259,18 +306,5 @@ class BatchedViews:
         cols = _pick(flip, cols.flip(1), cols)
         x = rows.unsqueeze(1) @ source @ cols.transpose(1, 2).unsqueeze(1)  # (B, C, size, size), 0..255
         x = x.div_(255.0).clamp_(0, 1)
-
-        if v.jitter is not None and v.jitter_p > 0:
-            x = _colour_jitter(x, jitter_factors(u, v.jitter), jitter_order(u), _below(u[:, _JITTER_P], v.jitter_p))
-        if v.grayscale_p > 0 and C == 3:
-            x = _pick(_below(u[:, _GRAY], v.grayscale_p), _gray(x).expand_as(x), x)
-        if v.blur_p > 0:
-            # samples not blurred get a vanishing sigma: their kernel is an exact delta
-            blurred = _below(u[:, _BLUR_P], v.blur_p)
-            sigma = blurred * blur_sigmas(u, v.blur_sigma) + (1 - blurred) * 1e-3
-            x = _gaussian_blur(x, sigma, blur_kernel_size(size))
-        if v.solarize_p > 0:
-            above = _step(x - 128 / 255)  # solarize inverts pixels >= 128 (of 255)
-            solarized = _below(u[:, _SOLARIZE], v.solarize_p).to(x.dtype).view(-1, 1, 1, 1) * above
-            x = x + solarized * (1 - 2 * x)
+        x = after_crop(x, decisions(u, v, C))
         return (x - self.mean) / self.std

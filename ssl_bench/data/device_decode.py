@@ -4,29 +4,25 @@ decoded in batches on the training device and the views are made there.
     worker, per sample: read the bytes -> size from the header -> draw every view's parameters
                         (the CPU path's draws exactly: ``FolderViews.draws``, from (seed, epoch, index, view))
     device, per batch:  decode every JPEG at once (``torchvision.io.decode_jpeg``; on CUDA that is nvjpeg)
-                        -> per view and sample: crop + bicubic antialiased resize (images differ in size),
-                        colour jitter, grayscale, blur, solarize, flip with torchvision's ops on the device
-                        -> normalise the batch
+                        -> per view: crop + bicubic antialiased resize per sample (images differ in size),
+                           flip, stacked into (B, C, size, size)
+                        -> colour jitter, grayscale, blur, solarize for the whole batch at once, with the
+                           in-memory path's batched ops (``batched.after_crop``) on the draws' parameters
+                        -> normalise
 
 A file that is not a complete JPEG, or that the batched decoder rejects, is decoded on the CPU
 (``cpu_views.decode``: OpenCV or Pillow), which names the file in one line if it cannot either.
 Without a GPU the same code runs on the CPU, which is what the tests exercise; no GPU figure has been
-measured yet. The augmentation after the crop still runs per sample (torchvision ops on device
-tensors); moving it onto the batched ops of ``ssl_bench.data.batched`` is the next step.
+measured yet.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
-from ssl_bench.data.cpu_views import FolderViews, ViewDraw, blur_kernel, decode, image_size, is_complete_jpeg, read_bytes
-from ssl_bench.data.transforms import blur_kernel_size
-
-_TV_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
-
+from ssl_bench.data.batched import Decisions, after_crop
+from ssl_bench.data.cpu_views import JITTER_OPS, FolderViews, ViewDraw, decode, image_size, is_complete_jpeg, read_bytes
 
 class EncodedFiles:
     """Per-sample transform of the device path, run in the loader workers: the file's bytes and its
@@ -75,21 +71,42 @@ def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> li
     return images
 
 
-def augment(image: torch.Tensor, draw: ViewDraw, size: int) -> torch.Tensor:
-    """One view of one uint8 (C, H, W) image, with torchvision's ops, in the CPU path's order."""
-    x = TF.resized_crop(image, draw.top, draw.left, draw.height, draw.width, [size, size], InterpolationMode.BICUBIC, antialias=True)
-    for op, factor in draw.jitter:
-        x = _TV_JITTER[op](x, factor)
-    if draw.grayscale:
-        x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if draw.blur_sigma is not None:
-        kernel = blur_kernel(draw.blur_sigma, blur_kernel_size(size))
-        x = TF.gaussian_blur(x, [kernel, kernel], [draw.blur_sigma, draw.blur_sigma])
-    if draw.solarize:
-        x = TF.solarize(x, 128)
-    if draw.flip:
-        x = TF.horizontal_flip(x)
-    return x
+def resized_crops(images: list[torch.Tensor], draws: list[ViewDraw], size: int) -> torch.Tensor:
+    """Each image's crop box resized to ``size`` (torch's antialiased bicubic kernel, as the in-memory
+    path's resampling matrices) and flipped where drawn: float (B, C, size, size) in [0, 1]."""
+    out = []
+    for image, d in zip(images, draws):
+        crop = image[None, :, d.top:d.top + d.height, d.left:d.left + d.width].float()
+        x = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
+        out.append(x.flip(-1) if d.flip else x)
+    return torch.cat(out).div_(255.0).clamp_(0, 1)
+
+
+_IDENTITY = (1.0, 1.0, 1.0, 0.0)  # jitter factors that leave an image as it is
+
+
+def draw_decisions(draws: list[ViewDraw], device: torch.device) -> Decisions:
+    """The batched ops' choices for one view, from each sample's draw (one host-to-device copy); an
+    operation that no sample of the batch takes is left out."""
+    rows = []
+    for d in draws:
+        applied = [JITTER_OPS.index(op) for op, _ in d.jitter]
+        factors = list(_IDENTITY)
+        for k, (_, factor) in zip(applied, d.jitter):
+            factors[k] = factor
+        order = applied + [k for k in range(4) if k not in applied]  # ops not drawn come after, as identities
+        sigma = d.blur_sigma or 1.0
+        rows.append([float(bool(d.jitter)), *factors, *order, float(d.grayscale), float(d.blur_sigma is not None), sigma,
+                     float(d.solarize)])
+    host = torch.tensor(rows, dtype=torch.float64)  # (B, 13)
+    taken, t = host.amax(dim=0).tolist(), host.to(device)
+    used = lambda column: taken[column] > 0  # noqa: E731
+    return Decisions(
+        jitter=t[:, 0] if used(0) else None, factors=t[:, 1:5] if used(0) else None, order=t[:, 5:9].long() if used(0) else None,
+        grayscale=t[:, 9] if used(9) else None,  # (never drawn for 1-channel images)
+        blur=t[:, 10] if used(10) else None, sigma=t[:, 11] if used(10) else None,
+        solarize=t[:, 12] if used(12) else None,
+    )
 
 
 class DeviceFolderBatches:
@@ -98,7 +115,8 @@ class DeviceFolderBatches:
 
     def __init__(self, loader, views: FolderViews, device):
         self.loader, self.views, self.device = loader, views, torch.device(device)
-        self.normalise = views.normaliser(self.device)
+        self.mean = torch.tensor(views.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(views.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -107,7 +125,9 @@ class DeviceFolderBatches:
         images = decode_batch(records, self.views.in_chans, self.device)
         out = []
         for k, size in enumerate(self.views.sizes):
-            out.append(self.normalise(torch.stack([augment(image, r["draws"][k], size) for image, r in zip(images, records)])))
+            draws = [r["draws"][k] for r in records]
+            x = after_crop(resized_crops(images, draws, size), draw_decisions(draws, self.device))
+            out.append((x - self.mean) / self.std)
         return out
 
     def __iter__(self):
