@@ -7,7 +7,9 @@ the number of loader workers. Two paths make the views:
 * data sets held in memory (``data.device_augment=true``, the default): the uint8 images sit on the
   training device and each batch's views are made there in batched ops (``ssl_bench.data.batched``);
   a light loader only draws the masks (per sample, on the CPU);
-* image folders: per sample on the CPU (``ssl_bench.data.cpu_views``), in persistent loader workers;
+* image folders: per sample on the CPU (``ssl_bench.data.cpu_views``), in persistent loader workers, or
+  (``data.decode=device``) only read there, then decoded and augmented in batches on the device
+  (``ssl_bench.data.device_decode``);
   in-memory data with ``data.device_augment=false``: per sample with torchvision (``ssl_bench.data.transforms``).
 
 The sampler hands each worker ``(epoch, index)``, so persistent workers need no epoch state.
