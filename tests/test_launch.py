@@ -4,13 +4,16 @@ and the sweep's plan and skip rules (run in-process with --launcher local)."""
 import argparse
 import json
 import os
+import pickle
+from pathlib import Path
 
 import pytest
 import submitit
-from submitit.core.utils import JobPaths, cloudpickle_dump
+from submitit.core.utils import JobPaths, pickle_load
 
 from ssl_bench_app import launch
 from ssl_bench.errors import UserError
+from ssl_bench.records import write_json_atomic
 from tests.test_cli import assert_one_line_error, run_cli
 
 
@@ -138,8 +141,8 @@ def test_index_keeps_previous_ids_and_status_reads_results(capsys, tmp_path, mon
     monkeypatch.setattr(launch.slurm_state, "_run", lambda cmd: "")  # SLURM no longer knows these jobs
     folder = tmp_path / "logs"
     folder.mkdir()
-    for jid, outcome in (("11", "success"), ("12", "error")):
-        cloudpickle_dump((outcome, "Traceback...\nssl_bench.errors.UserError: boom"), JobPaths(folder, job_id=jid, task_id=0).result_pickle)
+    write_json_atomic(launch.outcome_path(folder, "11"), {"outcome": "success", "result": {}})
+    write_json_atomic(launch.outcome_path(folder, "12"), {"outcome": "error", "error": "boom"})
     index = tmp_path / launch.INDEX_NAME
 
     def entry(jid):
@@ -157,6 +160,62 @@ def test_index_keeps_previous_ids_and_status_reads_results(capsys, tmp_path, mon
     assert "FAILED" in row_b and "12_0_log.out" in row_b
     code, _, err = run_cli(capsys, "status", "--results", str(tmp_path / "nothing"))
     assert_one_line_error(code, err, "does not exist")
+
+
+class PlantedResult:
+    """Unpickling this writes ``marker``: what a result pickle planted in a shared results folder can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_status_and_failure_lines_never_unpickle_the_job_folder(capsys, tmp_path, monkeypatch):
+    """Every job folder holds submitit's *_result.pkl; status, the failure line and the result of a waited-for
+    job come from SLURM, the logs and the job's JSON outcome, so a planted pickle never runs."""
+    monkeypatch.setattr(launch.slurm_state, "_run", lambda cmd: "")  # SLURM no longer knows these jobs
+    folder, marker = tmp_path / "logs", tmp_path / "ran.txt"
+    folder.mkdir()
+    for jid in ("21", "22", "23"):
+        with open(JobPaths(folder, job_id=jid, task_id=0).result_pickle, "wb") as f:
+            pickle.dump(("success", PlantedResult(marker)), f)
+    write_json_atomic(launch.outcome_path(folder, "21"), {"outcome": "success", "result": {"steps": 2}})
+    write_json_atomic(launch.outcome_path(folder, "22"), {"outcome": "error", "error": "bad value; pass a good one"})
+    # 23 left no outcome (killed, or a pickle with no job of ours behind it); its log says why
+    JobPaths(folder, job_id="23", task_id=0).stderr.write_text("slurmstepd: error: Detected 1 oom_kill event\nKilled\n")
+    launch.record_jobs(tmp_path / launch.INDEX_NAME, {
+        f"pretrain/{jid}": {"kind": "pretrain", "job_id": jid, "launcher": "slurm", "folder": str(folder),
+                            "log": str(folder / f"{jid}_0_log.out")} for jid in ("21", "22", "23")})
+
+    code, out, _ = run_cli(capsys, "status", "--results", str(tmp_path))
+    assert not marker.exists(), "ssl-bench status unpickled a result file"
+    rows = {ln.split()[0]: ln.split()[2] for ln in out.splitlines() if ln.startswith("pretrain/")}
+    assert code == 0 and rows == {"pretrain/21": "COMPLETED", "pretrain/22": "FAILED", "pretrain/23": "UNKNOWN"}
+    job = {jid: submitit.SlurmJob(folder=folder, job_id=jid) for jid in ("21", "22", "23")}
+    assert launch.job_failure_message(job["22"], "FAILED") == f"SLURM job 22 failed: bad value; pass a good one; log: {folder / '22_0_log.out'}"
+    assert launch.job_failure_message(job["23"], "OUT_OF_MEMORY").startswith("SLURM job 23 failed: ended OUT_OF_MEMORY (Killed); log: ")
+    assert launch.wait_result(job["21"]) == {"steps": 2}  # the result the job recorded, as JSON
+    with pytest.raises(UserError, match="bad value; pass a good one"):
+        launch.wait_result(job["22"])
+    assert not marker.exists(), "the failure line or the waited-for result unpickled a result file"
+    pickle_load(JobPaths(folder, job_id="21", task_id=0).result_pickle)  # the plant is live: submitit's reader runs it
+    assert marker.read_text() == "ran"
+
+
+def failing_work(cfg, out_dir):
+    raise UserError("cfg is bad: pass a good one")
+
+
+def test_submitted_job_records_its_outcome_as_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBMITIT_FOLDER", str(tmp_path))  # set by submitit's job runner, not by the debug executor
+    result = _call_as_job(launch.Job(fake_pretrain, ({}, tmp_path / "run")), monkeypatch, None)
+    assert launch.read_outcome(tmp_path, "DEBUG_1") == {"outcome": "success", "result": result}
+    with pytest.raises(UserError):  # the job still fails (SLURM marks it FAILED), after recording why
+        _call_as_job(launch.Job(failing_work, ({}, tmp_path / "run")), monkeypatch, None)
+    assert launch.read_outcome(tmp_path, "DEBUG_1") == {"outcome": "error", "error": "cfg is bad: pass a good one", "type": "UserError"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DEBUG_1_0_outcome.json"]  # replaced atomically, no leftovers
 
 
 # -- sweeps ---------------------------------------------------------------------------------------

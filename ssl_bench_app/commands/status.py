@@ -2,7 +2,8 @@
 jobs keep a jobs.json index), its SLURM state, its result and where its log is.
 
 States come from squeue / scontrol (and sacct where SLURM keeps accounting); a job SLURM no longer
-knows is COMPLETED or FAILED according to the result submitit left in its folder."""
+knows is COMPLETED or FAILED according to the JSON outcome file the job wrote in its folder (submitit's
+result pickles there are never opened: unpickling a planted one would run its code)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,7 +62,7 @@ def collect_status(results: str | Path) -> list[dict]:
         jid = r.get("job_id")
         state = states.get(jid) if jid else None
         if jid and (state is None or state.split()[0] not in TERMINAL):
-            # submitit's result is the job's last word (a requeued or preempted job leaves none), so it
+            # the job's outcome record is its last word (a requeued or preempted job leaves none), so it
             # wins over a SLURM state that has not caught up yet, or that SLURM no longer keeps
             outcome = job_outcome(Path(r["folder"]), jid)
             state = {"success": "COMPLETED", "error": "FAILED"}.get(outcome, state or "UNKNOWN")

@@ -17,7 +17,7 @@ Multi-GPU / multi-node: ``gpus_per_node`` starts one task per GPU (``tasks_per_n
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK, which ``ssl_bench.distributed`` reads.
 
     profiles.py      cluster profiles (slurm/profiles/<cluster>.toml) and the launcher's command-line options
-    slurm_state.py   job state from SLURM and submitit's files, waiting, failure messages, the jobs index
+    slurm_state.py   job state from SLURM and the jobs' JSON outcome files (never a pickle), waiting, failure messages, the jobs index
     submit.py        the requeue-safe Job, executors, run_job (local / debug / slurm)
 """
 from __future__ import annotations
@@ -27,13 +27,15 @@ from ssl_bench_app.launch.profiles import (
     cluster_from_args, find_profile, load_cluster, profile_dirs, time_minutes,
 )
 from ssl_bench_app.launch.slurm_state import (
-    INDEX_NAME, TERMINAL, job_entry, job_failure_message, job_outcome, log_paths, read_index, record_jobs, slurm_states, wait_for,
+    INDEX_NAME, TERMINAL, job_entry, job_failure_message, job_outcome, log_paths, outcome_path, read_index, read_outcome,
+    record_jobs, slurm_states, wait_for,
 )
 from ssl_bench_app.launch.submit import Job, _run_debug, job_folder, make_executor, run_job, sbatch_errors, wait_result
 
 __all__ = [
     "DEFAULT_CLUSTER", "FLAG_KEYS", "LAUNCHERS", "PROFILE_KEYS", "REPO_ROOT", "ClusterSettings", "add_launcher_args",
     "available_profiles", "cluster_from_args", "find_profile", "load_cluster", "profile_dirs", "time_minutes",
-    "INDEX_NAME", "TERMINAL", "job_entry", "job_failure_message", "job_outcome", "log_paths", "read_index", "record_jobs",
+    "INDEX_NAME", "TERMINAL", "job_entry", "job_failure_message", "job_outcome", "log_paths", "outcome_path", "read_index",
+    "read_outcome", "record_jobs",
     "slurm_states", "wait_for", "Job", "_run_debug", "job_folder", "make_executor", "run_job", "sbatch_errors", "wait_result",
 ]

@@ -1,5 +1,10 @@
-"""SLURM job state without an accounting database (squeue, scontrol, sacct where kept, and submitit's result
-files), waiting for jobs, one-line failure messages, and the jobs index (jobs.json) of a directory."""
+"""SLURM job state without an accounting database (squeue, scontrol, sacct where kept, and the JSON outcome
+file our :class:`~ssl_bench_app.launch.submit.Job` writes), waiting for jobs, one-line failure messages, and
+the jobs index (jobs.json) of a directory.
+
+Nothing here unpickles: submitit's ``*_result.pkl`` files sit in a folder anyone with write access to the
+results can plant files in, and unpickling one runs whatever code it names. A job's outcome, result and
+error line are read from ``<job id>_<task>_outcome.json`` instead."""
 from __future__ import annotations
 
 import json
@@ -69,17 +74,31 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return {j: states[j] for j in ids if j in states}
 
 
-def job_outcome(folder: Path, job_id: str, task: int = 0) -> str | None:
-    """'success' / 'error' from submitit's result pickle, None while there is none."""
-    from submitit.core.utils import JobPaths, pickle_load
+OUTCOMES = ("success", "error")
 
-    path = JobPaths(folder, job_id=job_id, task_id=task).result_pickle
-    if not path.exists():
-        return None
+
+def outcome_path(folder: str | Path, job_id: str, task: int = 0) -> Path:
+    """Where task ``task`` of job ``job_id`` records how it ended (written by ``Job``, beside submitit's files)."""
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=job_id, task_id=task).folder / f"{job_id}_{task}_outcome.json"
+
+
+def read_outcome(folder: str | Path, job_id: str, task: int = 0) -> dict | None:
+    """The task's outcome record, ``{"outcome": "success", "result": ...}`` or ``{"outcome": "error",
+    "error": one line}``; None while there is none. It is written atomically, so a file that does not
+    parse as one is not ours and is ignored."""
     try:
-        return pickle_load(path)[0]
-    except Exception:  # half-written: treat as not yet there
+        data = json.loads(outcome_path(folder, job_id, task).read_text())
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) and data.get("outcome") in OUTCOMES else None
+
+
+def job_outcome(folder: str | Path, job_id: str, task: int = 0) -> str | None:
+    """'success' / 'error' from the task's outcome record, None while there is none."""
+    record = read_outcome(folder, job_id, task)
+    return record["outcome"] if record else None
 
 
 def log_paths(folder: str | Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
@@ -104,12 +123,9 @@ def _last_log_line(path: Path) -> str:
 def job_failure_message(job, state: str | None = None) -> str:
     """One line: why the job failed, and where its log is."""
     out, err = job.paths.stdout, job.paths.stderr
-    outcome = job_outcome(job.paths.folder, job.job_id)
-    if outcome == "error":
-        from submitit.core.utils import pickle_load
-
-        _, trace = pickle_load(job.paths.result_pickle)
-        reason = one_line(Exception(trace))
+    record = read_outcome(job.paths.folder, job.job_id)
+    if record and record["outcome"] == "error":
+        reason = one_line(Exception(str(record.get("error") or "an error")))
     else:
         reason = f"ended {state or 'without a result'}" + (f" ({_last_log_line(err)})" if _last_log_line(err) else "")
     return f"SLURM job {job.job_id} failed: {reason}; log: {err if err.exists() else out}"
@@ -119,7 +135,7 @@ def wait_for(jobs: list, poll_s: float = 1.0, on_change: Callable[[Any, str], No
              on_done: Callable[[Any, str], None] | None = None) -> dict[str, str]:
     """Wait until every job has ended; job id -> final state ('COMPLETED' only with a success result).
 
-    Done means: every task's result pickle exists, or SLURM says the job ended and (after a grace
+    Done means: every task's outcome record exists, or SLURM says the job ended and (after a grace
     period for slow file systems) no result came. A requeued job goes back to PENDING and is waited for.
     ``on_change(job, state)`` sees each new SLURM state, ``on_done(job, final_state)`` each end.
     """

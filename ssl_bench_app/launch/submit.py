@@ -16,7 +16,7 @@ import submitit
 
 from ssl_bench.errors import UserError, one_line
 from ssl_bench_app.launch.profiles import ClusterSettings, cluster_from_args, time_minutes
-from ssl_bench_app.launch.slurm_state import INDEX_NAME, job_entry, job_failure_message, record_jobs, wait_for
+from ssl_bench_app.launch.slurm_state import INDEX_NAME, job_entry, job_failure_message, outcome_path, read_outcome, record_jobs, wait_for
 
 
 # -- the submitted callable -----------------------------------------------------------------------
@@ -25,7 +25,10 @@ class Job(submitit.helpers.Checkpointable):
 
     ``resume_dir`` declares the job resumable: ``fn`` takes ``resume=`` and works in that run directory,
     so a requeued job whose directory already holds a run is called with ``resume=True``. Without it a
-    requeued job simply runs again."""
+    requeued job simply runs again.
+
+    Each task ends by writing its outcome as JSON (``outcome_path``): the result, or the error as one
+    line. The submitting side and ``ssl-bench status`` read only that, never submitit's result pickles."""
 
     def __init__(self, fn: Callable, args: tuple = (), kwargs: dict | None = None, resume_dir: str | Path | None = None,
                  requeued: bool = False):
@@ -50,12 +53,32 @@ class Job(submitit.helpers.Checkpointable):
         if (self.requeued or restarts > 0) and self.resume_dir is not None and holds_run(self.resume_dir):
             kwargs["resume"] = True  # continue from the last checkpoint instead of refusing the directory
             print(f"ssl-bench: requeued (restart {restarts}); resuming {self.resume_dir}", flush=True)
-        return self.fn(*self.args, **kwargs)
+        try:
+            result = self.fn(*self.args, **kwargs)
+        except Exception as exc:  # not SystemExit: a preempted job exits to be requeued, with no outcome
+            _record_outcome(env, {"outcome": "error", "error": one_line(exc), "type": type(exc).__name__})
+            raise
+        _record_outcome(env, {"outcome": "success", "result": result})
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption / time-out: requeue the same work, marked as requeued. The
         state lives in the run directory's checkpoint (written every train.ckpt_every steps)."""
         return submitit.helpers.DelayedSubmission(Job(self.fn, self.args, self.kwargs, self.resume_dir, requeued=True))
+
+
+def _record_outcome(env: submitit.JobEnvironment, record: dict) -> None:
+    """Write this task's outcome record atomically (only in a submitted job: the debug executor and
+    direct calls return in-process)."""
+    from ssl_bench.records import write_json_atomic
+
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return
+    path = outcome_path(env.paths.folder, env.job_id, env.global_rank)
+    try:
+        write_json_atomic(path, record)
+    except TypeError:  # a result JSON cannot hold: the outcome still counts, the value stays in the run directory
+        write_json_atomic(path, {**record, "result": None, "result_type": type(record.get("result")).__name__})
 
 
 # -- executors ------------------------------------------------------------------------------------
@@ -180,9 +203,7 @@ def wait_result(job) -> Any:
         raise
     if state != "COMPLETED":
         raise UserError(job_failure_message(job, state))
-    from submitit.core.utils import pickle_load
-
-    return pickle_load(job.paths.result_pickle)[1]
+    return read_outcome(job.paths.folder, job.job_id)["result"]
 
 
 def _run_debug(folder: Path, job_fn: Job, name: str) -> Any:
