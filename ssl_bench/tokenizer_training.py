@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ssl_bench.errors import UserError
+from ssl_bench.progress import StepProgress
 from ssl_bench.tokenizer import (
     DALLE_PREFIX, RECORD_FILE, TOKENIZER_FILE, TRAIN_HINT, Tokenizer, load_tokenizer, save_tokenizer, tokenizer_file,
 )
@@ -25,7 +26,7 @@ TOKENIZER_DEFAULTS: dict = {
     "train": {
         "steps": 1000, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.0, "commitment": 0.25,
         "holdout": 2000,  # held-out images (the data set's test split) for usage and reconstruction figures
-        "device": "auto", "log_every": 100, "progress": True,
+        "device": "auto", "log_every": 100, "progress": "auto",  # as the trainer's train.progress
     },
 }
 
@@ -53,7 +54,7 @@ TOKENIZER_PRESETS: dict = {
 
 def tokenizer_config(preset: str = "quick", overrides=()) -> dict:
     """Defaults < the pretraining preset's data/model keys < the tokenizer preset < overrides."""
-    from ssl_bench.config import PRESETS, apply_overrides, deep_merge
+    from ssl_bench.config import CHECKS, PRESETS, apply_overrides, check_config, deep_merge
 
     if preset not in TOKENIZER_PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(TOKENIZER_PRESETS)}")
@@ -63,7 +64,9 @@ def tokenizer_config(preset: str = "quick", overrides=()) -> dict:
     }
     cfg = deep_merge(deep_merge(TOKENIZER_DEFAULTS, shared), TOKENIZER_PRESETS[preset])
     cfg["preset"] = preset
-    return apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(cfg, list(overrides))
+    check_config(cfg, {"train.progress": CHECKS["train.progress"]})
+    return cfg
 
 
 @torch.no_grad()
@@ -145,11 +148,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     curve, restarts, step, epoch = [], 0, 0, 0
     t0 = time.perf_counter()
     tokenizer.train()
-    bar = None
-    if train["progress"]:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, unit="step", desc="tokenizer", dynamic_ncols=True, mininterval=1.0)
+    progress = StepProgress(total=steps, mode=train["progress"], label="tokenizer step")
     while step < steps:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -164,15 +163,12 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
             restarts += stats["restarts"]
             if step % train["log_every"] == 0 or step in (1, steps):
                 curve.append((step, float(stats["mse"])))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(mse=f"{float(stats['mse']):.4f}", refresh=False)
+            progress.update(mse=f"{float(stats['mse']):.4f}")
             if step >= steps:
                 break
         epoch += 1
     wall = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    progress.close()
     tokenizer.eval().requires_grad_(False)
     after = evaluate_tokenizer(tokenizer, _heldout_batches(cfg, img_size, info))
     record = {
