@@ -283,6 +283,6 @@ def evaluate(
             "config": {"features": cfg["features"], name: params}, "overrides": list(overrides),
             "device": str(ctx.device), "git_commit": git_commit(),
         }
-        stem = eval_stem(name, ctx.data, preset) + ("-fast" if mode == "fast" else "")  # modes never share a record name
+        stem = eval_stem(name, ctx.data, preset, mode)
         paths.append(write_json_new(base.run_dir / EVALS_DIR, stem, record))
     return paths

@@ -105,9 +105,10 @@ def saved_config(run_dir: str | Path) -> dict:
 
 
 # -- evaluation records ---------------------------------------------------------------------------
-def eval_stem(protocol: str, data: str, preset: str) -> str:
-    """``<protocol>-<data>-<preset>``: an evaluation record is ``evals/<stem>.json``, then ``<stem>-k.json``."""
-    return f"{protocol}-{data}-{preset}"
+def eval_stem(protocol: str, data: str, preset: str, mode: str | None = None) -> str:
+    """``<protocol>-<data>-<preset>``, plus ``-fast`` for a fast-mode probe (modes never share a record name):
+    an evaluation record is ``evals/<stem>.json``, then ``<stem>-k.json``."""
+    return f"{protocol}-{data}-{preset}" + ("-fast" if mode == "fast" else "")
 
 
 def eval_records(run_dir: str | Path, stem: str | None = None) -> list[Path]:

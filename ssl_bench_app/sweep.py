@@ -101,7 +101,8 @@ def eval_done(run_dir: Path, protocol: str, data: str, preset: str, params: dict
     from ssl_bench.rundir import eval_records, eval_stem
 
     wanted = json.loads(json.dumps(params))  # tuples -> lists, as stored
-    return any(read_json(p).get("config", {}).get(protocol) == wanted for p in eval_records(run_dir, eval_stem(protocol, data, preset)))
+    stem = eval_stem(protocol, data, preset, params.get("mode"))
+    return any(read_json(p).get("config", {}).get(protocol) == wanted for p in eval_records(run_dir, stem))
 
 
 def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | None, preset: str, out: str | Path,
@@ -187,7 +188,8 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
             for ev in run.evals:
                 if not ev.done:
                     clock.start(left.pop(0), f"{ev.key}: evaluating")
-                    with locked(run.run_dir, f"evaluating {ev.protocol}", eval_lock_name(eval_stem(ev.protocol, sweep.data, sweep.preset))):
+                    stem = eval_stem(ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol].get("mode"))
+                    with locked(run.run_dir, f"evaluating {ev.protocol}", eval_lock_name(stem)):
                         if eval_done(run.run_dir, ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol]):
                             print(f"{ev.key}: recorded meanwhile by another process; skipped", flush=True)
                         else:

@@ -260,6 +260,12 @@ def test_sweep_skip_rules(tmp_path):
     # a record made under other settings (an older preset, or an override) is not reused
     sweep = plan("mae", "0", "knn", "fashion_mnist", None, "smoke", tmp_path, eval_overrides=["knn.temperature=0.1"])
     assert [e.done for e in sweep.runs[0].evals] == [False]
+    # a fast-mode probe's record (<stem>-fast.json) counts for that mode, and only for it
+    linear_fast = resolve_eval_config("smoke", ["linear.mode=fast"])["linear"]
+    (run / "evals" / "linear-fashion_mnist-smoke-fast.json").write_text(json.dumps({"config": {"linear": linear_fast}}))
+    assert eval_done(run, "linear", "fashion_mnist", "smoke", linear_fast) and not eval_done(run, "linear", "fashion_mnist", "smoke", linear_smoke)
+    sweep = plan("mae", "0", "linear", "fashion_mnist", None, "smoke", tmp_path, eval_overrides=["linear.mode=fast"])
+    assert [e.done for e in sweep.runs[0].evals] == [True]
 
 
 def test_local_sweep_runs_then_skips_what_is_done(capsys, tmp_path):
