@@ -37,7 +37,7 @@ TOKENIZER_PRESETS: dict = {
     },
     "quick": {
         "tokenizer": {"vocab_size": 512, "hidden_dim": 64, "code_dim": 32, "num_res_blocks": 2},
-        "train": {"steps": 400, "batch_size": 128, "lr": 2e-3, "holdout": 2000, "log_every": 50},
+        "train": {"steps": 200, "batch_size": 128, "lr": 2e-3, "holdout": 2000, "log_every": 50},
     },
     "standard": {  # the reference study on one GPU: BEiT's vocabulary, a shorter schedule than full
         "data": {"num_workers": 8},
