@@ -305,9 +305,8 @@ class FolderViews:
         return Normalise(self.mean, self.std, device)
 
     def __call__(self, path: str, seed: int | None = None) -> list[torch.Tensor]:
-        """The augmented views, each a uint8 (C, size, size) tensor. ``seed`` None: torch's initial seed,
-        which the pipeline sets to the sample's seed (a function of run seed, epoch and index) around each
-        per-sample transform, as for torchvision's."""
+        """The augmented views, each a uint8 (C, size, size) tensor. ``seed``: the sample's seed, which the
+        pipeline passes (a function of run seed, epoch and index); None: torch's initial seed."""
         seed = torch.initial_seed() if seed is None else seed
         data = read_bytes(path)
         width, height = image_size(data, path)

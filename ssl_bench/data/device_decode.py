@@ -34,7 +34,7 @@ class EncodedFiles:
     def __call__(self, path: str, seed: int | None = None) -> dict:
         data = read_bytes(path)
         width, height = image_size(data, path)
-        seed = torch.initial_seed() if seed is None else seed  # the sample's seed, set by the pipeline
+        seed = torch.initial_seed() if seed is None else seed  # the sample's seed, passed by the pipeline
         return {"path": path, "data": torch.frombuffer(bytearray(data), dtype=torch.uint8),
                 "draws": self.views.draws(seed, width, height)}
 

@@ -60,10 +60,12 @@ class PretrainDataset(Dataset):
         epoch, idx = key if isinstance(key, tuple) else (self.epoch, key)
         image, label = self.base[int(self.indices[idx]) if self.indices is not None else idx]
         s = sample_seed(self.seed, epoch, idx)
-        # fork_rng: torchvision draws from torch's global RNG; keep the caller's stream untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            views = self.transform(image)
+        if isinstance(self.transform, (FolderViews, EncodedFiles)):  # draw from the seed alone (saves ~0.1 ms a sample)
+            views = self.transform(image, s)
+        else:  # torchvision draws from torch's global RNG: seed it, keeping the caller's stream untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                views = self.transform(image)
         item = {"views": views, "label": label}
         if self.mask_generator is not None:
             item["mask"] = sample_mask(self.mask_generator, self.seed, epoch, idx)
