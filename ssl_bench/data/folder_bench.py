@@ -136,30 +136,35 @@ def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60,
     return rows, tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def folder_section(root: str, out: str, overrides: list[str]) -> str:
+def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES) -> str:
     """``ssl-bench throughput --data imagefolder``'s loader part: measures, prints, writes
     ``out/loader-imagefolder-<px>px.{json,md}`` (never overwriting) and returns the markdown section.
     ``data.img_size=`` and ``data.num_workers=`` among ``overrides`` set the size (224) and workers (1)."""
     from pathlib import Path
 
+    from ssl_bench.data.views import resolve_policy
+
     from ssl_bench.atomic import atomic_write
     from ssl_bench.records import hardware, now_iso, write_json_new
 
     options = dict(o.split("=", 1) for o in overrides if "=" in o)
+    policies = list(policies)
+    for name in policies:
+        resolve_policy(name)  # an unknown name is one line before anything is measured
     img_size, workers = int(options.get("data.img_size", 224)), int(options.get("data.num_workers", 1))
     load_before = os.getloadavg()[0]
-    rows, table = folder_report(root, img_size=img_size, workers=workers)
+    rows, table = folder_report(root, img_size=img_size, workers=workers, policies=policies)
     hw, load_after = hardware(), os.getloadavg()[0]
     section = (f"## Image-folder loader, {img_size} px\n\nHardware: {hw['summary']}; torch {hw['torch']}; "
                f"load average {load_before:.1f} before, {load_after:.1f} after (other jobs on the machine).\n"
-               f"Command: `ssl-bench throughput --data imagefolder --root {root} --loader-only "
+               f"Command: `ssl-bench throughput --data imagefolder --root {root} --loader-only --policies {','.join(policies)} "
                f"data.img_size={img_size} data.num_workers={workers}`\n\n"
                f"Per core: one thread's CPU time per sample, torchvision path (before) and fast path (after) in "
                f"alternating rounds. Loader: the fast path in a DataLoader with {workers} worker process(es), wall-clock "
                f"images/s and images per CPU second of the workers.\n\n{table}\n")
     print(section)
     path = write_json_new(Path(out), f"loader-imagefolder-{img_size}px", {
-        "rows": rows, "root": root, "img_size": img_size, "workers": workers, "hardware": hw, "created": now_iso(),
+        "rows": rows, "root": root, "policies": policies, "img_size": img_size, "workers": workers, "hardware": hw, "created": now_iso(),
         "load_average": [load_before, load_after]})
     atomic_write(path.with_suffix(".md"), lambda f: f.write(section.encode()))
     print(f"written to {path} and {path.with_suffix('.md')}")

@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--data", default="fashion_mnist", help="data set (default: fashion_mnist; 'synthetic' for any size)")
     p.add_argument("--data-root", "--root", default=None, help="where the data set lives (for imagefolder: the folder)")
     p.add_argument("--loader-only", action="store_true", help="imagefolder: only the loader table, no training")
+    p.add_argument("--policies", default="mim,simsiam,byol", help="imagefolder: augmentation policies of the loader table (default: mim,simsiam,byol)")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per method (default: 12)")
     p.add_argument("--compare-paths", action="store_true",
                    help="measure the per-sample CPU data path (before) and the batched device path (after) side by side")
@@ -44,7 +45,7 @@ def run(args) -> int:
     from ssl_bench.throughput import loader_alone, step_alone
     from ssl_bench.trainer import pretrain
 
-    folder_md = folder_section(args.data_root, args.out, args.overrides) if args.data == "imagefolder" else ""
+    folder_md = folder_section(args.data_root, args.out, args.overrides, args.policies.split(",")) if args.data == "imagefolder" else ""
     if args.loader_only:
         return 0
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
