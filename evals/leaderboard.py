@@ -15,7 +15,7 @@ Rules (stated again under the table):
 * a cell is marked † when a counted record warns that its choice sits on the edge of its grid;
 * "Against the controls" (under the table): per protocol column, whether a method beats every control row
   beyond the seed spread: its lowest seed scores above every control's highest seed, with at least two
-  seeds of the method and of each control;
+  seeds of the method and of each control (a control without that protocol is left out of its verdict);
 * an eval record whose ``checkpoint_sha256`` is not the run's current ``checkpoint.pt`` is stale (it scored
   weights that are no longer there): it is not counted and is listed under the table. Records whose run keeps
   no checkpoint (committed results) cannot be checked and count.
@@ -266,16 +266,17 @@ def footnotes(lb: Leaderboard) -> list[str]:
 def beats_controls(lb: Leaderboard) -> dict[tuple[str, str, str], dict[str, str]]:
     """(data, preset, method) -> column -> verdict against every control row of the same data and preset:
     ``yes`` (lowest seed above every control's highest), ``no``, ``n<2`` (fewer than two seeds of the method
-    or of a control: no spread to judge by) or ``-`` (a score missing)."""
+    or of a control: no spread to judge by) or ``-`` (the method, or every control, has no score there).
+    A control without the column (raw pixels cannot be fine-tuned) is left out of that column's verdict."""
     out: dict[tuple, dict[str, str]] = {}
     for r in lb.rows:
         if r.family == CONTROL_FAMILY:
             continue
         controls = [c for c in lb.rows if c.family == CONTROL_FAMILY and (c.data, c.preset) == (r.data, r.preset)]
         verdicts = {}
-        for col in lb.columns:
-            mine, theirs = r.top1.get(col), [c.top1.get(col) for c in controls]
-            if mine is None or not controls or any(t is None for t in theirs):
+        for col in lb.columns:  # against the controls that have the column (raw pixels have nothing to fine-tune)
+            mine, theirs = r.top1.get(col), [c.top1[col] for c in controls if col in c.top1]
+            if mine is None or not theirs:
                 verdicts[col] = MISSING
             elif mine.n < 2 or any(t.n < 2 for t in theirs):
                 verdicts[col] = "n<2"

@@ -168,9 +168,9 @@ def _scored_run(root, method, seed, family, scores):
 def test_against_the_controls_needs_the_whole_spread_above(tmp_path):
     """A method beats the controls on a protocol only when its worst seed is above every control's best seed."""
     for seed, (rand, pix, a, b) in enumerate([(70, 80, 81, 85), (72, 80, 82, 79), (71, 80, 83, 90)]):
-        _scored_run(tmp_path, "random_init", seed, "control", {"knn": rand, "linear": rand})
-        _scored_run(tmp_path, "raw_pixels", seed, "control", {"knn": pix, "linear": pix})
-        _scored_run(tmp_path, "clear", seed, "mim", {"knn": a, "linear": 60})  # knn: 81..83 > 80
+        _scored_run(tmp_path, "random_init", seed, "control", {"knn": rand, "linear": rand, "finetune": rand})
+        _scored_run(tmp_path, "raw_pixels", seed, "control", {"knn": pix, "linear": pix})  # nothing to fine-tune
+        _scored_run(tmp_path, "clear", seed, "mim", {"knn": a, "linear": 60, "finetune": 75})  # knn: 81..83 > 80
         _scored_run(tmp_path, "noisy", seed, "mim", {"knn": b})  # mean 84.7 above, but its seed 1 (79) is not
     _scored_run(tmp_path, "single", 0, "mim", {"knn": 99, "linear": 99})
     from evals.leaderboard import beats_controls
@@ -178,9 +178,9 @@ def test_against_the_controls_needs_the_whole_spread_above(tmp_path):
     lb, _ = write_leaderboard(tmp_path, ["md"], plot=False)
     verdicts = {method: v for (_, _, method), v in beats_controls(lb).items()}
     assert verdicts == {
-        "clear": {"knn": "yes", "linear": "no"},
-        "noisy": {"knn": "no", "linear": "-"},
-        "single": {"knn": "n<2", "linear": "n<2"},
+        "clear": {"knn": "yes", "linear": "no", "finetune": "yes"},  # fine-tuning: against random_init alone
+        "noisy": {"knn": "no", "linear": "-", "finetune": "-"},
+        "single": {"knn": "n<2", "linear": "n<2", "finetune": "-"},
     }
     text = (tmp_path / "leaderboard.md").read_text()
-    assert "## Against the controls (random_init, raw_pixels)" in text and "| clear    | yes   | no       |" in text
+    assert "## Against the controls (random_init, raw_pixels)" in text and "| clear    | yes   | no       | yes        |" in text
