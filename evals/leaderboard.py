@@ -13,9 +13,9 @@ Rules (stated again under the table):
   so does each mode: ``linear (official)``, ``linear (fast)``, ``finetune (proxy)`` (records before modes
   existed have none);
 * a cell is marked † when a counted record warns that its choice sits on the edge of its grid;
-* "Against the controls" (under the table): per protocol column, whether a method beats every control row
-  beyond the seed spread: its lowest seed scores above every control's highest seed, with at least two
-  seeds of the method and of each control (a control without that protocol is left out of its verdict);
+* "Against the controls" (under the table): per protocol column, which control rows a method beats beyond
+  the seed spread (its lowest seed above the control's highest), with at least two seeds of the method and
+  of each control (a control without that protocol is left out of its verdict);
 * an eval record whose ``checkpoint_sha256`` is not the run's current ``checkpoint.pt`` is stale (it scored
   weights that are no longer there): it is not counted and is listed under the table. Records whose run keeps
   no checkpoint (committed results) cannot be checked and count.
@@ -264,30 +264,32 @@ def footnotes(lb: Leaderboard) -> list[str]:
 
 
 def beats_controls(lb: Leaderboard) -> dict[tuple[str, str, str], dict[str, str]]:
-    """(data, preset, method) -> column -> verdict against every control row of the same data and preset:
-    ``yes`` (lowest seed above every control's highest), ``no``, ``n<2`` (fewer than two seeds of the method
-    or of a control: no spread to judge by) or ``-`` (the method, or every control, has no score there).
-    A control without the column (raw pixels cannot be fine-tuned) is left out of that column's verdict."""
+    """(data, preset, method) -> column -> which control rows (of the same data and preset) the method beats
+    beyond the seed spread, its lowest seed above the control's highest: ``all`` (every control that has
+    the column), ``none``, or the beaten ones' names joined by ``+``; ``n<2`` when the method or a control
+    has fewer than two seeds (no spread to judge by); ``-`` when the method, or every control, has no score
+    there. A control without the column (raw pixels cannot be fine-tuned) is left out of its verdict."""
     out: dict[tuple, dict[str, str]] = {}
     for r in lb.rows:
         if r.family == CONTROL_FAMILY:
             continue
         controls = [c for c in lb.rows if c.family == CONTROL_FAMILY and (c.data, c.preset) == (r.data, r.preset)]
         verdicts = {}
-        for col in lb.columns:  # against the controls that have the column (raw pixels have nothing to fine-tune)
-            mine, theirs = r.top1.get(col), [c.top1[col] for c in controls if col in c.top1]
+        for col in lb.columns:
+            mine, theirs = r.top1.get(col), [(c.method, c.top1[col]) for c in controls if col in c.top1]
             if mine is None or not theirs:
                 verdicts[col] = MISSING
-            elif mine.n < 2 or any(t.n < 2 for t in theirs):
+            elif mine.n < 2 or any(t.n < 2 for _, t in theirs):
                 verdicts[col] = "n<2"
             else:
-                verdicts[col] = "yes" if min(mine.values) > max(max(t.values) for t in theirs) else "no"
+                beaten = [name for name, t in theirs if min(mine.values) > max(t.values)]
+                verdicts[col] = "all" if len(beaten) == len(theirs) else "+".join(beaten) or "none"
         out[(r.data, r.preset, r.method)] = verdicts
     return out
 
 
 def controls_section(lb: Leaderboard) -> list[str]:
-    """The markdown lines under the table that say which methods beat both controls, per protocol."""
+    """The markdown lines under the table that say which controls each method beats, per protocol."""
     from tabulate import tabulate
 
     verdicts = beats_controls(lb)
@@ -299,8 +301,8 @@ def controls_section(lb: Leaderboard) -> list[str]:
     head = ["Method"] + (["Data"] if lb.show_data else []) + (["Preset"] if lb.show_preset else []) + lb.columns
     return [
         f"## Against the controls ({', '.join(controls)})", "",
-        "yes: the method's lowest seed scores above every control's highest seed on that protocol (beyond the seed spread); "
-        "no: it does not; n<2: fewer than two seeds, so no spread to judge by.", "",
+        "Which control rows each method beats beyond the seed spread (its lowest seed above the control's highest): "
+        "all, none, or their names; n<2: fewer than two seeds, so no spread to judge by.", "",
         tabulate(rows, headers=head, tablefmt="github", disable_numparse=True), "",
     ]
 
