@@ -254,7 +254,7 @@ def footnotes(lb: Leaderboard) -> list[str]:
     if any("(proxy" in c for c in lb.columns):
         out.append("finetune (proxy): a budget proxy of fine-tuning (the quick preset's LP-FT without augmentation), not the published recipe; compare it only with itself.")
     if any(" (fast" in c for c in lb.columns):
-        out.append("(fast): probes on cached un-augmented features with the feature chosen per method, for quick looks; (official): each protocol as its source defines it (docs/protocols.md).")
+        out.append("(fast): probes on cached un-augmented features with the feature chosen per method (quick looks, and the quick preset's default for its budget); (official): each protocol as its source defines it (docs/protocols.md).")
     if any(c in ("knn", "linear", "attentive") for c in lb.columns):
         out.append("A probe column without a mode holds records written before modes existed: cached un-augmented features, the feature chosen per method (as fast mode).")
     halves = [h for r in lb.rows for h in r.ci_half.values()]
@@ -302,7 +302,8 @@ def controls_section(lb: Leaderboard) -> list[str]:
     return [
         f"## Against the controls ({', '.join(controls)})", "",
         "Which control rows each method beats beyond the seed spread (its lowest seed above the control's highest): "
-        "all, none, or their names; n<2: fewer than two seeds, so no spread to judge by.", "",
+        "all, none, or their names; n<2: fewer than two seeds, so no spread to judge by. A control without the "
+        "protocol is left out of its column (raw pixels cannot be fine-tuned).", "",
         tabulate(rows, headers=head, tablefmt="github", disable_numparse=True), "",
     ]
 

@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # the main job (scripts/bench.sh): every method and probe in about 30 minutes on 2 CPU cores. A 4-block,
     # 96-wide ViT on 16 patches (7 px), one epoch of the whole training set: measured on the idle 2-core
-    # machine (ssl-bench throughput), 520 (DINO) to 1,700 (MAE) images/s, so 35-115 s per method
+    # machine, 520 (DINO) to 1,800 (MAE) images/s, so 33-117 s per method (results/fashion_mnist-quick)
     "quick": {
         "data": {"subset": None, "num_workers": 1},
         "model": {"arch": "vit_tiny", "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3},

@@ -298,7 +298,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     sweep = plan(args.methods, args.seeds, args.protocols, args.data, args.data_root, args.preset,
                  args.out or f"results/sweep-{args.data}-{args.preset}", args.overrides, args.eval_override)
     n_runs, n_evals = len(sweep.runs), sum(len(r.evals) for r in sweep.runs)
-    print(f"sweep {sweep.out}: {n_runs} runs x {n_evals // max(1, n_runs)} protocols; "
+    print(f"sweep {sweep.out}: {n_runs} runs, {n_evals} evaluations; "
           f"{sum(r.state == 'finished' for r in sweep.runs)} runs and {sum(e.done for r in sweep.runs for e in r.evals)} evaluations already done")
     if args.launcher in ("local", "debug"):
         failed = run_inline(sweep, args.launcher)
