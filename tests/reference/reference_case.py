@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+
+from ssl_bench.tokenizer import Tokenizer, save_tokenizer
 
 REL_TOL = 1e-5
 
@@ -24,6 +29,49 @@ def split_qkv_bias(state: dict, key: str, value: torch.Tensor, dim: int) -> None
     bias adds the same q.b_k to all logits of one query, which the softmax removes)."""
     stem = key[: -len("qkv.bias")]
     state[stem + "q_bias"], state[stem + "v_bias"] = value[:dim], value[2 * dim :]
+
+
+def renamed(key: str, rules: list[tuple[str, str]]) -> str:
+    """``key`` with each (pattern, replacement) of ``rules`` applied in turn."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def official_state(method: torch.nn.Module, official_name: Callable[[str], str], skip: tuple[str, ...] = ()) -> dict:
+    """Our weights under the official parameter names, fused qkv biases split. Left out: the tokenizer (the
+    targets are given to both sides) and keys ending in one of ``skip``."""
+    state = {}
+    for key, value in method.state_dict().items():
+        if key.startswith("tokenizer.") or (skip and key.endswith(skip)):
+            continue
+        if key.endswith("attn.qkv.bias"):
+            split_qkv_bias(state, official_name(key), value, method.backbone.embed_dim)
+        else:
+            state[official_name(key)] = value
+    return state
+
+
+def tiny_tokenizer(config: dict, tmp_dir: Path) -> str:
+    """A tiny tokenizer saved in ``tmp_dir`` (its codes are never used: ``token_targets`` fixes the targets)."""
+    tokenizer = Tokenizer(img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+                          vocab_size=config["vocab_size"], hidden_dim=8, code_dim=4, num_res_blocks=1)
+    return str(save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt"))
+
+
+def token_case(method: torch.nn.Module, config: dict, masks: Callable, mask_seed: int) -> tuple[dict, torch.Tensor]:
+    """The inputs of a token-target case: float64 images and random token targets (one generator, seed 1),
+    a mask per image from ``masks`` (numpy generator ``mask_seed``); the method's tokenizer is made to return
+    those targets, as the official code is given them. Returns (batch, tokens)."""
+    c = config
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(c["batch"], c["in_chans"], c["img_size"], c["img_size"], generator=g, dtype=torch.float64)
+    grid = c["img_size"] // c["patch_size"]
+    rng = np.random.default_rng(mask_seed)
+    mask = torch.from_numpy(np.stack([masks(rng) for _ in range(c["batch"])]))
+    tokens = torch.randint(0, c["vocab_size"], (c["batch"], grid * grid), generator=g)
+    method.tokenizer.tokenize = lambda _: tokens
+    return {"views": [images], "mask": mask}, tokens
 
 
 def check_against_fixture(numbers: dict, fixture_path: Path) -> None:

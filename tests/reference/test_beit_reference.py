@@ -8,19 +8,16 @@ relative position bias, and anything else that moves the loss or a gradient.
 """
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from methods.beit import BEiT
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.masking import BlockMaskGenerator
-from ssl_bench.tokenizer import Tokenizer, save_tokenizer
-from tests.reference.reference_case import check_against_fixture, export, split_qkv_bias
+from tests.reference.reference_case import check_against_fixture, export, official_state, renamed, tiny_tokenizer, token_case
 from tests.reference.tiny import TINY_VIT, fill_deterministic_, grad_norms
 
 FIXTURE = Path(__file__).parent / "beit_official.json"
@@ -38,41 +35,17 @@ RULES = [(r"^backbone\.vit\.blocks\.(\d+)\.ls([12])\.gamma$", r"blocks.\1.gamma_
 
 
 def official_name(key: str) -> str:
-    for pattern, repl in RULES:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def official_state(method: BEiT) -> dict:
-    """Our weights under the official parameter names (the tokenizer excluded: the targets are given)."""
-    state = {}
-    for key, value in method.state_dict().items():
-        if key.startswith("tokenizer."):
-            continue
-        if key.endswith("attn.qkv.bias"):
-            split_qkv_bias(state, official_name(key), value, method.backbone.embed_dim)
-        else:
-            state[official_name(key)] = value
-    return state
+    return renamed(key, RULES)
 
 
 def build_case(tmp_dir: Path):
-    c = CONFIG
-    backbone = ViTBackbone(**TINY_VIT, layer_scale=c["layer_scale"], rel_pos_bias="shared")
-    tokenizer = Tokenizer(img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], vocab_size=c["vocab_size"],
-                          hidden_dim=8, code_dim=4, num_res_blocks=1)
-    method = BEiT(backbone, tokenizer=str(save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt")))
+    backbone = ViTBackbone(**TINY_VIT, layer_scale=CONFIG["layer_scale"], rel_pos_bias="shared")
+    method = BEiT(backbone, tokenizer=tiny_tokenizer(CONFIG, tmp_dir))
     fill_deterministic_(method, seed=0)
     method.double().train()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(c["batch"], c["in_chans"], c["img_size"], c["img_size"], generator=g, dtype=torch.float64)
-    grid = c["img_size"] // c["patch_size"]
-    masks = BlockMaskGenerator(grid, 0.6)  # BEiT's generator, 10 of 16: one of these masks ends short (9)
-    rng = np.random.default_rng(7)
-    mask = torch.from_numpy(np.stack([masks(rng) for _ in range(c["batch"])]))
-    tokens = torch.randint(0, c["vocab_size"], (c["batch"], grid * grid), generator=g)
-    method.tokenizer.tokenize = lambda _: tokens  # the targets are given, as they are to the official code
-    return method, {"views": [images], "mask": mask}, tokens
+    grid = CONFIG["img_size"] // CONFIG["patch_size"]
+    batch, tokens = token_case(method, CONFIG, BlockMaskGenerator(grid, 0.6), mask_seed=7)  # BEiT's generator, 10 of 16: one mask ends short (9)
+    return method, batch, tokens
 
 
 def our_numbers(method: BEiT, batch: dict) -> dict:
@@ -97,4 +70,4 @@ if __name__ == "__main__":  # python -m tests.reference.test_beit_reference OUT.
         method, batch, tokens = build_case(Path(tmp))
         print(batch["mask"].sum(1).tolist(), our_numbers(method, batch))
         inputs = {"images": batch["views"][0], "mask": batch["mask"], "tokens": tokens}
-        export(sys.argv[1], official_state(method), inputs, CONFIG, GRADS)
+        export(sys.argv[1], official_state(method, official_name), inputs, CONFIG, GRADS)

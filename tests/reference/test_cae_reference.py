@@ -8,19 +8,16 @@ regressor, LayerNorm eps 1e-5 in regressor/decoder, and anything else that moves
 """
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from methods.cae import CAE
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.masking import BlockMaskGenerator
-from ssl_bench.tokenizer import Tokenizer, save_tokenizer
-from tests.reference.reference_case import check_against_fixture, export, split_qkv_bias
+from tests.reference.reference_case import check_against_fixture, export, official_state, renamed, tiny_tokenizer, token_case
 from tests.reference.tiny import TINY_VIT, fill_deterministic_, grad_norms
 
 FIXTURE = Path(__file__).parent / "cae_official.json"
@@ -49,44 +46,22 @@ DECODER_RULES = [(r"^decoder\.blocks\.(\d+)\.ls([12])\.gamma$", r"decoder.decode
 
 
 def official_name(key: str) -> str:
-    rules = REGRESSOR_RULES if key.startswith("regressor.") else DECODER_RULES if key.startswith("decoder.") else ENCODER_RULES
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
+    return renamed(key, REGRESSOR_RULES if key.startswith("regressor.") else DECODER_RULES if key.startswith("decoder.") else ENCODER_RULES)
 
 
-def official_state(method: CAE) -> dict:
-    """Our weights under the official parameter names (the tokenizer excluded: the targets are given)."""
-    state = {}
-    for key, value in method.state_dict().items():
-        if key.startswith("tokenizer.") or key.endswith(("attn.k.bias", "pos_embed")):
-            continue  # the official cross-attention has no key bias; each side computes its own sin-cos table
-        if key.endswith("attn.qkv.bias"):
-            split_qkv_bias(state, official_name(key), value, method.backbone.embed_dim)
-        else:
-            state[official_name(key)] = value
-    return state
+# the official cross-attention has no key bias; each side computes its own sin-cos table
+SKIPPED = ("attn.k.bias", "pos_embed")
 
 
 def build_case(tmp_dir: Path):
     c = CONFIG
-    backbone = ViTBackbone(**TINY_VIT, layer_scale=c["layer_scale"])
-    tokenizer = Tokenizer(img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], vocab_size=c["vocab_size"],
-                          hidden_dim=8, code_dim=4, num_res_blocks=1)
-    path = save_tokenizer(tokenizer, tmp_dir / "tokenizer.pt")
-    method = CAE(backbone, regressor_depth=c["regressor_depth"], decoder_depth=c["decoder_depth"], align_weight=c["align_weight"],
-                 target="tokens", tokenizer=str(path))
+    method = CAE(ViTBackbone(**TINY_VIT, layer_scale=c["layer_scale"]), regressor_depth=c["regressor_depth"], decoder_depth=c["decoder_depth"],
+                 align_weight=c["align_weight"], target="tokens", tokenizer=tiny_tokenizer(c, tmp_dir))
     fill_deterministic_(method, seed=0)
     method.double().train()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(c["batch"], c["in_chans"], c["img_size"], c["img_size"], generator=g, dtype=torch.float64)
     grid = c["img_size"] // c["patch_size"]
-    masks = BlockMaskGenerator(grid, 0.5, exact=True)
-    rng = np.random.default_rng(2)
-    mask = torch.from_numpy(np.stack([masks(rng) for _ in range(c["batch"])]))
-    tokens = torch.randint(0, c["vocab_size"], (c["batch"], grid * grid), generator=g)
-    method.tokenizer.tokenize = lambda _: tokens  # the targets are given, as they are to the official code
-    return method, {"views": [images], "mask": mask}, tokens
+    batch, tokens = token_case(method, c, BlockMaskGenerator(grid, 0.5, exact=True), mask_seed=2)
+    return method, batch, tokens
 
 
 def our_numbers(method: CAE, batch: dict) -> dict:
@@ -109,4 +84,4 @@ if __name__ == "__main__":  # python -m tests.reference.test_cae_reference OUT.p
         method, batch, tokens = build_case(Path(tmp))
         print(our_numbers(method, batch))
         inputs = {"images": batch["views"][0], "mask": batch["mask"], "tokens": tokens}
-        export(sys.argv[1], official_state(method), inputs, CONFIG, GRADS)
+        export(sys.argv[1], official_state(method, official_name, skip=SKIPPED), inputs, CONFIG, GRADS)
