@@ -122,16 +122,13 @@ def test_resume_on_a_jpeg_folder_is_bit_for_bit(tmp_path, monkeypatch, decode):
     from methods.mae import MAE
     from ssl_bench.trainer import pretrain
     from tests.conftest import smoke_config
-    from tests.test_trainer import interrupt_after, weights
+    from tests.test_trainer import interrupted_run, weights
 
     write_jpeg_folder(tmp_path / "data", images=48, size=(48, 40), classes=2)
     cfg = smoke_config("mae", "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.img_size=28", "data.subset=none",
                        f"data.decode={decode}", "data.num_workers=1", "train.batch_size=8", "train.ckpt_every=2", "train.device=cpu")
     straight = pretrain(cfg, tmp_path / "straight")
-    with monkeypatch.context() as m:
-        interrupt_after(m, MAE, 3)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, tmp_path / "resumed")
+    interrupted_run(monkeypatch, MAE, 3, cfg, tmp_path / "resumed")
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert resumed["steps"] == straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)

@@ -138,16 +138,13 @@ def test_dino_trains_through_the_common_trainer_and_logs_the_monitor(tmp_path):
 
 def test_resume_is_bit_for_bit_with_multicrop_and_the_centre(tmp_path, monkeypatch):
     from methods.dino import DINO
-    from tests.test_trainer import interrupt_after, weights
+    from tests.test_trainer import interrupted_run, weights
 
     cfg = smoke_config("dino", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.drop_path=0.1",
                        "data.subset=64", "train.batch_size=16", "train.epochs=2", "train.ckpt_every=3",
                        "method.n_local=2", "method.freeze_last_layer=0.5")  # frozen for steps 0-3: across the cut
     straight = pretrain(cfg, tmp_path / "straight")
-    with monkeypatch.context() as m:
-        interrupt_after(m, DINO, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, tmp_path / "resumed")
+    interrupted_run(monkeypatch, DINO, 5, cfg, tmp_path / "resumed")
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert resumed["steps"] == straight["steps"] == 8 and "center" in a

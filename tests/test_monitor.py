@@ -56,16 +56,13 @@ def test_the_online_probe_learns_from_labels(tmp_path):
 
 
 def test_a_resumed_run_continues_the_monitor(tmp_path, monkeypatch):
-    import pytest
     from methods.simsiam import SimSiam
-    from tests.test_trainer import interrupt_after
+    from tests.test_trainer import interrupted_run
 
     cfg = smoke_config("simsiam", *TINY, *ON, "train.ckpt_every=2")
     straight = pretrain(cfg, tmp_path / "straight")
-    with monkeypatch.context() as m:
-        interrupt_after(m, SimSiam, 3)  # in step 3: the checkpoint of step 2 (end of epoch 0) is the last
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, tmp_path / "resumed")
+    # interrupted in step 3: the checkpoint of step 2 (end of epoch 0) is the last
+    interrupted_run(monkeypatch, SimSiam, 3, cfg, tmp_path / "resumed")
     import torch
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)

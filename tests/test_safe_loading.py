@@ -141,14 +141,11 @@ def write_the_old_way(ckpt: dict, path) -> None:
 
 def test_an_old_checkpoint_still_resumes_bit_for_bit(tmp_path, monkeypatch):
     from methods.mae import MAE
-    from tests.test_trainer import interrupt_after
+    from tests.test_trainer import interrupted_run
 
     cfg = smoke_config("mae", *TINY[:3], "model.drop_path=0.1", "train.ckpt_every=3", "train.max_steps=6")
     pretrain(cfg, tmp_path / "straight")
-    with monkeypatch.context() as m:
-        interrupt_after(m, MAE, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, tmp_path / "resumed")
+    interrupted_run(monkeypatch, MAE, 5, cfg, tmp_path / "resumed")
     path = tmp_path / "resumed" / "checkpoint.pt"
     write_the_old_way(load_checkpoint(path), path)
     with pytest.raises(Exception, match="numpy"):

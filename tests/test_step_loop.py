@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from methods.mae import MAE
 from ssl_bench.errors import TrainingDiverged
 from ssl_bench.trainer import pretrain
 from tests.conftest import smoke_config
+from tests.test_trainer import poison_loss
 
 
 def test_losses_are_read_once_per_log_window(tmp_path, monkeypatch):
@@ -30,14 +30,7 @@ def test_losses_are_read_once_per_log_window(tmp_path, monkeypatch):
 
 def test_nan_is_caught_at_log_time_and_the_checkpoint_before_it_kept(tmp_path, monkeypatch):
     cfg = smoke_config("mae", "train.ckpt_every=4", "train.log_every=4")
-    original, calls = MAE.training_step, {"n": 0}
-
-    def step(self, batch):
-        calls["n"] += 1
-        losses = original(self, batch)
-        return {k: v * float("inf") for k, v in losses.items()} if calls["n"] == 6 else losses
-
-    monkeypatch.setattr(MAE, "training_step", step)
+    calls = poison_loss(monkeypatch, at_call=6, factor=float("inf"))
     with pytest.raises(TrainingDiverged, match=r"loss is (inf|nan) at step 5 .*last good checkpoint: .*checkpoint"):
         pretrain(cfg, tmp_path / "run")
     assert calls["n"] == 8  # found when step 8 was logged, not before

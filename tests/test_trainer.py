@@ -24,6 +24,28 @@ def interrupt_after(monkeypatch, cls, n_steps):
     monkeypatch.setattr(cls, "after_optimizer_step", hook)
 
 
+def interrupted_run(monkeypatch, cls, n_steps, cfg, run_dir):
+    """Pretrain ``cfg`` into ``run_dir`` until ``cls`` is interrupted after ``n_steps`` optimizer steps."""
+    with monkeypatch.context() as m:
+        interrupt_after(m, cls, n_steps)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, run_dir)
+
+
+def poison_loss(monkeypatch, at_call: int, factor: float) -> dict:
+    """Make MAE's ``training_step`` return its losses times ``factor`` (nan, inf) on call ``at_call``;
+    returns the call counter ({"n": calls so far})."""
+    original, calls = MAE.training_step, {"n": 0}
+
+    def step(self, batch):
+        calls["n"] += 1
+        losses = original(self, batch)
+        return {k: v * factor for k, v in losses.items()} if calls["n"] == at_call else losses
+
+    monkeypatch.setattr(MAE, "training_step", step)
+    return calls
+
+
 def weights(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
@@ -34,10 +56,7 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch, workers, device_augment):
     cfg = smoke_config("mae", "model.drop_path=0.1", "train.ckpt_every=3", f"data.num_workers={workers}",
                        f"data.device_augment={device_augment}")
     straight = pretrain(cfg, tmp_path / "straight")
-    with monkeypatch.context() as m:
-        interrupt_after(m, MAE, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, tmp_path / "resumed")
+    interrupted_run(monkeypatch, MAE, 5, cfg, tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "interrupted"
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 3
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
@@ -52,10 +71,7 @@ def test_resume_changes_nothing_without_checkpointed_state(tmp_path, monkeypatch
     """Control for the test above: resuming from a checkpoint taken at another step must not match."""
     cfg = smoke_config("mae", "model.drop_path=0.1", "train.ckpt_every=3")
     pretrain(cfg, tmp_path / "straight")
-    with monkeypatch.context() as m:
-        interrupt_after(m, MAE, 5)
-        with pytest.raises(KeyboardInterrupt):
-            pretrain(cfg, tmp_path / "resumed")
+    interrupted_run(monkeypatch, MAE, 5, cfg, tmp_path / "resumed")
     ckpt_path = tmp_path / "resumed" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     ckpt["rng"]["torch"] = torch.manual_seed(123).get_state()  # lose the RNG state
@@ -67,14 +83,7 @@ def test_resume_changes_nothing_without_checkpointed_state(tmp_path, monkeypatch
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = smoke_config("mae", "train.ckpt_every=2")
-    original, calls = MAE.training_step, {"n": 0}
-
-    def step(self, batch):
-        calls["n"] += 1
-        losses = original(self, batch)
-        return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 4 else losses
-
-    monkeypatch.setattr(MAE, "training_step", step)
+    poison_loss(monkeypatch, at_call=4, factor=float("nan"))
     with pytest.raises(TrainingDiverged, match="step 3.*last good checkpoint"):
         pretrain(cfg, tmp_path / "run")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
