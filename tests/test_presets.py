@@ -69,3 +69,13 @@ def test_raw_pixels_control_probes_the_input_pixels(tmp_path, capsys):
         evaluate(tmp_path / "run", ["knn", "finetune"], preset="smoke")
     paths = evaluate(tmp_path / "run", ["knn"], preset="smoke", overrides=["knn.train_size=500", "knn.test_size=200"])
     assert len(paths) == 1
+
+
+def test_quick_runs_data_sets_of_any_size(tmp_path):
+    """The quick preset's 7-px patches fit any data set: images are resized to 28 px (CIFAR's 32 would not divide)."""
+    from ssl_bench.trainer import pretrain
+
+    cfg = resolve_config(get_method("mae"), "quick", ["data.name=synthetic", "data.subset=128", "data.num_workers=0",
+                                                      "train.max_steps=1", "train.progress=false"])
+    record = pretrain(cfg, tmp_path / "run")
+    assert record["status"] == "finished" and record["arch"]["img_size"] == 28

@@ -127,3 +127,12 @@ def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'tokenizer.vocab'" in err and "vocab_size" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "u").exists()
+
+
+def test_tokenizer_takes_the_trainers_progress_modes(tmp_path, capsys):
+    """A BEiT / CAE run passes its train.progress on: lines (a log) and off are taken, a typo is one line."""
+    assert tt.tokenizer_config("smoke", ["train.progress=off"])["train"]["progress"] == "off"
+    train_tokenizer("fashion_mnist", None, tmp_path, "smoke", ["train.progress=lines", "train.holdout=50", "train.steps=3"])
+    assert "tokenizer step 3/3 (100%)" in capsys.readouterr().err  # the closing progress line, as a log shows it
+    with pytest.raises(UserError, match="'train.progress' takes one of true, false, auto, bar, lines, off, got 'maybe'"):
+        tt.tokenizer_config("smoke", ["train.progress=maybe"])
