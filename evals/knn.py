@@ -2,7 +2,7 @@
 
 Features are l2-normalized; each query's k nearest train features by cosine similarity s vote for their
 labels with weight exp(s / T), T = 0.07; the class with the largest sum wins. One exact inner-product
-search (faiss ``IndexFlatIP``, on GPU when faiss has GPU support) at the largest k serves every k, and
+search (``ssl_bench.knn``: faiss ``IndexFlatIP``, or its equal on a GPU) at the largest k serves every k, and
 queries are searched in chunks so memory stays bounded. Reported for the cls token and for the mean of
 the patch tokens; (feature, k) is chosen on the held-out part of the train split.
 """
@@ -25,10 +25,10 @@ MODES = ("official", "fast")
 def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temperature: float, chunk: int, feature_types=FEATURE_TYPES) -> dict:
     """Train features as memory; (feature, k) chosen on held-out; test top-1 of the choice."""
     ks = sorted(int(k) for k in ks)
-    grid, on_gpu = [], False
+    grid, index = [], None
     for feature in feature_types:
         clf = KNNClassifier(train.tensor(feature), train.labels, num_classes, temperature)
-        on_gpu = clf.on_gpu
+        index = clf.index_name
         held = clf.accuracy(heldout.tensor(feature), heldout.labels, ks, chunk)
         tested = clf.accuracy(test.tensor(feature), test.labels, ks, chunk)
         grid += [{"feature": feature, "k": k, "heldout_top1": held[k], "test_top1": tested[k]} for k in ks]
@@ -39,7 +39,7 @@ def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temp
         "selected": selected,
         "warnings": edge_warnings(selected, {"k": ks}),
         "details": {
-            "grid": grid, "temperature": temperature, "index": f"faiss IndexFlatIP ({'gpu' if on_gpu else 'cpu'})",
+            "grid": grid, "temperature": temperature, "index": index,
             "n_train": len(train), "n_heldout": len(heldout), "n_test": len(test),
         },
     }
@@ -48,10 +48,10 @@ def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temp
 def knn_official(memory, test, num_classes: int, k: int, ks: Sequence[int], temperature: float, chunk: int) -> dict:
     """DINO's figure: cls token, ``k`` neighbours in ``memory``; every (feature, k in ``ks``) beside it."""
     ks = sorted({int(k), *(int(x) for x in ks)})
-    extra, on_gpu = [], False
+    extra, index = [], None
     for feature in FEATURE_TYPES:
         clf = KNNClassifier(memory.tensor(feature), memory.labels, num_classes, temperature)
-        on_gpu = clf.on_gpu
+        index = clf.index_name
         tested = clf.accuracy(test.tensor(feature), test.labels, ks, chunk)
         extra += [{"feature": feature, "k": x, "test_top1": tested[x]} for x in ks]
     official = next(row for row in extra if row["feature"] == "cls" and row["k"] == int(k))
@@ -60,7 +60,7 @@ def knn_official(memory, test, num_classes: int, k: int, ks: Sequence[int], temp
         "selected": {"feature": "cls", "k": int(k)},  # fixed by the protocol, not chosen
         "warnings": [],
         "details": {
-            "extra": extra, "temperature": temperature, "index": f"faiss IndexFlatIP ({'gpu' if on_gpu else 'cpu'})",
+            "extra": extra, "temperature": temperature, "index": index,
             "n_train": len(memory), "n_test": len(test),
         },
     }

@@ -119,9 +119,19 @@ class DINO(Method):
         # the teacher starts as the student and then only follows it by EMA; no drop path (always eval mode)
         self.teacher_backbone, self.teacher_head = momentum_copy(backbone), momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp, self.momentum, self.last_layer_frozen = warmup_teacher_temp, base_momentum, False
+        # a tensor, so a compiled step reads this step's value instead of recompiling for each new float
+        self.register_buffer("_teacher_temp", torch.tensor(float(warmup_teacher_temp)), persistent=False)
+        self.momentum, self.last_layer_frozen = base_momentum, False
         for p_ in (q for q in self.head.last_layer.parameters() if q.requires_grad):  # zero gradient while frozen (DDP-safe)
             p_.register_hook(lambda g: torch.zeros_like(g) if self.last_layer_frozen else g)
+
+    @property
+    def teacher_temp(self) -> float:
+        return float(self._teacher_temp)
+
+    @teacher_temp.setter
+    def teacher_temp(self, value: float) -> None:
+        self._teacher_temp.fill_(value)
 
     @property
     def encoder(self) -> ViTBackbone:
@@ -168,7 +178,7 @@ class DINO(Method):
         """student_out (V * B, K), teacher_out (2 * B, K), crop-major -> loss, and the teacher's statistics."""
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_crops)  # V x (B, K)
         centred = teacher_out.float() - self.center if self.centering else teacher_out.float()
-        teacher_p = F.softmax(centred / self.teacher_temp, dim=-1).detach()  # (2B, K)
+        teacher_p = F.softmax(centred / self._teacher_temp, dim=-1).detach()  # (2B, K)
         total, terms = 0.0, 0
         for t, p in enumerate(teacher_p.chunk(2)):
             for s, logq in enumerate(student_logp):
@@ -214,5 +224,5 @@ class DINO(Method):
         self.update_center(teacher_out)
         for name, value in self.collapse_stats(stats).items():
             self.log(name, value)
-        self.log("teacher_temp", self.teacher_temp)
+        self.log("teacher_temp", self._teacher_temp.clone())
         return {"loss_dino": loss}

@@ -94,6 +94,7 @@ class MoCoV3(Method):
         self.momentum = cosine_momentum(step, total_steps, self.base_momentum)
         ema_update_(self.momentum_backbone, self.backbone, self.momentum)
         ema_update_(self.momentum_projector, self.projector, self.momentum)
+        self.log("moco_momentum", self.momentum)  # here, not in the step: a float read there recompiles it each step
 
     def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q (B, d) queries of this process, k (B, d) keys of this process -> InfoNCE x 2 tau."""
@@ -110,5 +111,4 @@ class MoCoV3(Method):
         with torch.no_grad():
             k1, k2 = (self.momentum_projector(f) for f in self.momentum_backbone(x)[0].chunk(2))  # (B, d)
         loss = self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
-        self.log("moco_momentum", self.momentum)
         return {"loss_contrastive": loss}

@@ -10,18 +10,21 @@
 # 224 px ViT-B/16, batch 256, bf16, for MAE and MoCo v3), (2) a faiss kNN over 1M x 768 random features
 # against 1M references on the GPU, (3) a short full-preset MAE pretraining on fashion_mnist and its
 # kNN / linear evaluation. Options: --out DIR (default results/gpu), --python PY (default: python3, or
-# the repo's .venv), --steps N (trainer steps per throughput row, default 30).
-set -euo pipefail
+# the repo's .venv), --steps N (trainer steps per throughput row, default 30), --pretrain-steps N (MAE
+# pretraining steps, default 2000). The report is rewritten after every step, so a cut-short check keeps its figures.
+set -uo pipefail  # no -e: a failing step is reported and the others still run
 
 DRY=0
 OUT=results/gpu
 STEPS=30
+PRE_STEPS_ARG=""
 PY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --out) OUT="$2"; shift ;;
         --steps) STEPS="$2"; shift ;;
+        --pretrain-steps) PRE_STEPS_ARG="$2"; shift ;;
         --python) PY="$2"; shift ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -63,45 +66,8 @@ while [ -e "$REPORT" ]; do REPORT="$OUT/$DATE-$SLUG-$n.md"; n=$((n + 1)); done  
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 CLI=("$PY" -m ssl_bench_app.cli)
-
-if [ "$DRY" = 1 ]; then
-    PRESET=smoke; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=28)
-    KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
-else
-    PRESET=full; TP_EXTRA=(--steps "$STEPS"); VITB=(--preset full --synthetic-vitb16)
-    KNN_N=1000000; PRE=(--preset full); PRE_STEPS=2000; EVAL=(--preset quick --protocol knn,linear)
-fi
-
-# -- 2. throughput -----------------------------------------------------------------------------------
-echo "gpu-check: throughput, fashion_mnist at $PRESET" >&2
-"${CLI[@]}" throughput --preset "$PRESET" --methods mae,mocov3,simsiam "${TP_EXTRA[@]}" --out "$WORK/tp" train.progress=false >&2
-echo "gpu-check: throughput, ViT-B/16 synthetic" >&2
-"${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" --out "$WORK/tp" >&2
-
-# -- 3. faiss kNN over random features -------------------------------------------------------------------
-echo "gpu-check: faiss kNN, $KNN_N x 768" >&2
-"$PY" - "$KNN_N" > "$WORK/knn.md" <<'EOF'
-import sys, time
-import numpy as np, torch
-from evals.knn import KNNClassifier
-n = int(sys.argv[1])
-g = torch.Generator().manual_seed(0)
-refs, queries = torch.randn(n, 768, generator=g), torch.randn(n, 768, generator=g)
-labels = torch.randint(0, 1000, (n,), generator=g)
-t0 = time.perf_counter()
-knn = KNNClassifier(refs, labels, num_classes=1000)
-t1 = time.perf_counter()
-knn.scores(queries, ks=[20], chunk=8192)
-t2 = time.perf_counter()
-print(f"| {n:,} x 768 | {n:,} | {'GPU' if knn.on_gpu else 'CPU'} | {t1 - t0:.1f} | {t2 - t1:.1f} |")
-EOF
-
-# -- 4. a short full-preset MAE pretraining and its evaluation ---------------------------------------------
-echo "gpu-check: MAE pretraining and evaluation" >&2
-"${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=false >&2
-"${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}" >&2
-
-# -- 5. the report ------------------------------------------------------------------------------------------
+: > "$WORK/failed"
+report() {  # (re)writes the report from what the steps so far left in $WORK
 "$PY" - "$WORK" "$REPORT" "$DRY" <<'EOF'
 import glob, json, sys
 from pathlib import Path
@@ -115,17 +81,68 @@ lines += [f"torch {hw['torch']}, timm {hw['timm']}, Python {hw['python']}; CPU: 
           f"Command: `scripts/gpu-check.sh{' --dry-run' if dry else ''}`.", ""]
 for md in sorted(glob.glob(str(work / "tp" / "*.md"))):
     lines += ["## " + Path(md).read_text().split("\n", 1)[0].lstrip("# "), "", Path(md).read_text().split("\n", 1)[1].strip(), ""]
-lines += ["## faiss kNN over random features (k = 20)", "", "| queries | references | device | index s | search s |",
-          "|---|---|---|---|---|", (work / "knn.md").read_text().strip(), ""]
-run = json.loads((work / "mae" / "run.json").read_text())
-lines += ["## MAE, fashion_mnist, short pretraining", "",
-          f"{run['steps']} steps, batch {run['effective_batch']}, {run['images_per_s']:.0f} images/s, "
-          f"{run['wall_time_s']:.0f} s; loss {run['loss']['loss']['first']:.4f} -> {run['loss']['loss']['last']:.4f}.", ""]
+failed = (work / "failed").read_text().split("\n")
+if any(failed):
+    lines += ["**Failed steps** (their errors are in the script's output): " + "; ".join(f for f in failed if f), ""]
+if (work / "knn.md").is_file() and (work / "knn.md").read_text().strip():
+    lines += ["## kNN over random features (k = 20)", "", "| queries | references | index | index s | search s |",
+              "|---|---|---|---|---|", (work / "knn.md").read_text().strip(), ""]
+run = json.loads((work / "mae" / "run.json").read_text()) if (work / "mae" / "run.json").is_file() else {}
+if run.get("status") == "finished":
+    lines += ["## MAE, fashion_mnist, short pretraining", "",
+              f"{run['steps']} steps, batch {run['effective_batch']}, {run['images_per_s']:.0f} images/s, "
+              f"{run['wall_time_s']:.0f} s; loss {run['loss']['loss']['first']:.4f} -> {run['loss']['loss']['last']:.4f}.", ""]
 for rec in sorted(glob.glob(str(work / "mae" / "evals" / "*.json")) + sorted(glob.glob(str(work / "mae" / "eval*.json")))):
     data = json.loads(Path(rec).read_text())
     score = {k: v for k, v in data.items() if isinstance(v, (int, float)) and ("top1" in k or "acc" in k)}
     lines.append(f"- {Path(rec).name}: " + ", ".join(f"{k} {v:.2f}" for k, v in score.items()))
 report.parent.mkdir(parents=True, exist_ok=True)
 report.write_text("\n".join(lines) + "\n")
-print(f"gpu-check: written {report}")
 EOF
+}
+step() {  # step NAME COMMAND...: runs it; a failure is logged and does not stop the check; the report follows each step
+    local name="$1"; shift
+    echo "gpu-check: $name" >&2
+    local t0=$SECONDS
+    if "$@"; then echo "gpu-check: $name done in $((SECONDS - t0)) s" >&2
+    else echo "gpu-check: $name FAILED (exit $?) after $((SECONDS - t0)) s" >&2; echo "$name" >> "$WORK/failed"; fi
+    report
+}
+
+if [ "$DRY" = 1 ]; then
+    PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2); VITB=(--preset smoke --data synthetic data.img_size=28)
+    KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
+else
+    PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS"); VITB=(--preset full --synthetic-vitb16)
+    KNN_N=1000000; PRE=(--preset full); PRE_STEPS=${PRE_STEPS_ARG:-2000}; EVAL=(--preset quick --protocol knn,linear)
+fi
+
+# -- 2. throughput -----------------------------------------------------------------------------------
+step "throughput, fashion_mnist at $PRESET" "${CLI[@]}" throughput --preset "$PRESET" --methods "$TP_METHODS" "${TP_EXTRA[@]}" --out "$WORK/tp"
+step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" --out "$WORK/tp"
+
+# -- 3. faiss kNN over random features -------------------------------------------------------------------
+knn_check() {
+"$PY" - "$KNN_N" > "$WORK/knn.md" <<'EOF'
+import sys, time
+import numpy as np, torch
+from evals.knn import KNNClassifier
+n = int(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+refs, queries = torch.randn(n, 768, generator=g), torch.randn(n, 768, generator=g)
+labels = torch.randint(0, 1000, (n,), generator=g)
+t0 = time.perf_counter()
+knn = KNNClassifier(refs, labels, num_classes=1000)
+t1 = time.perf_counter()
+knn.scores(queries, ks=[20], chunk=8192)
+t2 = time.perf_counter()
+print(f"| {n:,} x 768 | {n:,} | {knn.index_name} | {t1 - t0:.1f} | {t2 - t1:.1f} |")
+EOF
+}
+step "kNN, $KNN_N x 768 random features" knn_check
+
+# -- 4. a short full-preset MAE pretraining and its evaluation ---------------------------------------------
+step "MAE pretraining" "${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=lines
+step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}"
+
+echo "gpu-check: written $REPORT" >&2

@@ -2,7 +2,9 @@
 evaluation harness (evals.knn) and the pretraining monitor (ssl_bench.monitor) share.
 
 Features are l2-normalized; each query's k nearest train features by cosine similarity s vote for their
-labels with weight exp(s / T); one exact inner-product search at the largest k serves every k.
+labels with weight exp(s / T); one exact inner-product search at the largest k serves every k. The search
+runs in faiss (on the GPU when faiss has GPU support); where faiss is CPU-only but torch sees a CUDA GPU,
+the same exact search runs as float32 matrix products on that GPU (no faiss-gpu wheel exists for every CUDA).
 """
 from __future__ import annotations
 
@@ -17,18 +19,21 @@ from ssl_bench.errors import UserError
 
 
 class KNNClassifier:
-    """A faiss index over the l2-normalized train features (n, D) with their labels (n,)."""
+    """An exact inner-product index over the l2-normalized train features (n, D) with their labels (n,)."""
 
     def __init__(self, train: torch.Tensor, labels: torch.Tensor | np.ndarray, num_classes: int, temperature: float = 0.07):
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
         self.num_classes, self.temperature = num_classes, temperature
-        self.on_gpu = faiss.get_num_gpus() > 0
-        index = faiss.IndexFlatIP(train.shape[1])  # exact search: inner product of unit vectors = cosine
-        if self.on_gpu:
+        if faiss.get_num_gpus() > 0:
             self._gpu_resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
-        index.add(_unit(train))
-        self.index = index
+            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, faiss.IndexFlatIP(train.shape[1]))
+            self.index_name = "faiss IndexFlatIP (gpu)"
+        elif torch.cuda.is_available():
+            self.index, self.index_name = CudaFlatIP(train.shape[1]), "exact inner product, torch float32 (gpu)"
+        else:
+            self.index, self.index_name = faiss.IndexFlatIP(train.shape[1]), "faiss IndexFlatIP (cpu)"
+        self.on_gpu = "(gpu)" in self.index_name
+        self.index.add(_unit(train))  # inner product of unit vectors = cosine
 
     def search(self, queries: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarities (nq, k) float32, descending, and train indices (nq, k) of the k nearest."""
@@ -57,6 +62,29 @@ class KNNClassifier:
             for k, s in self.scores(queries[i : i + chunk], ks, chunk).items():
                 correct[k] += int((s.argmax(dim=1) == labels[i : i + chunk]).sum())
         return {k: 100.0 * c / len(queries) for k, c in correct.items()}
+
+
+class CudaFlatIP:
+    """faiss ``IndexFlatIP``'s ``add`` / ``search`` / ``ntotal`` as exact float32 products on the GPU."""
+
+    def __init__(self, dim: int):
+        self.dim, self.data = dim, torch.empty(0, dim, device="cuda")
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.data)
+
+    def add(self, x: np.ndarray) -> None:
+        self.data = torch.cat([self.data, torch.from_numpy(x).to("cuda")])
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact float32, like faiss's flat index
+        try:  # 1024 queries at a time: a (1024, ntotal) similarity block
+            parts = [(part @ self.data.T).topk(k, dim=1) for part in torch.from_numpy(q).to("cuda").split(1024)]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        return torch.cat([p.values for p in parts]).cpu().numpy(), torch.cat([p.indices for p in parts]).cpu().numpy()
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:

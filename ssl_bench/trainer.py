@@ -331,7 +331,7 @@ class CompiledOrEager:
 
     def __call__(self, batch: dict):
         if self.compiled is None or self.proven:
-            return (self.compiled or self.eager)(batch)
+            return (self.eager if self.compiled is None else self.compiled)(batch)  # no `or`: a compiled module has no bool()
         state = _rng_state()
         try:
             out = self.compiled(batch)

@@ -91,3 +91,22 @@ def test_feature_and_k_are_chosen_on_heldout_never_on_test(clusters):
     assert result["top1"] == chosen["test_top1"]
     assert chosen["heldout_top1"] == max(r["heldout_top1"] for r in row.values())
     assert result["top1"] < max(r["test_top1"] for r in row.values()) - 20  # test would have picked "mean"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_search_without_faiss_gpu_returns_faiss_cpu_neighbours(clusters):
+    """The torch search used where faiss has no GPU support finds faiss's exact neighbours and similarities."""
+    import faiss
+
+    from ssl_bench.knn import CudaFlatIP, _unit
+
+    train, _, queries, _ = clusters
+    reference, ours = faiss.IndexFlatIP(train.shape[1]), CudaFlatIP(train.shape[1])
+    for index in (reference, ours):
+        index.add(_unit(train[:250]))
+        index.add(_unit(train[250:]))  # added in two parts, like faiss allows
+    want_sims, want_ids = reference.search(_unit(queries), 20)
+    sims, ids = ours.search(_unit(queries), 20)
+    assert ours.ntotal == reference.ntotal == len(train)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
