@@ -14,6 +14,7 @@
 # pretraining steps, default 2000). The report is rewritten after every step, so a cut-short check keeps its figures.
 set -uo pipefail  # no -e: a failing step is reported and the others still run
 
+ARGS="$*"
 DRY=0
 OUT=results/gpu
 STEPS=30
@@ -68,17 +69,18 @@ trap 'rm -rf "$WORK"' EXIT
 CLI=("$PY" -m ssl_bench_app.cli)
 : > "$WORK/failed"
 report() {  # (re)writes the report from what the steps so far left in $WORK
-"$PY" - "$WORK" "$REPORT" "$DRY" <<'EOF'
+"$PY" - "$WORK" "$REPORT" "$ARGS" <<'EOF'
 import glob, json, sys
 from pathlib import Path
 from ssl_bench.records import hardware
-work, report, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+work, report, args = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dry = "--dry-run" in args.split()
 hw = hardware()
 lines = [f"# GPU check, {hw['summary']}", ""]
 if dry:
     lines += ["**Dry run on the CPU at smoke size: checks the script, measures nothing about a GPU.**", ""]
 lines += [f"torch {hw['torch']}, timm {hw['timm']}, Python {hw['python']}; CPU: {hw['cpu']} ({hw['cpu_cores']} cores). "
-          f"Command: `scripts/gpu-check.sh{' --dry-run' if dry else ''}`.", ""]
+          f"Command: `scripts/gpu-check.sh{' ' + args if args else ''}`.", ""]
 for md in sorted(glob.glob(str(work / "tp" / "*.md"))):
     lines += ["## " + Path(md).read_text().split("\n", 1)[0].lstrip("# "), "", Path(md).read_text().split("\n", 1)[1].strip(), ""]
 failed = (work / "failed").read_text().split("\n")

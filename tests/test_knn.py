@@ -44,9 +44,10 @@ def test_knn_matches_brute_force_for_every_k_with_chunked_queries(clusters):
         torch.testing.assert_close(scores[k], expected, rtol=1e-5, atol=0.0)
     # the votes really depend on k (else slicing one search could hide a bug)
     assert not torch.equal(scores[1].argmax(1), scores[100].argmax(1))
-    # chunking changes nothing
+    # chunking changes nothing (on a GPU, products of other shapes may round differently)
     whole = clf.scores(queries, KS, chunk=10_000)
-    assert all(torch.equal(whole[k], scores[k]) for k in KS)
+    for k in KS:
+        torch.testing.assert_close(whole[k], scores[k], rtol=1e-5 if clf.on_gpu else 0.0, atol=0.0)
 
 
 def test_knn_weights_neighbours_by_exp_similarity_over_temperature():
