@@ -285,7 +285,8 @@ def finetune(encoder: ViTBackbone, train: Dataset, heldout: Dataset, test: Datas
         "top1": test_top1,
         "selected": {"epoch": best["epoch"], "heldout_top1": best["heldout_top1"]},
         # the last epoch chosen: held-out was still rising, more epochs may help; the first: later ones hurt
-        "warnings": edge_warnings({"epoch": best["epoch"]}, {"epoch": range(1, p["epochs"] + 1)}),
+        # the last epoch is the schedule's end (its lr has decayed to min_lr), not a grid to widen
+        "warnings": edge_warnings({"epoch": best["epoch"]}, {"epoch": range(1, p["epochs"] + 1)}, limits={"epoch": (None, p["epochs"])}),
         "details": {
             "heldout_se": standard_error(best["heldout_top1"], len(heldout)),
             "curve": curve, "epochs": p["epochs"], "steps": step, "batch_size": batch, "lr": lr, "blr": p["blr"],

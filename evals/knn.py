@@ -37,7 +37,7 @@ def knn_protocol(train, heldout, test, num_classes: int, ks: Sequence[int], temp
     return {
         "top1": best["test_top1"],
         "selected": selected,
-        "warnings": edge_warnings(selected, {"k": ks}),
+        "warnings": edge_warnings(selected, {"k": ks}, limits={"k": (1, None)}),
         "details": {
             "grid": grid, "temperature": temperature, "index": index,
             "n_train": len(train), "n_heldout": len(heldout), "n_test": len(test),

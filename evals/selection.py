@@ -25,15 +25,19 @@ def standard_error(top1: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1 - p) / n) if n > 0 else math.nan
 
 
-def edge_warnings(selected: dict, grids: dict[str, Sequence]) -> list[str]:
+def edge_warnings(selected: dict, grids: dict[str, Sequence], limits: dict[str, tuple] | None = None) -> list[str]:
     """One line per numeric grid (name -> values) whose chosen value is its smallest or largest entry.
-    A grid of one value is not a choice and gets no warning."""
+    A grid of one value is not a choice and gets no warning, nor does an end that is a hard limit
+    (``limits``: name -> (lowest, highest) possible, None where open), e.g. k = 1 neighbour, or the last
+    epoch of a schedule: nothing lies beyond it to try."""
     out = []
     for name, values in grids.items():
         values = sorted({float(v) for v in values})
         if len(values) < 2 or name not in selected:
             continue
         chosen = float(selected[name])
+        if chosen in (limits or {}).get(name, ()):
+            continue
         if chosen in (values[0], values[-1]):
             side = "lowest" if chosen == values[0] else "highest"
             shown = f"{values}" if len(values) <= 8 else f"[{values[0]:g} .. {values[-1]:g}] ({len(values)} values)"

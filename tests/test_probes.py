@@ -147,6 +147,11 @@ def test_grid_choice_on_an_edge_is_warned_and_a_middle_choice_is_not():
     assert edge_warnings({"blr": 0.1}, {"blr": (0.01, 0.1, 1.0)}) == []
     assert "lowest" in edge_warnings({"k": 10}, {"k": (10, 20, 100)})[0]
     assert edge_warnings({"k": 20}, {"k": (20,)}) == []  # a grid of one is no choice
+    # an end that is a hard limit is no edge: nothing lies below k = 1, or after a schedule's last epoch
+    assert edge_warnings({"k": 1}, {"k": (1, 5, 20)}, limits={"k": (1, None)}) == []
+    assert "lowest" in edge_warnings({"k": 1}, {"k": (1, 5, 20)})[0]
+    assert edge_warnings({"epoch": 3}, {"epoch": range(1, 4)}, limits={"epoch": (None, 3)}) == []
+    assert "lowest" in edge_warnings({"epoch": 1}, {"epoch": range(1, 4)}, limits={"epoch": (None, 3)})[0]
 
 
 def test_wilson_interval():
