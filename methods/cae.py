@@ -193,6 +193,7 @@ class CAE(Method):
         if align_weight < 0:
             raise UserError(f"method.align_weight={align_weight} must be >= 0 (0 switches the alignment off)")
         self.mask_ratio, self.target = mask_ratio, target
+        self.mask_generator = BlockMaskGenerator(backbone.grid_size, mask_ratio, exact=True)
         self.align_weight = align_weight
         self.use_alignment = use_alignment and align_weight > 0
         dim, heads, drop_path = backbone.embed_dim, backbone.num_heads, backbone.drop_path_rate
@@ -264,12 +265,12 @@ class CAE(Method):
         # RandomResizedCrop scale 0.08-1 + flip, no colour jitter (run_pretraining.py's defaults)
         return DataSpec(
             augmentation=views.mim(crop_scale=(0.08, 1.0)),
-            mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio, exact=True),
+            mask=self.mask_generator,
         )
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images, mask = batch["views"][0], batch["mask"]  # (B, C, H, W), (B, N) True = masked
-        ids_keep, ids_masked, _ = split_by_mask(mask)  # (B, Nv), (B, Nm)
+        ids_keep, ids_masked, _ = split_by_mask(mask, self.mask_generator.num_masked)  # (B, Nv), (B, Nm)
         b = images.shape[0]
 
         # F: encoder on the visible patches only -> Zv (B, Nv, D); its cls token is not part of the context

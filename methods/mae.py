@@ -75,7 +75,7 @@ class MAE(Method):
     }
 
     option_checks = {
-        "mask_ratio": Check(0, 1, hi_open=True),  # at least one patch stays visible
+        "mask_ratio": Check(0, 1, lo_open=True, hi_open=True),  # something to reconstruct, and one patch visible
         "decoder_dim": Check(1, integer=True), "decoder_depth": Check(1, integer=True), "decoder_heads": Check(1, integer=True),
         "norm_pix_loss": SWITCH, "init": Check(choices=INIT_SCHEMES),
     }
@@ -93,6 +93,8 @@ class MAE(Method):
         super().__init__(backbone)
         backbone.init_weights(init)  # first, so the encoder's start depends on the seed alone (= random_init's)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        # None at ratio 0: no masking (MixedAE's mixing-only configuration)
+        self.mask_generator = RandomMaskGenerator(self.backbone.grid_size, mask_ratio) if mask_ratio > 0 else None
         p, c = backbone.patch_size, backbone.in_chans
         self.decoder = MAEDecoder(
             backbone.embed_dim, backbone.num_patches, backbone.grid_size, p * p * c, decoder_dim, decoder_depth, decoder_heads
@@ -101,7 +103,7 @@ class MAE(Method):
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(augmentation="mim", mask=RandomMaskGenerator(self.backbone.grid_size, self.mask_ratio))
+        return DataSpec(augmentation="mim", mask=self.mask_generator)
 
     def no_weight_decay(self) -> set[str]:
         """None by name: the official optimizer decays cls and mask token too (only biases and norm
@@ -114,7 +116,7 @@ class MAE(Method):
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images, mask = batch["views"][0], batch["mask"]  # (B, C, H, W), (B, N) True = masked
-        ids_keep, _, ids_restore = split_by_mask(mask)
+        ids_keep, _, ids_restore = split_by_mask(mask, self.mask_generator.num_masked)
         latent = self.backbone.forward_visible(images, ids_keep)  # (B, 1 + N_vis, D): visible patches only
         pred = self.decoder(latent, ids_restore)  # (B, N, p*p*C)
         return {"loss_recon": masked_mse(pred, self.reconstruction_target(images), mask)}  # masked patches only

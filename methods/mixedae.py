@@ -62,6 +62,7 @@ from torch import nn
 
 from methods.mae import MAE, masked_mse
 from ssl_bench.backbone import ViTBackbone, gather_tokens, patchify, unpatchify
+from ssl_bench.config import Check
 from ssl_bench.errors import UserError
 from ssl_bench.masking import RandomMaskGenerator, split_by_mask
 from ssl_bench.method import DataSpec
@@ -168,6 +169,7 @@ class MixedAE(MAE):
     description = "Mixed Autoencoder (Chen et al. 2023): MAE on mixed images + homologous attention/contrastive"
     family = "mim"
     recipes = MAE.recipes  # the paper trains with MAE's recipe
+    option_checks = {**MAE.option_checks, "mask_ratio": Check(0, 1, hi_open=True)}  # 0: mixing only
 
     def __init__(
         self,
@@ -218,8 +220,7 @@ class MixedAE(MAE):
         return cfg
 
     def data_spec(self) -> DataSpec:
-        mask = RandomMaskGenerator(self.backbone.grid_size, self.mask_ratio) if self.mask_ratio > 0 else None
-        return DataSpec(augmentation="mim", mask=mask)
+        return DataSpec(augmentation="mim", mask=self.mask_generator)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"segment_embed", "encoder_segment_embed"}
@@ -250,11 +251,13 @@ class MixedAE(MAE):
         b, g, n = images.shape[0], self.group, self.backbone.num_patches
         if b % g:
             raise UserError(f"batch of {b} images is not a multiple of the mixing group size {g}; change train.batch_size")
-        sources = draw_sources(b // g, n, g).to(images.device)  # (B/G, N): mixing mask M
+        sources = draw_sources(b // g, n, g)  # (B/G, N): mixing mask M, drawn on the CPU
+        # through pinned memory: a copy from pageable memory would hold the CPU until the GPU caught up
+        sources = (sources.pin_memory() if images.is_cuda else sources).to(images.device, non_blocking=True)
         mixed = mix_images(images, sources, self.backbone.patch_size)  # (B/G, C, H, W)
         # MAE masking of each mixed image (the mask drawn for the group's first image)
         mask = batch["mask"][::g] if "mask" in batch else torch.zeros(b // g, n, dtype=torch.bool, device=images.device)
-        ids_keep, _, ids_restore = split_by_mask(mask)
+        ids_keep, _, ids_restore = split_by_mask(mask, self.mask_generator.num_masked if self.mask_generator else 0)
 
         with self.homologous_attention(1 + ids_keep.shape[1]) if self.homo_attention else contextlib.nullcontext():
             latent = self.encode(mixed, sources, ids_keep)  # (B/G, 1 + N_vis, D)

@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "monitor": {  # progress probes during pretraining (ssl_bench.monitor); labels reach only the probes
         "online_probe": False,  # linear probe on the detached cls token, trained alongside
         "probe_lr": 0.1,
+        "probe_every": 1,  # train the online probe every N steps (its extra encoder forward costs like a step)
         "knn_every": 0,  # kNN check on held-out images every N epochs; 0: off
         "knn_k": 20,
         "knn_temperature": 0.07,
@@ -102,14 +103,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"subset": None, "num_workers": 8},
         "model": {"arch": "vit_small", "patch_size": 4, "drop_path": 0.1},
         "train": {"epochs": 50, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 5},
-        "monitor": {"online_probe": True, "knn_every": 5},
+        "monitor": {"online_probe": True, "probe_every": 10, "knn_every": 5},
     },
     # the published recipe scaled to the data set; meant for a GPU
     "full": {
         "data": {"subset": None, "num_workers": 8},
         "model": {"arch": "vit_small", "patch_size": 4, "drop_path": 0.1},
         "train": {"epochs": 100, "batch_size": 512, "ckpt_every": 1000, "log_every": 50, "warmup_epochs": 10},
-        "monitor": {"online_probe": True, "knn_every": 5},
+        "monitor": {"online_probe": True, "probe_every": 10, "knn_every": 5},
     },
 }
 
@@ -211,6 +212,7 @@ CHECKS: dict[str, Check] = {
     "train.compile": Check(choices=("auto", True, False)),
     "train.ckpt_every": Check(1, integer=True),
     "train.log_every": Check(1, integer=True),
+    "monitor.probe_every": Check(1, integer=True),
     "train.progress": Check(choices=(True, False, "auto", "bar", "lines", "off")),
     "train.device": Check(choices=("auto", "cpu", "cuda")),
 }

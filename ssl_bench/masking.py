@@ -106,17 +106,23 @@ class BlockMaskGenerator:
 MASK_GENERATORS = {"random": RandomMaskGenerator, "block": BlockMaskGenerator}
 
 
-def split_by_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_by_mask(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From a boolean mask (B, N), every row with the same number of True, build index tensors:
 
     ids_keep (B, N_vis): visible patch indices, ascending;
     ids_masked (B, N_mask): masked patch indices, ascending;
     ids_restore (B, N): position of each patch in cat([visible, masked]) -- to unshuffle.
+
+    ``num_masked``: the count a fixed-count generator guarantees. Given, nothing is read back from the
+    device (on a GPU such a read stalls the CPU every step, and breaks a compiled graph); without it the
+    count is read from ``mask`` and checked to be the same in every row.
     """
-    num_masked = mask.sum(dim=1)
-    if not bool((num_masked == num_masked[0]).all()):
-        raise ValueError("every sample must mask the same number of patches")
-    n_mask = int(num_masked[0])
+    if num_masked is None:
+        counts = mask.sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("every sample must mask the same number of patches")
+        num_masked = int(counts[0])
+    n_mask = num_masked
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, then masked
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     n_vis = mask.shape[1] - n_mask

@@ -48,29 +48,33 @@ class Monitor:
 
     # -- the trainer's hooks --------------------------------------------------------------------------
     def on_batch(self, step: int, batch: dict, method) -> None:
-        """Train the probe one step on the detached cls token of ``batch["views"][0]`` with ``batch["label"]``."""
+        """Every ``probe_every`` steps, train the probe one step on the detached cls token of
+        ``batch["views"][0]`` with ``batch["label"]``. Nothing is read back to the host except at the
+        logger's cadence: unlabelled images are weighted out rather than indexed out (which would sync)."""
         self.step, self.method = step, method
         if self.probe is None or "label" not in batch:
             return
-        labels = torch.as_tensor(batch["label"], device=self.device)
-        known = labels >= 0  # unlabelled images (e.g. STL-10's unlabeled split) carry -1
-        if not bool(known.any()):
-            return
-        cls = self._cls(method.encoder, batch["views"][0][known])  # (b, D), no graph to the encoder
-        self.probe.train()
-        logits = self.probe(cls)  # (b, C)
-        loss = F.cross_entropy(logits, labels[known])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        stats = torch.stack([loss.detach() * len(cls), (logits.detach().argmax(1) == labels[known]).sum().float(),
-                             torch.tensor(float(len(cls)), device=self.device)])
-        self._window += stats
-        self._epoch += stats
+        if step % self.opts["probe_every"] == 0 or step == 1:
+            labels = torch.as_tensor(batch["label"], device=self.device)
+            known = (labels >= 0).float()  # (B,); unlabelled images (e.g. STL-10's unlabeled split) carry -1
+            cls = self._cls(method.encoder, batch["views"][0])  # (B, D), no graph to the encoder
+            self.probe.train()
+            logits = self.probe(cls)  # (B, C)
+            per_image = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")  # (B,)
+            seen = known.sum()
+            loss = (per_image * known).sum() / seen.clamp_min(1.0)  # a batch with no label: zero gradient
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            correct = ((logits.detach().argmax(1) == labels).float() * known).sum()
+            stats = torch.stack([loss.detach() * seen, correct, seen])
+            self._window += stats
+            self._epoch += stats
         if step % self.log_every == 0 or step == 1:  # the logger's cadence: one sync per logged row
             loss_sum, correct, seen = self._window.tolist()
-            method.log("probe_loss", loss_sum / seen)
-            method.log("probe_top1", 100.0 * correct / seen)
+            if seen > 0:
+                method.log("probe_loss", loss_sum / seen)
+                method.log("probe_top1", 100.0 * correct / seen)
             self._window.zero_()
 
     def on_epoch_end(self, epoch: int) -> None:

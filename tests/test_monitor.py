@@ -67,3 +67,39 @@ def test_a_resumed_run_continues_the_monitor(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
     assert resumed["monitor"] == straight["monitor"]  # probe, its optimizer, running sums and kNN history carried over
+
+
+def test_the_online_probe_reads_nothing_back_between_log_rows(monkeypatch):
+    """On a GPU a read-back stalls the CPU until the device catches up, every step: the probe trains every
+    ``probe_every`` steps with no host read between log rows, and unlabelled images (-1) get no weight."""
+    from ssl_bench.build import build_method
+    from ssl_bench.data.datasets import load_dataset
+    from ssl_bench.monitor import Monitor
+
+    cfg = smoke_config("simsiam", *TINY, *ON, "train.log_every=4", "monitor.probe_every=2")
+    _, info = load_dataset("fashion_mnist", None, "pretrain")
+    method = build_method(cfg, info)
+    images = torch.rand(16, 1, 28, 28)
+    labels = torch.tensor([3, -1] * 8)
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("the probe read a tensor back to the host between log rows")
+
+    def probe_weight(m):
+        return m.probe[1].weight.detach().clone()
+
+    monitor = Monitor(cfg, method, info, torch.device("cpu"))
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "tolist", "nonzero"):
+            patch.setattr(torch.Tensor, name, read_back)
+        before = probe_weight(monitor)
+        monitor.on_batch(2, {"views": [images], "label": labels}, method)  # a probe step
+        trained = probe_weight(monitor)
+        monitor.on_batch(3, {"views": [images], "label": labels}, method)  # not one
+        assert not torch.equal(before, trained) and torch.equal(trained, probe_weight(monitor))
+    assert monitor._window[2].item() == 8  # images seen: the labelled ones only
+
+    fresh = Monitor(cfg, method, info, torch.device("cpu"))  # a batch with no label moves nothing
+    before = probe_weight(fresh)
+    fresh.on_batch(2, {"views": [images], "label": torch.full((16,), -1)}, method)
+    assert torch.equal(before, probe_weight(fresh))
