@@ -198,7 +198,7 @@ class DINO(Method):
     def update_center(self, teacher_out: torch.Tensor) -> None:
         """c <- m c + (1 - m) x the mean teacher output over the global batch."""
         batch_sum = teacher_out.float().sum(0, keepdim=True)  # (1, K)
-        count = torch.tensor(float(len(teacher_out)), device=teacher_out.device)
+        count = batch_sum.new_full((), float(len(teacher_out)))  # made on the device: no host copy each step
         if world_size() > 1:
             torch.distributed.all_reduce(batch_sum)
             torch.distributed.all_reduce(count)

@@ -1,14 +1,17 @@
-"""How the suite runs numerically, in one place: the mixed-precision (autocast) policy and the seeding of
-every random number generator. Used by pretraining, feature extraction, fine-tuning, the monitor and the
-tokenizer's training, so they all follow the same rules."""
+"""How the suite runs numerically, in one place: the mixed-precision (autocast) policy, the seeding and
+saving of every random number generator, and when and how code is compiled. Used by pretraining, feature
+extraction, fine-tuning, the monitor, the data path and the tokenizer's training, so they all follow the
+same rules."""
 from __future__ import annotations
 
 import contextlib
 import random
+import sys
 
 import numpy as np
 import torch
 
+from ssl_bench.checkpoint import numpy_state_from_plain, python_state_from_plain, rng_state_to_plain
 from ssl_bench.config import AMP_CHOICES
 
 
@@ -28,3 +31,54 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state, as tensors and plain values (a checkpoint loads with weights_only=True)."""
+    return rng_state_to_plain({
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    })
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(numpy_state_from_plain(state["numpy"]))
+    random.setstate(python_state_from_plain(state["python"]))
+
+
+def use_compile(setting, preset: str | None, device: torch.device) -> bool:
+    """``train.compile``: true, false, or auto (GPU runs of the full preset)."""
+    return setting is True or (setting == "auto" and preset == "full" and device.type == "cuda")
+
+
+class CompiledOrEager:
+    """``torch.compile(fn)``; if compiling fails at the first call, says so in one line and runs the eager
+    ``fn`` instead (with the RNG state it had before the attempt, so the run stays reproducible).
+    ``what``: what the fallback does, for that line (e.g. "training", "making views")."""
+
+    def __init__(self, fn, what: str = "training", **compile_kwargs):
+        self.eager, self.compiled, self.proven, self.what = fn, torch.compile(fn, **compile_kwargs), False, what
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None or self.proven:
+            return (self.eager if self.compiled is None else self.compiled)(*args, **kwargs)  # no `or`: a compiled module has no bool()
+        state = rng_state()
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(f"ssl-bench: torch.compile failed ({exc.__class__.__name__}: {detail}); {self.what} without compilation "
+                  f"(train.compile=false skips the attempt)", file=sys.stderr, flush=True)
+            self.compiled = None
+            set_rng_state(state)
+            return self.eager(*args, **kwargs)
+        self.proven = True
+        return out
+
+    def no_sync(self):
+        return self.eager.no_sync()

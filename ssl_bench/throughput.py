@@ -77,8 +77,8 @@ def loader_alone(cfg: dict, batches: int = 8) -> float:
 
 def step_alone(cfg: dict, steps: int = 8) -> dict:
     """The method's step on one batch held in memory: images/s, and with a GPU MFU and peak memory."""
-    from ssl_bench.runtime import autocast
-    from ssl_bench.trainer import CompiledOrEager, _to_device, _use_compile
+    from ssl_bench.runtime import CompiledOrEager, autocast, use_compile
+    from ssl_bench.trainer import _to_device
 
     method, device = _build(cfg)
     train = cfg["train"]
@@ -88,7 +88,7 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
     lr = train["lr"] or train["blr"] * train["batch_size"] / 256
     optimizer = build_optimizer(method.param_groups(train["weight_decay"]), train["optimizer"], lr,
                                 betas=train["betas"], momentum=train["momentum"])
-    model = CompiledOrEager(method) if _use_compile(train["compile"], cfg.get("preset"), device) else method
+    model = CompiledOrEager(method) if use_compile(train["compile"], cfg.get("preset"), device) else method
     method.train()
 
     def one_step(i: int) -> None:

@@ -13,20 +13,14 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ssl_bench.atomic import WriteFailed, remove_stale_temps
 from ssl_bench.build import build_method
-from ssl_bench.checkpoint import (
-    check_signature, load_checkpoint, numpy_state_from_plain, python_state_from_plain,
-    rng_state_to_plain, save_checkpoint,
-)
+from ssl_bench.checkpoint import check_signature, load_checkpoint, save_checkpoint
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
@@ -35,26 +29,8 @@ from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr, set_weight_decay
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
-from ssl_bench.runtime import autocast, seed_everything
+from ssl_bench.runtime import CompiledOrEager, autocast, rng_state, seed_everything, set_rng_state, use_compile
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
-
-
-def _rng_state() -> dict:
-    """Every RNG state, as tensors and plain values (a checkpoint loads with weights_only=True)."""
-    return rng_state_to_plain({
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    })
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(numpy_state_from_plain(state["numpy"]))
-    random.setstate(python_state_from_plain(state["python"]))
 
 
 def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
@@ -149,12 +125,12 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         step, elapsed, history = ckpt["step"], ckpt["elapsed_s"], ckpt["history"]
         logged = ckpt.get("logged", {})
         monitor_state = ckpt.get("monitor")
-        _set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
 
     model = method
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
-    if _use_compile(train["compile"], cfg.get("preset"), device):
+    if use_compile(train["compile"], cfg.get("preset"), device):
         model = CompiledOrEager(model)
 
     record = {
@@ -192,10 +168,10 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     timed_steps, timed_seconds = 0, 0.0
 
     def checkpoint() -> None:
-        rng = _rng_state()
+        rng = rng_state()
         if dist_info.world_size > 1:  # every rank's RNG, so each resumes its own stream
             rng = [None] * dist_info.world_size
-            torch.distributed.all_gather_object(rng, _rng_state())
+            torch.distributed.all_gather_object(rng, rng_state())
         if not dist_info.is_main:
             return
         save_checkpoint(ckpt_path, {
@@ -316,37 +292,6 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     if stop_step == 0:  # a 0-step run (the random_init control) still leaves the weights it was built with
         checkpoint()
     return finish("finished")
-
-
-def _use_compile(setting, preset: str | None, device: torch.device) -> bool:
-    return setting is True or (setting == "auto" and preset == "full" and device.type == "cuda")
-
-
-class CompiledOrEager:
-    """``torch.compile(model)``; if compiling fails at the first call, says so in one line and runs the
-    eager model instead (with the RNG state it had before the attempt, so the run stays reproducible)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.eager, self.compiled, self.proven = model, torch.compile(model), False
-
-    def __call__(self, batch: dict):
-        if self.compiled is None or self.proven:
-            return (self.eager if self.compiled is None else self.compiled)(batch)  # no `or`: a compiled module has no bool()
-        state = _rng_state()
-        try:
-            out = self.compiled(batch)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-            detail = (str(exc).strip().splitlines() or [""])[0][:200]
-            print(f"ssl-bench: torch.compile failed ({exc.__class__.__name__}: {detail}); training without compilation "
-                  f"(train.compile=false skips the attempt)", file=sys.stderr, flush=True)
-            self.compiled = None
-            _set_rng_state(state)
-            return self.eager(batch)
-        self.proven = True
-        return out
-
-    def no_sync(self):
-        return self.eager.no_sync()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -63,12 +63,23 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def uniforms(seed: int, epoch: int, index: torch.Tensor, view: int, draws: int = DRAWS) -> torch.Tensor:
-    """(B, draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, draw)."""
+def stream_key(seed: int, epoch: int, view: int) -> int:
+    """The hash of (seed, epoch, view): the per-call prefix of ``uniforms``."""
     h = _mix32_int((seed & _M32) ^ 0x9E3779B9)
     for k in ((seed >> 32) & _M32, epoch & _M32, view & _M32):
         h = _mix32_int(h ^ k)
-    x = _mix32(index.long() ^ h)  # (B,)
+    return h
+
+
+def uniforms(seed: int, epoch: int, index: torch.Tensor, view: int, draws: int = DRAWS) -> torch.Tensor:
+    """(B, draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, draw)."""
+    return uniforms_from_key(stream_key(seed, epoch, view), index, draws)
+
+
+def uniforms_from_key(key: int | torch.Tensor, index: torch.Tensor, draws: int = DRAWS) -> torch.Tensor:
+    """``uniforms`` from its ``stream_key`` (an int, or a 0-d int64 tensor: a compiled caller's input
+    rather than a constant it would recompile for at every epoch)."""
+    x = _mix32(index.long() ^ key)  # (B,)
     x = _mix32(x[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
     x = _mix32(x ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully
     return x.double() * 2.0**-32
@@ -277,14 +288,23 @@ def after_crop(x: torch.Tensor, d: Decisions) -> torch.Tensor:
 
 
 class BatchedViews:
-    """Holds a uint8 data set (N, C, H, W) on ``device`` and makes a batch's views from its indices."""
+    """Holds a uint8 data set (N, C, H, W) on ``device`` and makes a batch's views from its indices.
 
-    def __init__(self, images: torch.Tensor, policy: tuple[View, ...], img_size: int, mean, std, seed: int, device):
+    ``compile``: each view through ``torch.compile``, which fuses its few hundred small ops (a view costs
+    that many kernel launches eagerly, CPU time a GPU step then waits for) into a few kernels; one
+    compilation per distinct view, reused across epochs (the epoch enters as a tensor)."""
+
+    def __init__(self, images: torch.Tensor, policy: tuple[View, ...], img_size: int, mean, std, seed: int, device,
+                 compile: bool = False):
+        from ssl_bench.runtime import CompiledOrEager
+
         assert images.dtype == torch.uint8 and images.ndim == 4
         self.images = images.to(device)
         self.policy, self.img_size, self.seed, self.device = policy, img_size, seed, torch.device(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.compiled = compile
+        self._make = CompiledOrEager(make_view, what="making views", dynamic=False) if compile else make_view
 
     def __call__(self, index: torch.Tensor, epoch: int) -> list[torch.Tensor]:
         index = index.to(self.device, non_blocking=True)
@@ -292,19 +312,27 @@ class BatchedViews:
         return [self.view(source, index, epoch, k) for k in range(len(self.policy))]
 
     def view(self, source: torch.Tensor, index: torch.Tensor, epoch: int, k: int) -> torch.Tensor:
+        key = stream_key(self.seed, epoch, k)
+        if self.compiled:
+            key = torch.tensor(key, dtype=torch.int64)  # a CPU scalar: an input, not a constant to recompile for
         v = self.policy[k]
-        size = v.resolved_size(self.img_size)
-        B, C, H, W = source.shape
-        u = uniforms(self.seed, epoch, index, k)  # (B, DRAWS)
+        return self._make(source, index, key, v, v.resolved_size(self.img_size), self.mean, self.std)
 
-        top, left, h, w = crop_boxes(u, H, W, v.crop_scale, v.crop_ratio).unbind(dim=1)
-        rows = resample_matrix(top, h, H, size)  # (B, size, H)
-        cols = resample_matrix(left, w, W, size)  # (B, size, W)
-        # the horizontal flip, drawn here, is applied last (below) by reversing the output columns: every op
-        # in between (colour, blur with a symmetric kernel, solarize) commutes with it
-        flip = _below(u[:, _FLIP], v.flip_p)
-        cols = _pick(flip, cols.flip(1), cols)
-        x = rows.unsqueeze(1) @ source @ cols.transpose(1, 2).unsqueeze(1)  # (B, C, size, size), 0..255
-        x = x.div_(255.0).clamp_(0, 1)
-        x = after_crop(x, decisions(u, v, C))
-        return (x - self.mean) / self.std
+
+def make_view(source: torch.Tensor, index: torch.Tensor, key, v: View, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """One view of a batch: source (B, C, H, W) float 0..255, the samples' data set indices (B,), the
+    stream key of (seed, epoch, view) -> (B, C, size, size), normalised with ``mean`` / ``std``."""
+    B, C, H, W = source.shape
+    u = uniforms_from_key(key, index)  # (B, DRAWS)
+
+    top, left, h, w = crop_boxes(u, H, W, v.crop_scale, v.crop_ratio).unbind(dim=1)
+    rows = resample_matrix(top, h, H, size)  # (B, size, H)
+    cols = resample_matrix(left, w, W, size)  # (B, size, W)
+    # the horizontal flip, drawn here, is applied last (below) by reversing the output columns: every op
+    # in between (colour, blur with a symmetric kernel, solarize) commutes with it
+    flip = _below(u[:, _FLIP], v.flip_p)
+    cols = _pick(flip, cols.flip(1), cols)
+    x = rows.unsqueeze(1) @ source @ cols.transpose(1, 2).unsqueeze(1)  # (B, C, size, size), 0..255
+    x = x.div_(255.0).clamp_(0, 1)
+    x = after_crop(x, decisions(u, v, C))
+    return (x - mean) / std

@@ -28,6 +28,7 @@ from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.views import resolve_policy
 from ssl_bench.distributed import resolve_device
 from ssl_bench.errors import UserError
+from ssl_bench.runtime import use_compile
 from ssl_bench.method import DataSpec
 
 
@@ -189,7 +190,8 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
         images, labels = base.images, base.labels
         if indices is not None:
             images, labels = images[torch.from_numpy(indices)], labels[torch.from_numpy(indices)]
-        views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device)
+        views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device,
+                             compile=use_compile(cfg["train"]["compile"], cfg.get("preset"), device))
         if spec.mask is None:
             common.update(num_workers=0, persistent_workers=False, prefetch_factor=None)
         masks = DataLoader(_MaskBatches(len(dataset), spec.mask, cfg["seed"]), sampler=_WithEpoch(sampler, batch),
