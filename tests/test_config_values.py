@@ -15,7 +15,7 @@ TINY = ["data.subset=64", "train.batch_size=8", "train.max_steps=1", "train.prog
 
 @pytest.mark.parametrize("override, named", [
     ("train.batch_size=0", "config key 'train.batch_size' takes an integer >= 1, got 0"),
-    ("method.mask_ratio=1.5", "config key 'method.mask_ratio' takes a number in [0, 1), got 1.5"),
+    ("method.mask_ratio=1.5", "config key 'method.mask_ratio' takes a number in (0, 1), got 1.5"),
     ("train.epochs=-3", "config key 'train.epochs' takes a number > 0, got -3"),
     ("train.max_steps=2.5", "config key 'train.max_steps' takes an integer >= 0, or none, got 2.5"),
     ("train.blr=1e999", "config key 'train.blr' takes a number > 0, got inf"),
