@@ -11,7 +11,9 @@
 # against 1M references on the GPU, (3) a short full-preset MAE pretraining on fashion_mnist and its
 # kNN / linear evaluation. Options: --out DIR (default results/gpu), --python PY (default: python3, or
 # the repo's .venv), --steps N (trainer steps per throughput row, default 30), --pretrain-steps N (MAE
-# pretraining steps, default 2000). The report is rewritten after every step, so a cut-short check keeps its figures.
+# pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae: run those alone,
+# e.g. to split the check over calls with a time limit; on one H100 the parts took about 220, 200, 70 and 120 s).
+# The report is rewritten after every step, so a cut-short check keeps its figures.
 set -uo pipefail  # no -e: a failing step is reported and the others still run
 
 ARGS="$*"
@@ -19,6 +21,7 @@ DRY=0
 OUT=results/gpu
 STEPS=30
 PRE_STEPS_ARG=""
+ONLY=throughput,vitb16,knn,mae
 PY=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -26,11 +29,15 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift ;;
         --steps) STEPS="$2"; shift ;;
         --pretrain-steps) PRE_STEPS_ARG="$2"; shift ;;
+        --only) ONLY="$2"; shift ;;
         --python) PY="$2"; shift ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
+done
+for part in ${ONLY//,/ }; do
+    case "$part" in throughput|vitb16|knn|mae) ;; *) echo "gpu-check: unknown part '$part' in --only; choose from throughput, vitb16, knn, mae" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")/.."
 if [ -z "$PY" ]; then
@@ -120,8 +127,10 @@ else
 fi
 
 # -- 2. throughput -----------------------------------------------------------------------------------
-step "throughput, fashion_mnist at $PRESET" "${CLI[@]}" throughput --preset "$PRESET" --methods "$TP_METHODS" "${TP_EXTRA[@]}" --out "$WORK/tp"
-step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" --out "$WORK/tp"
+wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+wanted throughput && step "throughput, fashion_mnist at $PRESET" "${CLI[@]}" throughput --preset "$PRESET" --methods "$TP_METHODS" "${TP_EXTRA[@]}" --out "$WORK/tp"
+wanted vitb16 && step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" --out "$WORK/tp"
 
 # -- 3. faiss kNN over random features -------------------------------------------------------------------
 knn_check() {
@@ -141,10 +150,11 @@ t2 = time.perf_counter()
 print(f"| {n:,} x 768 | {n:,} | {knn.index_name} | {t1 - t0:.1f} | {t2 - t1:.1f} |")
 EOF
 }
-step "kNN, $KNN_N x 768 random features" knn_check
+wanted knn && step "kNN, $KNN_N x 768 random features" knn_check
 
 # -- 4. a short full-preset MAE pretraining and its evaluation ---------------------------------------------
-step "MAE pretraining" "${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=lines
-step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}"
+wanted mae && step "MAE pretraining" "${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=lines
+wanted mae && step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}"
 
 echo "gpu-check: written $REPORT" >&2
+if [ -s "$WORK/failed" ]; then exit 1; fi  # the report names the failed steps

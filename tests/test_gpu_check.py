@@ -1,0 +1,29 @@
+"""scripts/gpu-check.sh, checked where CI runs (no GPU): its --dry-run does the same steps at smoke size."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_check(*args):
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--python", sys.executable, *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_dry_run_of_chosen_parts_writes_their_report_sections(tmp_path):
+    done = gpu_check("--dry-run", "--only", "knn,mae", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (report,) = tmp_path.glob("*-cpu-dryrun.md")
+    text = report.read_text()
+    assert "Dry run on the CPU" in text and "--only knn,mae" in text
+    assert "## kNN over random features" in text and "## MAE, fashion_mnist, short pretraining" in text
+    assert "Training throughput" not in text and "Failed steps" not in text  # only the parts asked for
+    again = gpu_check("--dry-run", "--only", "knn", "--out", str(tmp_path))
+    assert again.returncode == 0 and len(list(tmp_path.glob("*.md"))) == 2  # a second check never overwrites the first
+
+
+def test_an_unknown_part_is_one_line_naming_the_choices(tmp_path):
+    done = gpu_check("--dry-run", "--only", "knn,warp", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.strip() == "gpu-check: unknown part 'warp' in --only; choose from throughput, vitb16, knn, mae"
