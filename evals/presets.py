@@ -72,10 +72,10 @@ _KNN = {"mode": "official", "k": 20, "ks": (1, 2, 3, 5, 10, 20, 50, 100, 200), "
 # cpu_threads: torch threads while training probes on a CPU (None: torch's default). The heads' ops are
 # tiny, so on a busy CPU thread synchronisation costs more than it saves (a BatchNorm over 128 x 64:
 # 0.04 ms on 1 thread, 3.6 ms on 2, on 2 cores shared by other jobs).
-# epochs / warmup_epochs: official mode (every epoch encodes the training images anew: 3 at quick; at the
-# earlier, larger quick encoder an epoch of 10,000 images cost 59 CPU-s for the linear grid and 78 for the
-# attentive one (scripts/probe_cost.py), at today's the three official probes of a run take 50 CPU-s in all,
-# docs/protocols.md);
+# epochs / warmup_epochs: official mode (every epoch encodes the training images anew: 3 at quick, 10 for
+# the linear probe; at the earlier, larger quick encoder an epoch of 10,000 images cost 59 CPU-s for the linear grid and 78 for the
+# attentive one (scripts/probe_cost.py), at today's the three official probes of a run took 50 CPU-s in all
+# with 3 linear epochs, docs/protocols.md);
 # fast_epochs / fast_warmup_epochs: fast mode (cached features: cheap epochs).
 # feature_types: the fast mode's features (official: the cls token). seed: the crops' and heads' randomness.
 _PROBE = {"mode": "official", "optimizer": "lars", "momentum": 0.9, "weight_decay": 0.0, "feature_types": ("cls", "mean"), "seed": 0, "cpu_threads": 1}

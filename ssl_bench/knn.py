@@ -27,12 +27,11 @@ class KNNClassifier:
         if faiss.get_num_gpus() > 0:
             self._gpu_resources = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, faiss.IndexFlatIP(train.shape[1]))
-            self.index_name = "faiss IndexFlatIP (gpu)"
+            self.index_name, self.on_gpu = "faiss IndexFlatIP (gpu)", True
         elif torch.cuda.is_available():
-            self.index, self.index_name = CudaFlatIP(train.shape[1]), "exact inner product, torch float32 (gpu)"
+            self.index, self.index_name, self.on_gpu = CudaFlatIP(train.shape[1]), "exact inner product, torch float32 (gpu)", True
         else:
-            self.index, self.index_name = faiss.IndexFlatIP(train.shape[1]), "faiss IndexFlatIP (cpu)"
-        self.on_gpu = "(gpu)" in self.index_name
+            self.index, self.index_name, self.on_gpu = faiss.IndexFlatIP(train.shape[1]), "faiss IndexFlatIP (cpu)", False
         self.index.add(_unit(train))  # inner product of unit vectors = cosine
 
     def search(self, queries: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -122,8 +122,7 @@ def split_by_mask(mask: torch.Tensor, num_masked: int | None = None) -> tuple[to
         if not bool((counts == counts[0]).all()):
             raise ValueError("every sample must mask the same number of patches")
         num_masked = int(counts[0])
-    n_mask = num_masked
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, then masked
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    n_vis = mask.shape[1] - n_mask
+    n_vis = mask.shape[1] - num_masked
     return ids_shuffle[:, :n_vis], ids_shuffle[:, n_vis:], ids_restore
