@@ -1,7 +1,15 @@
 """Mask generators: one boolean mask per sample, True = masked.
 
-They run in the data pipeline with a per-sample numpy Generator, so masks are reproducible from
-(seed, epoch, index) alone: exact resume needs no mask state.
+Each generator draws a mask in two ways, both reproducible from (seed, epoch, index) alone, so exact
+resume needs no mask state:
+
+* ``gen(rng)``: one sample's mask from a numpy Generator seeded with the sample's seed, written as the
+  official code is (the per-sample data paths: image folders, torchvision views);
+* ``gen.batch(seed, epoch, index)``: a batch's masks (B, N) at once, in array ops (numpy, on the CPU,
+  where the loader runs: a few hundred ops on arrays of a few thousand elements, a tenth of torch's cost
+  per call), drawn from ``ssl_bench.counter_rng`` (the batched path for data sets held in memory). The
+  same distribution, not the same masks: tests/reference/test_masking_reference.py checks both against
+  the official generators' statistics.
 
 ``RandomMaskGenerator`` and ``BlockMaskGenerator(exact=True)`` mask the same number of patches in every
 sample (``fixed_count`` True), which methods whose encoder sees only the visible patches need for
@@ -15,8 +23,12 @@ import math
 import numpy as np
 import torch
 
+from ssl_bench.counter_rng import MASK_STREAM, uniforms_numpy
+
 BEIT_GRID_PATCHES = 196  # the 14x14 grid the official block-masking constants are set for
 BEIT_MIN_BLOCK = 16  # min_num_patches of BEiT's and CAE's pretraining scripts at 14x14
+BLOCK_TRIES = 10  # rectangles tried per block before the block fails (the official ``_mask``)
+ROUNDS_PER_DRAW = 8  # block rounds whose uniforms are drawn at once (``BlockMaskGenerator.batch``)
 
 
 class RandomMaskGenerator:
@@ -36,6 +48,13 @@ class RandomMaskGenerator:
         mask = np.zeros(self.num_patches, dtype=bool)
         mask[rng.permutation(self.num_patches)[: self.num_masked]] = True
         return mask
+
+    def batch(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """(B, N) masks of the samples ``index``: the ``num_masked`` patches of lowest noise, as MAE's
+        argsort of per-patch noise."""
+        noise = uniforms_numpy(seed, epoch, index.numpy(), MASK_STREAM, self.num_patches)  # (B, N)
+        rank = noise.argsort(axis=1, kind="stable").argsort(axis=1)  # (B, N): each patch's place in the noise order
+        return torch.from_numpy(rank < self.num_masked)
 
 
 class BlockMaskGenerator:
@@ -76,7 +95,7 @@ class BlockMaskGenerator:
     def _add_block(self, mask: np.ndarray, remaining: int, rng: np.random.Generator) -> int:
         """Mask one block in place (2-D ``mask``); returns the number of newly masked patches (0: none)."""
         g = self.grid_size
-        for _ in range(10):
+        for _ in range(BLOCK_TRIES):
             area = self.min_block + (remaining - self.min_block) * rng.random()
             aspect = math.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * rng.random())
             h = int(round(math.sqrt(area * aspect)))
@@ -100,6 +119,46 @@ class BlockMaskGenerator:
             if added == 0 and not self.exact:
                 return mask.reshape(-1)  # BEiT: a block that cannot be placed ends the mask, short of the target
             count += added
+        raise RuntimeError(f"block masking did not reach {self.num_masked} masked patches in {self.MAX_BLOCKS} blocks")
+
+    def batch(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """(B, N) masks of the samples ``index``: ``__call__``'s algorithm for the whole batch in step, one
+        block per round. A round tries all 10 rectangles of every sample at once and keeps each sample's first
+        valid one. Its draws are the sample's own (stream ``MASK_STREAM + 1 + round // ROUNDS_PER_DRAW``),
+        so a sample's mask never depends on the rest of its batch. Samples that have finished (or, for BEiT,
+        failed a block) take no more blocks; the loop ends when none is left."""
+        g, index = self.grid_size, index.numpy()
+        B, cells, (lo, hi) = len(index), np.arange(g), self.log_aspect
+        mask = np.zeros((B, g, g), dtype=bool)
+        count = np.zeros(B, dtype=np.int64)
+        adding = np.ones(B, dtype=bool)
+        rows = np.arange(B)
+        for block in range(self.MAX_BLOCKS):
+            adding &= count < self.num_masked
+            if not adding.any():
+                return torch.from_numpy(mask.reshape(B, -1))
+            if block % ROUNDS_PER_DRAW == 0:  # one hash for several rounds: hashing is most of a round's ops
+                draws = uniforms_numpy(seed, epoch, index, MASK_STREAM + 1 + block // ROUNDS_PER_DRAW, ROUNDS_PER_DRAW * 4 * BLOCK_TRIES)
+                draws = draws.reshape(B, ROUNDS_PER_DRAW, BLOCK_TRIES, 4)
+            u = draws[:, block % ROUNDS_PER_DRAW]  # (B, T, 4): area, aspect, top, left of each try
+            remaining = (self.num_masked - count)[:, None]  # (B, 1)
+            area = self.min_block + (remaining - self.min_block) * u[..., 0]  # (B, T)
+            aspect = np.exp(lo + (hi - lo) * u[..., 1])
+            h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, as Python's round
+            w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+            top = np.floor(u[..., 2] * (g - h + 1)).astype(np.int64)  # uniform in [0, g - h] (meaningless where h >= g)
+            left = np.floor(u[..., 3] * (g - w + 1)).astype(np.int64)
+            in_rows = (cells >= top[..., None]) & (cells < (top + h)[..., None])  # (B, T, g)
+            in_cols = (cells >= left[..., None]) & (cells < (left + w)[..., None])
+            rect = in_rows[..., :, None] & in_cols[..., None, :]  # (B, T, g, g)
+            new = (rect & ~mask[:, None]).sum(axis=(2, 3))  # (B, T): patches each try would add
+            valid = (h < g) & (w < g) & (new > 0) & (new <= remaining) & adding[:, None]
+            placed = valid.any(axis=1)  # (B,)
+            first = valid.argmax(axis=1)  # the first valid try
+            mask |= rect[rows, first] & placed[:, None, None]
+            count += new[rows, first] * placed
+            if not self.exact:
+                adding &= placed  # BEiT: a block that cannot be placed ends the mask
         raise RuntimeError(f"block masking did not reach {self.num_masked} masked patches in {self.MAX_BLOCKS} blocks")
 
 

@@ -221,3 +221,14 @@ def test_compiled_views_equal_the_eager_ones_and_compile_once_per_distinct_view(
     assert all(torch.equal(a, b) for a, b in zip(first, eager(index, 0)))
     assert all(torch.equal(a, b) for epoch, views in zip((1, 2), later) for a, b in zip(views, eager(index, epoch)))
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], later[0][0])
+
+
+def test_numpy_uniforms_are_the_same_numbers():
+    """Masks draw from the numpy copy of the hash, views from the torch one: one function of (seed, epoch,
+    index, stream, draw), index values past 2**32 included."""
+    from ssl_bench.counter_rng import uniforms, uniforms_numpy
+
+    index = np.concatenate([np.arange(500), np.random.default_rng(0).integers(0, 2**40, 500)])
+    for seed, epoch, stream in ((0, 0, 0), (7, 3, 5), (2**40 + 3, 11, 2**31)):
+        assert np.array_equal(uniforms(seed, epoch, torch.from_numpy(index), stream, 33).numpy(),
+                              uniforms_numpy(seed, epoch, index, stream, 33))

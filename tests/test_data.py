@@ -95,3 +95,31 @@ def test_corrupt_idx_file_is_named(tmp_path):
 def test_synthetic_is_deterministic():
     ds, info = load_dataset("synthetic", None, "pretrain", img_size=32)
     assert torch.equal(ds[3][0], ds[3][0]) and ds[3][0].shape == (3, 32, 32) and info.num_classes == 10
+
+
+def test_batched_path_draws_whole_batch_masks_in_process_on_cpu(fashion):
+    """In-memory data: each batch's masks are the generator's batch draw for the batch's indices, made in
+    the training process on a CPU device (a loader worker would take a core from the step), and a worker
+    draws the same masks; a plug-in generator with only ``__call__`` still gets one mask per sample."""
+    from torch.utils.data import DataLoader
+
+    from ssl_bench.build import build_method
+    from ssl_bench.data.pipeline import _MaskBatches, _WithEpoch, build_pretrain_loader, sample_mask
+    from tests.conftest import smoke_config
+
+    cfg = smoke_config("mae", "data.num_workers=1", "data.device_augment=true")
+    spec = build_method(cfg, fashion[1]).data_spec()
+    loader, sampler, *_ = build_pretrain_loader(cfg, spec, device="cpu")
+    assert loader.loader.num_workers == 0
+    first = next(iter(loader))
+    index = torch.tensor(list(sampler)[: cfg["train"]["batch_size"]])
+    assert torch.equal(first["mask"], spec.mask.batch(cfg["seed"], 0, index))
+
+    blocks = BlockMaskGenerator(4, 0.5, exact=True)  # CAE's
+    in_worker = DataLoader(_MaskBatches(1000, blocks, 3), sampler=_WithEpoch(sampler, 8), batch_size=None, num_workers=1)
+    batch = next(iter(in_worker))
+    assert torch.equal(batch["mask"], blocks.batch(3, batch["epoch"], batch["index"]))
+
+    plug_in = lambda rng: blocks(rng)  # noqa: E731  (a callable, as a third-party generator may be)
+    item = _MaskBatches(1000, plug_in, 3)[(2, [5, 9])]
+    assert torch.equal(item["mask"], torch.stack([sample_mask(plug_in, 3, 2, i) for i in (5, 9)]))

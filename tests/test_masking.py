@@ -74,3 +74,44 @@ def test_split_by_mask_with_the_generators_count_reads_nothing_back(monkeypatch)
     monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(checked, given))
     assert given[1].shape == (5, gen.num_masked)
+
+
+# -- batched draws (the in-memory data path): same semantics, a function of (seed, epoch, index) ----------
+GENERATORS = {
+    "random": lambda: RandomMaskGenerator(4, 0.75),
+    "block-beit": lambda: BlockMaskGenerator(7, 75 / 196),
+    "block-cae": lambda: BlockMaskGenerator(7, 0.5, exact=True),
+}
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_batched_masks_are_each_samples_own_draw(name):
+    """A sample's mask depends on (seed, epoch, index) only: not on its batch, its place in it, or the
+    other samples (so resume and DDP shards draw the same masks); another epoch or seed draws anew."""
+    gen = GENERATORS[name]()
+    index = torch.arange(64)
+    whole = gen.batch(3, 1, index)
+    assert whole.shape == (64, gen.num_patches) and whole.dtype == torch.bool
+    assert torch.equal(whole[40:], gen.batch(3, 1, index[40:]))
+    shuffled = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(whole[shuffled], gen.batch(3, 1, shuffled))
+    assert not torch.equal(whole, gen.batch(3, 2, index)) and not torch.equal(whole, gen.batch(4, 1, index))
+    assert (whole != whole[:1]).any(dim=1).float().mean() > 0.9  # the samples' masks differ
+
+
+def test_batched_random_masks_are_uniform_subsets_of_the_count():
+    gen = RandomMaskGenerator(4, 0.75)
+    masks = gen.batch(0, 0, torch.arange(4000))
+    assert (masks.sum(1) == gen.num_masked).all()
+    # each of the 16 positions is masked with probability 12/16 (4 standard errors: 0.027)
+    assert (masks.float().mean(0) - 0.75).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("grid,ratio,exact", [(7, 75 / 196, False), (7, 0.5, True), (4, 0.5, True)])
+def test_batched_block_masks_keep_the_count_rules(grid, ratio, exact):
+    gen = BlockMaskGenerator(grid, ratio, exact=exact)
+    counts = gen.batch(0, 0, torch.arange(1000)).sum(1)
+    if exact:  # CAE: exactly the target in every sample
+        assert (counts == gen.num_masked).all()
+    else:  # BEiT: never above the target, sometimes below (a block that fails ends the mask)
+        assert (counts <= gen.num_masked).all() and (counts < gen.num_masked).any()

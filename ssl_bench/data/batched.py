@@ -7,9 +7,10 @@ sample indices, and each view of the policy is made for all its samples at once:
                  -> crop boxes -> bicubic resize -> colour jitter -> grayscale -> blur -> solarize -> flip
                  -> normalize -> (B, C, size, size)
 
-Random parameters come from a counter-based hash of (seed, epoch, index, view, draw), not from an RNG
-stream, so they are a function of those numbers alone: a resumed run or another DDP shard draws the same
-augmentation for the same sample, and no global RNG state is consumed.
+Random parameters come from a counter-based hash of (seed, epoch, index, view, draw)
+(``ssl_bench.counter_rng``), not from an RNG stream, so they are a function of those numbers alone: a
+resumed run or another DDP shard draws the same augmentation for the same sample, and no global RNG state
+is consumed. The batch's masks come from the same hash (``ssl_bench.masking``, ``batch``).
 
 The parameters follow torchvision's definitions (RandomResizedCrop's ten attempts and centre fallback,
 ColorJitter's factor ranges and random order, GaussianBlur's kernel), so both paths draw the same
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ssl_bench import counter_rng
+from ssl_bench.counter_rng import stream_key, uniforms_from_key
 from ssl_bench.data.transforms import blur_kernel_size
 from ssl_bench.data.views import View, crop_fallback
 
-_M32 = 0xFFFFFFFF
 ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback
 # uniforms per (sample, view): crop (area, log-ratio, top, left) x ATTEMPTS, then one per decision below
 _AREA, _RATIO, _TOP, _LEFT = (k * ATTEMPTS for k in range(4))
@@ -40,49 +42,9 @@ _GRAY, _BLUR_P, _SIGMA, _SOLARIZE = range(_ORDER + 4, _ORDER + 8)
 DRAWS = _SOLARIZE + 1
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x < 2**32, without overflowing int64 (16-bit limbs)."""
-    return ((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2**32) with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def _mix32_int(x: int) -> int:
-    """_mix32 on a Python int (the per-call prefix of the hash: no tensor, so no host-to-device copy)."""
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def stream_key(seed: int, epoch: int, view: int) -> int:
-    """The hash of (seed, epoch, view): the per-call prefix of ``uniforms``."""
-    h = _mix32_int((seed & _M32) ^ 0x9E3779B9)
-    for k in ((seed >> 32) & _M32, epoch & _M32, view & _M32):
-        h = _mix32_int(h ^ k)
-    return h
-
-
 def uniforms(seed: int, epoch: int, index: torch.Tensor, view: int, draws: int = DRAWS) -> torch.Tensor:
     """(B, draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, draw)."""
-    return uniforms_from_key(stream_key(seed, epoch, view), index, draws)
-
-
-def uniforms_from_key(key: int | torch.Tensor, index: torch.Tensor, draws: int = DRAWS) -> torch.Tensor:
-    """``uniforms`` from its ``stream_key`` (an int, or a 0-d int64 tensor: a compiled caller's input
-    rather than a constant it would recompile for at every epoch)."""
-    x = _mix32(index.long() ^ key)  # (B,)
-    x = _mix32(x[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
-    x = _mix32(x ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully
-    return x.double() * 2.0**-32
+    return counter_rng.uniforms(seed, epoch, index, view, draws)
 
 
 # -- parameters (pure functions of uniforms; tests compare them with torchvision's) -----------------
@@ -170,11 +132,6 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1).to(x.dtype)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
-
-
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by ``shift`` (B,) turns (torchvision's hexagonal HSV), without branches."""
     r, g, b = x.unbind(dim=1)
@@ -201,7 +158,12 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """ColorJitter per sample in its own random order; samples with ``apply`` False keep identity factors."""
+    """ColorJitter per sample in its own random order; samples with ``apply`` False keep identity factors.
+
+    At each turn every sample applies one of its operations. Brightness, contrast and saturation are
+    torchvision's blends (with black, the mean luma, the luma) with a factor f, each ``f x + (1 - f) other``
+    clamped to [0, 1]; a sample's other two factors are exactly 1 at this turn, so one fused expression,
+    ``clamp(fb fc fs x + (1 - fc) mean + (1 - fs) luma)``, applies whichever it draws."""
     identity = (1.0, 1.0, 1.0, 0.0)
     keep = apply.to(factors.dtype)
     factors = torch.stack([factors[:, k] * keep + identity[k] * (1 - keep) for k in range(4)], dim=1)
@@ -209,36 +171,35 @@ def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, 
     # rank of each present op in this sample's order (torchvision draws a permutation of all four)
     position = order.argsort(dim=1)  # (B, 4): when each op comes
     rank = position[:, list(ops)].argsort(dim=1).argsort(dim=1)  # (B, len(ops)): its turn among the present ops
-    for slot in range(len(ops)):
-        for j, op in enumerate(ops):
-            here = (rank[:, j] == slot).to(factors.dtype)
-            f = factors[:, op] * here + identity[op] * (1 - here)
-            if op == 0:
-                x = _blend(x, torch.zeros_like(x[:, :1]), f)
-            elif op == 1:
-                lum = x if x.shape[1] == 1 else _gray(x)
-                x = _blend(x, lum.mean(dim=(1, 2, 3), keepdim=True), f)
-            elif op == 2:
-                x = _blend(x, _gray(x), f)
-            else:
-                hued = _adjust_hue(x, f)  # (the HSV round trip is not exact: keep samples without a shift as they are)
-                x = _pick(here * factors[:, 3].ne(0).to(here.dtype), hued, x)
+    for turn in range(len(ops)):
+        now = (rank == turn).to(factors.dtype)  # (B, len(ops)): the op each sample applies at this turn
+        f = [(factors[:, op] * now[:, j] + identity[op] * (1 - now[:, j])).to(x.dtype).view(-1, 1, 1, 1) for j, op in enumerate(ops[:3])]
+        luma = x if x.shape[1] == 1 else _gray(x)
+        scale = f[0] * f[1] * (f[2] if len(f) > 2 else 1.0)
+        shift = (1 - f[1]) * luma.mean(dim=(1, 2, 3), keepdim=True)
+        out = torch.addcmul(shift, scale, x)
+        if len(f) > 2:
+            out = out.addcmul_(1 - f[2], luma)
+        x = out.clamp_(0, 1)
+        if len(ops) > 3:
+            hue = now[:, 3] * factors[:, 3].ne(0).to(now.dtype)  # (the HSV round trip is not exact: keep samples without a shift as they are)
+            x = _pick(hue, _adjust_hue(x, factors[:, 3]), x)
     return x
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample, reflect padding (as torchvision), as a sum of
-    ``kernel`` shifted copies per direction."""
+    """Separable Gaussian blur with one sigma per sample, reflect padding (as torchvision): a depthwise
+    convolution per direction, one filter per (sample, channel)."""
     B, C, H, W = x.shape
     half = (kernel - 1) / 2
     pos = torch.linspace(-half, half, kernel, device=x.device, dtype=torch.float64)
     w = torch.exp(-0.5 * (pos[None] / sigma[:, None]) ** 2)
-    w = (w / w.sum(dim=1, keepdim=True)).to(x.dtype).view(B, 1, 1, 1, kernel)
+    w = (w / w.sum(dim=1, keepdim=True)).to(x.dtype).repeat_interleave(C, dim=0)  # (B * C, kernel)
     pad = kernel // 2
-    y = F.pad(x, (pad, pad, 0, 0), mode="reflect")
-    x = sum(w[..., t] * y[..., t:t + W] for t in range(kernel))
-    y = F.pad(x, (0, 0, pad, pad), mode="reflect")
-    return sum(w[..., t] * y[:, :, t:t + H, :] for t in range(kernel))
+    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, w.view(B * C, 1, 1, kernel), groups=B * C)  # along rows
+    y = F.conv2d(y, w.view(B * C, 1, kernel, 1), groups=B * C)  # along columns
+    return y.view(B, C, H, W)
 
 
 @dataclass(frozen=True)
@@ -323,7 +284,7 @@ def make_view(source: torch.Tensor, index: torch.Tensor, key, v: View, size: int
     """One view of a batch: source (B, C, H, W) float 0..255, the samples' data set indices (B,), the
     stream key of (seed, epoch, view) -> (B, C, size, size), normalised with ``mean`` / ``std``."""
     B, C, H, W = source.shape
-    u = uniforms_from_key(key, index)  # (B, DRAWS)
+    u = uniforms_from_key(key, index, DRAWS)  # (B, DRAWS)
 
     top, left, h, w = crop_boxes(u, H, W, v.crop_scale, v.crop_ratio).unbind(dim=1)
     rows = resample_matrix(top, h, H, size)  # (B, size, H)

@@ -92,7 +92,8 @@ class _WithEpoch(Sampler):
 
 class _MaskBatches(Dataset):
     """``(epoch, [indices])`` -> {"epoch", "index" (B,), "mask" (B, N) bool?}: all the CPU does per batch
-    on the batched path."""
+    on the batched path. Masks are drawn for the whole batch (the generator's ``batch``), or per sample
+    for a plug-in's generator that has only ``__call__``."""
 
     def __init__(self, num_samples: int, mask_generator, seed: int):
         self.num_samples, self.mask_generator, self.seed = num_samples, mask_generator, seed
@@ -103,7 +104,9 @@ class _MaskBatches(Dataset):
     def __getitem__(self, key) -> dict:
         epoch, indices = key
         out = {"epoch": epoch, "index": torch.tensor(indices, dtype=torch.long)}
-        if self.mask_generator is not None:
+        if hasattr(self.mask_generator, "batch"):
+            out["mask"] = self.mask_generator.batch(self.seed, epoch, out["index"])
+        elif self.mask_generator is not None:
             out["mask"] = torch.stack([sample_mask(self.mask_generator, self.seed, epoch, i) for i in indices])
         return out
 
@@ -192,7 +195,9 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
             images, labels = images[torch.from_numpy(indices)], labels[torch.from_numpy(indices)]
         views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device,
                              compile=use_compile(cfg["train"]["compile"], cfg.get("preset"), device))
-        if spec.mask is None:
+        # the light loader needs no workers without masks; nor on a CPU device, where batched masks (1-4 ms a
+        # batch) cost less than a worker's copies, and a worker would take its core from the step
+        if spec.mask is None or device.type == "cpu":
             common.update(num_workers=0, persistent_workers=False, prefetch_factor=None)
         masks = DataLoader(_MaskBatches(len(dataset), spec.mask, cfg["seed"]), sampler=_WithEpoch(sampler, batch),
                            batch_size=None, **common)
