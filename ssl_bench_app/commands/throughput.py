@@ -3,7 +3,9 @@
 A benchmark, not a test: per method it runs the real trainer (data loading, augmentation, masking,
 forward, backward, optimizer) for a fixed number of steps (after the first two, timed), then the method's
 step alone on one batch held in memory, and the data loader alone on one core (``ssl_bench.throughput``);
-with a GPU also MFU and peak memory. ``--compare-paths`` measures the per-sample CPU data path
+with a GPU also MFU and peak memory. Trainer and step alone alternate for ``--rounds`` rounds and the
+table gives medians (the ratio: the median of the rounds' ratios), so a burst of load from elsewhere on
+a shared machine moves one round, not the comparison. ``--compare-paths`` measures the per-sample CPU data path
 (data.device_augment=false) and the batched device path side by side in one run. ``--synthetic-vitb16``
 is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures. It
 writes a table (markdown + JSON) naming the hardware.
@@ -14,6 +16,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 
 def register(sub) -> None:
@@ -24,13 +27,14 @@ def register(sub) -> None:
     p.add_argument("--data-root", "--root", default=None, help="where the data set lives (for imagefolder: the folder)")
     p.add_argument("--loader-only", action="store_true", help="imagefolder: only the loader table, no training")
     p.add_argument("--policies", default="mim,simsiam,byol", help="imagefolder: augmentation policies of the loader table (default: mim,simsiam,byol)")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per method (default: 12)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per method and round (default: 20)")
     p.add_argument("--compare-paths", action="store_true",
                    help="measure the per-sample CPU data path (before) and the batched device path (after) side by side")
     p.add_argument("--synthetic-vitb16", action="store_true",
                    help="synthetic 224 px data, ViT-B/16, batch 256, bf16 (the official codes' H100 configuration)")
     p.add_argument("--no-limits", action="store_true", help="trainer images/s only (skip step-alone and loader-alone)")
-    p.add_argument("--limit-steps", type=int, default=8, help="timed steps of the step alone and batches of the loader alone (default: 8)")
+    p.add_argument("--limit-steps", type=int, default=10, help="timed steps of the step alone and batches of the loader alone (default: 10)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of trainer and step alone; the table gives medians (default: 3)")
     p.add_argument("--out", default="results/throughput", help="where to write the table (default: results/throughput)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every method")
     p.set_defaults(func=run)
@@ -45,6 +49,11 @@ def run(args) -> int:
     from ssl_bench.throughput import loader_alone, step_alone
     from ssl_bench.trainer import pretrain
 
+    from ssl_bench.errors import UserError
+
+    for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
+        if value < least:  # the first two trainer steps are not timed
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     folder_md = folder_section(args.data_root, args.out, args.overrides, args.policies.split(",")) if args.data == "imagefolder" else ""
     if args.loader_only:
         return 0
@@ -64,20 +73,27 @@ def run(args) -> int:
             cfg = resolve_config(get_method(name), args.preset, [*overrides, *([path_override] if path_override else [])])
             path_name = path_name or ("batched device" if cfg["data"]["device_augment"] and args.data != "imagefolder" else "per-sample CPU")
             # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
+            trainer, steps, totals = [], [], []
             with tempfile.TemporaryDirectory() as tmp:
-                t0 = time.perf_counter()
-                record = pretrain(cfg, Path(tmp) / "run")
-                total = time.perf_counter() - t0
-                if not args.no_limits:
-                    # prepare() may have written files (a tokenizer) that the method needs to be built
-                    cfg = record["config"]
-                    limits = {**step_alone(cfg, args.limit_steps), "loader_images_per_s": loader_alone(cfg, args.limit_steps)}
-                else:
-                    limits = {}
-            row = {"method": name, "data_path": path_name, "images_per_s": record["images_per_s"], "steps": record["steps"],
-                   "batch": record["effective_batch"], "setup_and_run_s": total, **limits}
-            if "step_images_per_s" in row:
-                row["trainer_over_step"] = row["images_per_s"] / row["step_images_per_s"]
+                for r in range(args.rounds):
+                    t0 = time.perf_counter()
+                    record = pretrain(cfg, Path(tmp) / f"run{r}")
+                    totals.append(time.perf_counter() - t0)
+                    trainer.append(record["images_per_s"])
+                    cfg = record["config"]  # prepare() may have written files (a tokenizer) later rounds and the step reuse
+                    if not args.no_limits:
+                        steps.append(step_alone(cfg, args.limit_steps))
+                limits = {"loader_images_per_s": loader_alone(cfg, args.limit_steps)} if not args.no_limits else {}
+            row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds,
+                   "trainer_images_per_s_rounds": trainer, "steps": record["steps"], "batch": record["effective_batch"],
+                   "setup_and_run_s": totals[0], **limits}
+            if steps:
+                step_rates = [s["step_images_per_s"] for s in steps]
+                row.update({k: v for k, v in steps[-1].items() if k != "step_images_per_s"}, step_images_per_s=median(step_rates),
+                           step_images_per_s_rounds=step_rates,
+                           trainer_over_step=median([t / s for t, s in zip(trainer, step_rates)]))
+                if row.get("flops_per_step"):  # MFU at the median step rate
+                    row["mfu"] = median([s["mfu"] for s in steps])
             rows.append(row)
             _write(args, rows, folder_md, tabulate, finished=False)  # a cut-short run still leaves its rows
             print(f"{name} [{path_name}]: {record['images_per_s']:.1f} images/s"
@@ -107,12 +123,14 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
         atomic_write(args._json_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     md = args._json_path.with_suffix(".md")
     command = " ".join(["ssl-bench throughput", f"--preset {args.preset}", f"--data {args.data}", f"--steps {args.steps}",
-                        f"--limit-steps {args.limit_steps}", *(["--methods " + args.methods] if args.methods != "all" else []),
+                        f"--limit-steps {args.limit_steps}", f"--rounds {args.rounds}", *(["--methods " + args.methods] if args.methods != "all" else []),
                         *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else [])])
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
             f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
-            f"on one batch held in memory. Loader alone: the pretraining loader on one core (no workers, one thread).\n\n"
+            f"on one batch held in memory. Trainer and step alone alternate for {args.rounds} rounds: images/s are medians, "
+            f"trainer / step the median of the rounds' ratios. Loader alone: the pretraining loader on one core "
+            f"(no workers, one thread).\n\n"
             f"{table}\n{'' if finished else chr(10) + '(run still going or cut short: the rows measured so far)' + chr(10)}{folder_md}")
     atomic_write(md, lambda f: f.write(text.encode()))
     return f"{table}\nwritten to {args._json_path} and {md}"
