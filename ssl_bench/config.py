@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 2,
         "decode": "cpu",  # image folders: cpu (decode + views per sample in the workers) | device (JPEGs decoded in batches on the training device)
         "device_augment": True,  # in-memory data sets: batched views on the training device (false: per sample on CPU)
+        "compile_views": "auto",  # batched views through torch.compile: auto (whenever the step is compiled) | true | false
     },
     "model": {
         "arch": "vit_tiny",
@@ -187,6 +188,7 @@ CHECKS: dict[str, Check] = {
     "data.num_workers": Check(0, integer=True),
     "data.decode": Check(choices=("cpu", "device")),
     "data.device_augment": SWITCH,
+    "data.compile_views": Check(choices=("auto", True, False)),
     "model.patch_size": Check(1, integer=True),
     "model.embed_dim": Check(4, integer=True, none_ok=True),
     "model.depth": Check(1, integer=True, none_ok=True),

@@ -223,6 +223,22 @@ def test_compiled_views_equal_the_eager_ones_and_compile_once_per_distinct_view(
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], later[0][0])
 
 
+@pytest.mark.parametrize("compile_views,train_compile,device,expected", [
+    ("auto", "auto", "cuda", True),  # the full preset's compiled step on a GPU: views compiled with it
+    ("auto", "auto", "cpu", False),
+    ("auto", True, "cpu", True),
+    (False, "auto", "cuda", False),  # eager views beside a compiled step (throughput's comparison row)
+    (True, False, "cpu", True),
+])
+def test_views_compile_with_the_step_unless_data_compile_views_says(compile_views, train_compile, device, expected):
+    from ssl_bench.data.pipeline import compile_views as decide
+
+    cfg = {"preset": "full", "data": {"compile_views": compile_views}, "train": {"compile": train_compile}}
+    assert decide(cfg, torch.device(device)) is expected
+    assert decide({"preset": "full", "data": {}, "train": {"compile": train_compile}}, torch.device(device)) is (
+        train_compile is True or (train_compile == "auto" and device == "cuda"))  # runs from before the key
+
+
 def test_numpy_uniforms_are_the_same_numbers():
     """Masks draw from the numpy copy of the hash, views from the torch one: one function of (seed, epoch,
     index, stream, draw), index values past 2**32 included."""

@@ -159,6 +159,13 @@ class ResumableSampler(Sampler[int]):
         return iter(mine[self.start_step * self.batch_size :].tolist())
 
 
+def compile_views(cfg: dict, device: torch.device) -> bool:
+    """Whether the batched views go through torch.compile: ``data.compile_views``, where auto (and runs
+    from before the key) follows the step's ``train.compile``."""
+    setting = cfg["data"].get("compile_views", "auto")
+    return use_compile(cfg["train"]["compile"] if setting == "auto" else setting, cfg.get("preset"), device)
+
+
 def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: int = 1, device=None):
     """-> (loader, ResumableSampler, PretrainDataset, DatasetInfo) for a resolved run config.
 
@@ -194,7 +201,7 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
         if indices is not None:
             images, labels = images[torch.from_numpy(indices)], labels[torch.from_numpy(indices)]
         views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device,
-                             compile=use_compile(cfg["train"]["compile"], cfg.get("preset"), device))
+                             compile=compile_views(cfg, device))
         # the light loader needs no workers without masks; nor on a CPU device, where batched masks (1-4 ms a
         # batch) cost less than a worker's copies, and a worker would take its core from the step
         if spec.mask is None or device.type == "cpu":

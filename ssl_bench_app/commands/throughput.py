@@ -6,7 +6,8 @@ step alone on one batch held in memory, and the data loader alone on one core (`
 with a GPU also MFU and peak memory. Trainer and step alone alternate for ``--rounds`` rounds and the
 table gives medians (the ratio: the median of the rounds' ratios), so a burst of load from elsewhere on
 a shared machine moves one round, not the comparison. ``--compare-paths`` measures the per-sample CPU data path
-(data.device_augment=false) and the batched device path side by side in one run. ``--synthetic-vitb16``
+(data.device_augment=false) and the batched device path side by side in one run, and where the batched
+views are compiled (with a compiled step: the full preset on a GPU) the batched path with eager views too. ``--synthetic-vitb16``
 is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures. It
 writes a table (markdown + JSON) naming the hardware.
 """
@@ -44,6 +45,8 @@ def run(args) -> int:
     from tabulate import tabulate
 
     from ssl_bench.config import resolve_config
+    from ssl_bench.data.pipeline import compile_views
+    from ssl_bench.distributed import resolve_device
     from ssl_bench.data.folder_bench import folder_section
     from ssl_bench.registry import available_methods, get_method
     from ssl_bench.throughput import loader_alone, step_alone
@@ -66,11 +69,15 @@ def run(args) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     paths = [("per-sample CPU", "data.device_augment=false"), ("batched device", "data.device_augment=true")]
-    paths = paths if args.compare_paths else [(None, None)]
+    # where the batched views would be compiled (a compiled step), also the same path with eager views
+    eager_views = ("batched device, eager views", "data.device_augment=true data.compile_views=false")
+    paths = paths + [eager_views] if args.compare_paths else [(None, None)]
     rows = []
     for name in names:
         for path_name, path_override in paths:
-            cfg = resolve_config(get_method(name), args.preset, [*overrides, *([path_override] if path_override else [])])
+            cfg = resolve_config(get_method(name), args.preset, [*overrides, *(path_override.split() if path_override else [])])
+            if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
+                continue  # the batched row's views are eager already
             path_name = path_name or ("batched device" if cfg["data"]["device_augment"] and args.data != "imagefolder" else "per-sample CPU")
             # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
             trainer, steps, totals = [], [], []
