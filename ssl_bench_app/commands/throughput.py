@@ -5,10 +5,10 @@ forward, backward, optimizer) for a fixed number of steps (after the first two, 
 step alone on one batch held in memory, and the data loader alone on one core (``ssl_bench.throughput``);
 with a GPU also MFU and peak memory. Trainer and step alone alternate for ``--rounds`` rounds and the
 table gives medians (the ratio: the median of the rounds' ratios), so a burst of load from elsewhere on
-a shared machine moves one round, not the comparison. ``--compare-paths`` measures the per-sample CPU data path
-(data.device_augment=false) and the batched device path side by side in one run, and where the batched
-views are compiled (with a compiled step: the full preset on a GPU) the batched path with eager views too. ``--synthetic-vitb16``
-is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures. It
+a shared machine moves one round, not the comparison. ``--compare-paths`` measures the per-sample CPU
+data path (data.device_augment=false) and the batched device path side by side in one run, and where the
+batched views are compiled (with a compiled step: the full preset on a GPU) the batched path with eager
+views too. ``--synthetic-vitb16`` is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures. It
 writes a table (markdown + JSON) naming the hardware.
 """
 from __future__ import annotations
@@ -45,14 +45,13 @@ def run(args) -> int:
     from tabulate import tabulate
 
     from ssl_bench.config import resolve_config
+    from ssl_bench.data.folder_bench import folder_section
     from ssl_bench.data.pipeline import compile_views
     from ssl_bench.distributed import resolve_device
-    from ssl_bench.data.folder_bench import folder_section
+    from ssl_bench.errors import UserError
     from ssl_bench.registry import available_methods, get_method
     from ssl_bench.throughput import loader_alone, step_alone
     from ssl_bench.trainer import pretrain
-
-    from ssl_bench.errors import UserError
 
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
