@@ -32,20 +32,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _mix32_int(x: int) -> int:
-    """_mix32 on a Python int (the per-call prefix of the hash: no tensor, so no host-to-device copy)."""
-    x ^= x >> 16
+def _mix32_exact(x):
+    """_mix32 where a product cannot overflow: on a Python int (the per-call prefix of the hash: no tensor,
+    so no host-to-device copy) or on a numpy uint64 array of values below 2**32 (the masks' draws)."""
+    x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
+    x = x ^ (x >> 13)
     x = (x * 0xC2B2AE35) & _M32
     return x ^ (x >> 16)
 
 
 def stream_key(seed: int, epoch: int, stream: int) -> int:
     """The hash of (seed, epoch, stream): the per-call prefix of ``uniforms``."""
-    h = _mix32_int((seed & _M32) ^ 0x9E3779B9)
+    h = _mix32_exact((seed & _M32) ^ 0x9E3779B9)
     for k in ((seed >> 32) & _M32, epoch & _M32, stream & _M32):
-        h = _mix32_int(h ^ k)
+        h = _mix32_exact(h ^ k)
     return h
 
 
@@ -64,18 +65,9 @@ def uniforms_from_key(key: int | torch.Tensor, index: torch.Tensor, draws: int) 
     return x.double() * 2.0**-32
 
 
-def _mix32_numpy(x: np.ndarray) -> np.ndarray:
-    """_mix32 on uint64 arrays of values below 2**32 (their products fit in 64 bits)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
 def uniforms_numpy(seed: int, epoch: int, index: np.ndarray, stream: int, draws: int) -> np.ndarray:
     """``uniforms`` in numpy: the same (B, draws) float64 numbers, for CPU-side draws."""
-    x = _mix32_numpy(np.asarray(index, dtype=np.uint64) ^ np.uint64(stream_key(seed, epoch, stream)))
-    x = _mix32_numpy(x[:, None] ^ np.arange(draws, dtype=np.uint64))
-    x = _mix32_numpy(x ^ 0x68E31DA4)
+    x = _mix32_exact(np.asarray(index, dtype=np.uint64) ^ np.uint64(stream_key(seed, epoch, stream)))
+    x = _mix32_exact(x[:, None] ^ np.arange(draws, dtype=np.uint64))
+    x = _mix32_exact(x ^ 0x68E31DA4)
     return x * 2.0**-32
