@@ -57,8 +57,8 @@ def uniforms(seed: int, epoch: int, index: torch.Tensor, stream: int, draws: int
 
 
 def uniforms_from_key(key: int | torch.Tensor, index: torch.Tensor, draws: int) -> torch.Tensor:
-    """``uniforms`` from its ``stream_key`` (an int, or a 0-d int64 tensor: a compiled caller's input
-    rather than a constant it would recompile for at every epoch)."""
+    """``uniforms`` from its ``stream_key``: an int, or an int64 tensor on ``index``'s device, 0-d or one key
+    per index (B,) (a compiled caller's input rather than a constant it would recompile for at every epoch)."""
     x = _mix32(index.long() ^ key)  # (B,)
     x = _mix32(x[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
     x = _mix32(x ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully

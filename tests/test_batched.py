@@ -195,9 +195,42 @@ def test_every_sample_of_a_batch_is_its_own_draw_and_resumable():
     assert math.isfinite(float(whole[0].sum()))
 
 
-def test_compiled_views_equal_the_eager_ones_and_compile_once_per_distinct_view(monkeypatch):
-    """``compile=True`` (on with train.compile) traces each distinct view once: a new epoch, or another
-    view with the same parameters, reuses it (the stream key is an input). Dynamo's own tracing (backend
+@pytest.mark.parametrize("channels", [1, 3])
+def test_views_made_as_one_group_equal_the_views_made_one_by_one(channels):
+    """Views that differ only in probabilities are made as one batch: every row is still its own view's
+    draw, and a view without an operation (BYOL's first view: no solarize) keeps its images exactly."""
+    from ssl_bench.data.views import multicrop, resolve_policy
+
+    images = torch.randint(0, 256, (48, channels, 28, 28), dtype=torch.uint8)
+    index = torch.randperm(48)[:32]
+    for policy in (resolve_policy("byol"), multicrop(n_local=3, local_size=12)):
+        grouped = B.BatchedViews(images, policy, 28, (0.5,) * channels, (0.25,) * channels, seed=1, device="cpu")
+        single = B.BatchedViews(images, policy, 28, (0.5,) * channels, (0.25,) * channels, seed=1, device="cpu")
+        single.groups = [(k,) for k in range(len(policy))]
+        assert len(grouped.groups) < len(policy)
+        assert all(torch.equal(a, b) for a, b in zip(grouped(index, 2), single(index, 2)))
+
+
+def test_resampling_table_holds_the_matrices_a_crop_would_compute(monkeypatch):
+    """The table's gathered matrices (flipped or not) are the computed ones, bit for bit; past
+    ``TABLE_BYTES`` (a large image) they are computed per batch."""
+    u = draws(500)
+    top, left, h, w = B.crop_boxes(u, 28, 20, (0.08, 1.0), (3 / 4, 4 / 3)).unbind(dim=1)
+    flip = (u[:, B._FLIP] < 0.5).double()
+    for src, start, length in ((28, top, h), (20, left, w)):
+        table = B.Resampler(src, 16, "cpu")
+        assert table.table is not None
+        computed = B.resample_matrix(start, length, src, 16)
+        assert torch.equal(table(start, length), computed)
+        assert torch.equal(table(start, length, flip), B._pick(flip, computed.flip(1), computed))
+    monkeypatch.setattr(B.Resampler, "TABLE_BYTES", 0)
+    assert B.Resampler(28, 16, "cpu").table is None
+    assert torch.equal(B.Resampler(28, 16, "cpu")(top, h), B.resample_matrix(top, h, 28, 16))
+
+
+def test_compiled_views_equal_the_eager_ones_and_compile_once_per_group_of_views(monkeypatch):
+    """``compile=True`` (on with train.compile) traces each group of views once: a new epoch reuses it
+    (the stream keys are an input). Dynamo's own tracing (backend
     "eager") checks this at no compiler cost; with it the views are the eager ones, bit for bit."""
     import functools
 
