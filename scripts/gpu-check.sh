@@ -9,9 +9,11 @@
 # Steps: (1) the throughput table (fashion_mnist at the full preset for MAE, MoCo v3, SimSiam; synthetic
 # 224 px ViT-B/16, batch 256, bf16, for MAE and MoCo v3), (2) a faiss kNN over 1M x 768 random features
 # against 1M references on the GPU, (3) a short full-preset MAE pretraining on fashion_mnist and its
-# kNN / linear evaluation. Options: --out DIR (default results/gpu), --python PY (default: python3, or
+# kNN / linear evaluation, (4) with --only folders (issue 16; not in the default set): a synthetic JPEG folder, its
+# loader table (CPU paths per core, and the device-decode path's rate) and ViT-B/16 MAE and MoCo v3 trained from
+# it with data.decode=device, beside their step alone. Options: --out DIR (default results/gpu), --python PY (default: python3, or
 # the repo's .venv), --steps N (trainer steps per throughput row, default 30), --pretrain-steps N (MAE
-# pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae: run those alone,
+# pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae, folders: run those alone,
 # e.g. to split the check over calls with a time limit; on one H100 the parts took about 220, 200, 70 and 120 s).
 # The report is rewritten after every step, so a cut-short check keeps its figures.
 set -uo pipefail  # no -e: a failing step is reported and the others still run
@@ -31,13 +33,13 @@ while [ $# -gt 0 ]; do
         --pretrain-steps) PRE_STEPS_ARG="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
         --python) PY="$2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 for part in ${ONLY//,/ }; do
-    case "$part" in throughput|vitb16|knn|mae) ;; *) echo "gpu-check: unknown part '$part' in --only; choose from throughput, vitb16, knn, mae" >&2; exit 2 ;; esac
+    case "$part" in throughput|vitb16|knn|mae|folders) ;; *) echo "gpu-check: unknown part '$part' in --only; choose from throughput, vitb16, knn, mae, folders" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")/.."
 if [ -z "$PY" ]; then
@@ -123,9 +125,14 @@ step() {  # step NAME COMMAND...: runs it; a failure is logged and does not stop
 if [ "$DRY" = 1 ]; then
     PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2 --rounds 1); VITB=(--preset smoke --data synthetic data.img_size=28)
     KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
+    JPEGS=(--images 80 --size 64x48); FOLDER=(--preset smoke data.img_size=28 data.num_workers=1)
 else
     PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --rounds 1); VITB=(--preset full --synthetic-vitb16)
     KNN_N=1000000; PRE=(--preset full); PRE_STEPS=${PRE_STEPS_ARG:-2000}; EVAL=(--preset quick --protocol knn,linear)
+    # ViT-B/16 at the official codes' setting (as --synthetic-vitb16), fed from JPEGs; workers: the node's cores but two
+    JPEGS=(--images 4000 --size 500x375); FOLDER=(--preset full data.img_size=224 model.arch=vit_base model.patch_size=16
+        model.embed_dim=none model.depth=none model.num_heads=none train.batch_size=256 train.amp=bf16
+        "data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
 fi
 
 # -- 2. throughput -----------------------------------------------------------------------------------
@@ -157,6 +164,11 @@ wanted knn && step "kNN, $KNN_N x 768 random features" knn_check
 # -- 4. a short full-preset MAE pretraining and its evaluation ---------------------------------------------
 wanted mae && step "MAE pretraining" "${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=lines
 wanted mae && step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}"
+
+# -- 5. image folders (only with --only folders) ----------------------------------------------------------
+wanted folders && step "JPEG folder" "${CLI[@]}" make-jpeg-folder --out "$WORK/jpegs" "${JPEGS[@]}"
+wanted folders && step "throughput, JPEG folder, device decode" "${CLI[@]}" throughput --data imagefolder --data-root "$WORK/jpegs" \
+    --methods mae,mocov3 --policies mim,byol "${FOLDER[@]}" data.decode=device "${TP_EXTRA[@]}" --out "$WORK/tp"
 
 echo "gpu-check: written $REPORT" >&2
 if [ -s "$WORK/failed" ]; then exit 1; fi  # the report names the failed steps

@@ -26,4 +26,15 @@ def test_dry_run_of_chosen_parts_writes_their_report_sections(tmp_path):
 def test_an_unknown_part_is_one_line_naming_the_choices(tmp_path):
     done = gpu_check("--dry-run", "--only", "knn,warp", "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and not (tmp_path / "out").exists()
-    assert done.stderr.strip() == "gpu-check: unknown part 'warp' in --only; choose from throughput, vitb16, knn, mae"
+    assert done.stderr.strip() == "gpu-check: unknown part 'warp' in --only; choose from throughput, vitb16, knn, mae, folders"
+
+
+def test_dry_run_of_the_folders_part_trains_from_jpegs_decoded_on_the_device(tmp_path):
+    """--only folders (issue 16's GPU check): a synthetic JPEG folder, its loader table, and MAE and MoCo v3
+    trained from it with data.decode=device, named as such in the report."""
+    done = gpu_check("--dry-run", "--only", "folders", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (report,) = tmp_path.glob("*-cpu-dryrun.md")
+    text = report.read_text()
+    assert "Image-folder loader" in text and "data.decode=device" in text
+    assert "| mae      | device decode" in text and "| mocov3   | device decode" in text

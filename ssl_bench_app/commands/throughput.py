@@ -77,7 +77,7 @@ def run(args) -> int:
             cfg = resolve_config(get_method(name), args.preset, [*overrides, *(path_override.split() if path_override else [])])
             if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
                 continue  # the batched row's views are eager already
-            path_name = path_name or ("batched device" if cfg["data"]["device_augment"] and args.data != "imagefolder" else "per-sample CPU")
+            path_name = path_name or _path_name(cfg, args.data)
             # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
             trainer, steps, totals = [], [], []
             with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +130,9 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
     md = args._json_path.with_suffix(".md")
     command = " ".join(["ssl-bench throughput", f"--preset {args.preset}", f"--data {args.data}", f"--steps {args.steps}",
                         f"--limit-steps {args.limit_steps}", f"--rounds {args.rounds}", *(["--methods " + args.methods] if args.methods != "all" else []),
-                        *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else [])])
+                        *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else []),
+                        *(["--data-root " + args.data_root] if args.data_root else []),
+                        *(o for o in args.overrides if not (args.synthetic_vitb16 and o in VITB16))])  # the user's key=value
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
             f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
@@ -140,6 +142,12 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
             f"{table}\n{'' if finished else chr(10) + '(run still going or cut short: the rows measured so far)' + chr(10)}{folder_md}")
     atomic_write(md, lambda f: f.write(text.encode()))
     return f"{table}\nwritten to {args._json_path} and {md}"
+
+
+def _path_name(cfg: dict, data: str) -> str:
+    if data == "imagefolder":
+        return "device decode" if cfg["data"].get("decode") == "device" else "per-sample CPU"
+    return "batched device" if cfg["data"]["device_augment"] else "per-sample CPU"
 
 
 # the official codes' H100 figures were taken with ViT-B/16 on 224 px images, batch 256, bf16
