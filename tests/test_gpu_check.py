@@ -11,11 +11,16 @@ def gpu_check(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_dry_run_of_chosen_parts_writes_their_report_sections(tmp_path):
-    done = gpu_check("--dry-run", "--only", "knn,mae", "--out", str(tmp_path))
+def dry_run_report(parts: str, out: Path) -> str:
+    """The report of ``--dry-run --only parts`` into ``out`` (which holds no earlier report)."""
+    done = gpu_check("--dry-run", "--only", parts, "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
-    (report,) = tmp_path.glob("*-cpu-dryrun.md")
-    text = report.read_text()
+    (report,) = out.glob("*-cpu-dryrun.md")
+    return report.read_text()
+
+
+def test_dry_run_of_chosen_parts_writes_their_report_sections(tmp_path):
+    text = dry_run_report("knn,mae", tmp_path)
     assert "Dry run on the CPU" in text and "--only knn,mae" in text
     assert "## kNN over random features" in text and "## MAE, fashion_mnist, short pretraining" in text
     assert "Training throughput" not in text and "Failed steps" not in text  # only the parts asked for
@@ -32,9 +37,6 @@ def test_an_unknown_part_is_one_line_naming_the_choices(tmp_path):
 def test_dry_run_of_the_folders_part_trains_from_jpegs_decoded_on_the_device(tmp_path):
     """--only folders (issue 16's GPU check): a synthetic JPEG folder, its loader table, and MAE and MoCo v3
     trained from it with data.decode=device, named as such in the report."""
-    done = gpu_check("--dry-run", "--only", "folders", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr[-2000:]
-    (report,) = tmp_path.glob("*-cpu-dryrun.md")
-    text = report.read_text()
+    text = dry_run_report("folders", tmp_path)
     assert "Image-folder loader" in text and "data.decode=device" in text
     assert "| mae      | device decode" in text and "| mocov3   | device decode" in text
