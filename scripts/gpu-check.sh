@@ -129,10 +129,8 @@ if [ "$DRY" = 1 ]; then
 else
     PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --rounds 1); VITB=(--preset full --synthetic-vitb16)
     KNN_N=1000000; PRE=(--preset full); PRE_STEPS=${PRE_STEPS_ARG:-2000}; EVAL=(--preset quick --protocol knn,linear)
-    # ViT-B/16 at the official codes' setting (as --synthetic-vitb16), fed from JPEGs; workers: the node's cores but two
-    JPEGS=(--images 4000 --size 500x375); FOLDER=(--preset full data.img_size=224 model.arch=vit_base model.patch_size=16
-        model.embed_dim=none model.depth=none model.num_heads=none train.batch_size=256 train.amp=bf16
-        "data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
+    # ViT-B/16 at the official codes' setting, fed from JPEGs; workers: the node's cores but two
+    JPEGS=(--images 4000 --size 500x375); FOLDER=(--preset full --vitb16 "data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
 fi
 
 # -- 2. throughput -----------------------------------------------------------------------------------

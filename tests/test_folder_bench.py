@@ -30,3 +30,27 @@ def test_throughput_loader_table_for_a_folder(tmp_path, capsys):
     assert main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--loader-only", "--policies", "nope",
                  "--out", str(tmp_path / "out2")]) == 2
     assert "unknown augmentation policy 'nope'" in capsys.readouterr().err
+
+
+def test_vitb16_configuration_applies_to_a_folder(tmp_path, monkeypatch):
+    """--vitb16 is the official codes' ViT-B/16 setting on any data: on a folder, the loader table runs at
+    224 px and every trained configuration is ViT-B/16, batch 256, bf16 (the trainer is stood in for: a
+    ViT-B/16 step is a GPU's work)."""
+    import ssl_bench.trainer
+
+    trained = []
+
+    def pretrain(cfg, out_dir):
+        trained.append(cfg)
+        return {"images_per_s": 1.0, "config": cfg, "steps": 3, "effective_batch": cfg["train"]["batch_size"]}
+
+    monkeypatch.setattr(ssl_bench.trainer, "pretrain", pretrain)
+    assert main(["make-jpeg-folder", "--out", str(tmp_path / "data"), "--images", "8", "--size", "48x40"]) == 0
+    code = main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--vitb16", "--preset", "quick",
+                 "--methods", "mae", "--policies", "mim", "--rounds", "1", "--no-limits", "--out", str(tmp_path / "out"),
+                 "data.num_workers=0"])
+    assert code == 0 and (tmp_path / "out" / "loader-imagefolder-224px.json").is_file()
+    (cfg,) = trained
+    assert (cfg["model"]["arch"], cfg["model"]["patch_size"], cfg["data"]["img_size"]) == ("vit_base", 16, 224)
+    assert (cfg["train"]["batch_size"], cfg["train"]["amp"], cfg["data"]["name"]) == (256, "bf16", "imagefolder")
+    assert "--vitb16" in (tmp_path / "out" / "throughput-imagefolder-vitb16-quick.md").read_text()

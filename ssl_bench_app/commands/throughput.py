@@ -8,7 +8,8 @@ table gives medians (the ratio: the median of the rounds' ratios), so a burst of
 a shared machine moves one round, not the comparison. ``--compare-paths`` measures the per-sample CPU
 data path (data.device_augment=false) and the batched device path side by side in one run, and where the
 batched views are compiled (with a compiled step: the full preset on a GPU) the batched path with eager
-views too. ``--synthetic-vitb16`` is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures. It
+views too. ``--vitb16`` is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures, on
+any data (``--synthetic-vitb16``: on synthetic data, as those figures). It
 writes a table (markdown + JSON) naming the hardware.
 """
 from __future__ import annotations
@@ -31,8 +32,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per method and round (default: 20)")
     p.add_argument("--compare-paths", action="store_true",
                    help="measure the per-sample CPU data path (before) and the batched device path (after) side by side")
-    p.add_argument("--synthetic-vitb16", action="store_true",
-                   help="synthetic 224 px data, ViT-B/16, batch 256, bf16 (the official codes' H100 configuration)")
+    p.add_argument("--vitb16", action="store_true",
+                   help="ViT-B/16 on 224 px images, batch 256, bf16 (the official codes' H100 configuration), on --data")
+    p.add_argument("--synthetic-vitb16", action="store_true", help="--vitb16 on synthetic data (the official codes' figures)")
     p.add_argument("--no-limits", action="store_true", help="trainer images/s only (skip step-alone and loader-alone)")
     p.add_argument("--limit-steps", type=int, default=10, help="timed steps of the step alone and batches of the loader alone (default: 10)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of trainer and step alone; the table gives medians (default: 3)")
@@ -56,14 +58,15 @@ def run(args) -> int:
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.synthetic_vitb16:
+        args.data, args.vitb16 = "synthetic", True
+    if args.vitb16:
+        args.overrides = [*VITB16, *args.overrides]
     folder_md = folder_section(args.data_root, args.out, args.overrides, args.policies.split(",")) if args.data == "imagefolder" else ""
     if args.loader_only:
         return 0
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
     names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
-    if args.synthetic_vitb16:
-        args.data = "synthetic"
-        args.overrides = [*VITB16, *args.overrides]
     overrides = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false", *args.overrides]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -123,16 +126,16 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
     if getattr(args, "_json_path", None) is None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"throughput-{'synthetic-vitb16' if args.synthetic_vitb16 else args.data}-{args.preset}"
+        stem = f"throughput-{args.data}{'-vitb16' if args.vitb16 else ''}-{args.preset}"
         args._json_path = write_json_new(out, stem, record)
     else:
         atomic_write(args._json_path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     md = args._json_path.with_suffix(".md")
     command = " ".join(["ssl-bench throughput", f"--preset {args.preset}", f"--data {args.data}", f"--steps {args.steps}",
                         f"--limit-steps {args.limit_steps}", f"--rounds {args.rounds}", *(["--methods " + args.methods] if args.methods != "all" else []),
-                        *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else []),
+                        *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else ["--vitb16"] if args.vitb16 else []),
                         *(["--data-root " + args.data_root] if args.data_root else []),
-                        *(o for o in args.overrides if not (args.synthetic_vitb16 and o in VITB16))])  # the user's key=value
+                        *(o for o in args.overrides if not (args.vitb16 and o in VITB16))])  # the user's key=value
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
             f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
