@@ -148,18 +148,34 @@ class BlockMaskGenerator:
             w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
             top = np.floor(u[..., 2] * (g - h + 1)).astype(np.int64)  # uniform in [0, g - h] (meaningless where h >= g)
             left = np.floor(u[..., 3] * (g - w + 1)).astype(np.int64)
-            in_rows = (cells >= top[..., None]) & (cells < (top + h)[..., None])  # (B, T, g)
-            in_cols = (cells >= left[..., None]) & (cells < (left + w)[..., None])
-            rect = in_rows[..., :, None] & in_cols[..., None, :]  # (B, T, g, g)
-            new = (rect & ~mask[:, None]).sum(axis=(2, 3))  # (B, T): patches each try would add
+            # patches each try would add: its area less those already masked, counted from the mask's
+            # integral image (tries that leave the grid, h or w >= g, are clipped and never valid)
+            seen = _integral_image(mask)  # (B, g+1, g+1)
+            y0, x0 = top.clip(0, g), left.clip(0, g)  # (B, T)
+            y1, x1 = (top + h).clip(0, g), (left + w).clip(0, g)
+            r = rows[:, None]
+            inside = seen[r, y1, x1] - seen[r, y0, x1] - seen[r, y1, x0] + seen[r, y0, x0]  # (B, T)
+            new = h * w - inside.astype(np.int64)
             valid = (h < g) & (w < g) & (new > 0) & (new <= remaining) & adding[:, None]
             placed = valid.any(axis=1)  # (B,)
             first = valid.argmax(axis=1)  # the first valid try
-            mask |= rect[rows, first] & placed[:, None, None]
+            y0, y1, x0, x1 = (t[rows, first, None] for t in (y0, y1, x0, x1))  # (B, 1) each: the kept try
+            rect = ((cells >= y0) & (cells < y1))[:, :, None] & ((cells >= x0) & (cells < x1))[:, None, :]  # (B, g, g)
+            mask |= rect & placed[:, None, None]
             count += new[rows, first] * placed
             if not self.exact:
                 adding &= placed  # BEiT: a block that cannot be placed ends the mask
         raise RuntimeError(f"block masking did not reach {self.num_masked} masked patches in {self.MAX_BLOCKS} blocks")
+
+
+def _integral_image(mask: np.ndarray) -> np.ndarray:
+    """(B, g+1, g+1) counts of True in ``mask[b, :y, :x]`` of a (B, g, g) bool mask, as two 2-D matmuls with
+    a prefix-sum matrix (exact in float32 for these counts; a quarter of ``cumsum``'s time on small grids)."""
+    B, g, _ = mask.shape
+    prefix = np.tri(g + 1, g, -1, dtype=np.float32)  # (g+1, g): row k sums the first k cells
+    along_rows = mask.reshape(B * g, g).astype(np.float32) @ prefix.T  # (B g, g+1)
+    down_cols = prefix @ along_rows.reshape(B, g, g + 1).transpose(1, 0, 2).reshape(g, B * (g + 1))  # (g+1, B (g+1))
+    return down_cols.reshape(g + 1, B, g + 1).transpose(1, 0, 2)
 
 
 MASK_GENERATORS = {"random": RandomMaskGenerator, "block": BlockMaskGenerator}

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_bench.masking import BlockMaskGenerator, RandomMaskGenerator, split_by_mask
+from ssl_bench.counter_rng import MASK_STREAM, uniforms_numpy
+from ssl_bench.masking import BLOCK_TRIES, ROUNDS_PER_DRAW, BlockMaskGenerator, RandomMaskGenerator, split_by_mask
 
 
 @pytest.mark.parametrize("grid,ratio,num_masked", [(14, 0.75, 147), (7, 0.75, 37), (4, 0.5, 8), (8, 0.6, 39)])
@@ -115,3 +116,38 @@ def test_batched_block_masks_keep_the_count_rules(grid, ratio, exact):
         assert (counts == gen.num_masked).all()
     else:  # BEiT: never above the target, sometimes below (a block that fails ends the mask)
         assert (counts <= gen.num_masked).all() and (counts < gen.num_masked).any()
+
+
+def _block_masks_one_by_one(gen: BlockMaskGenerator, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """``batch``'s masks made sample by sample with the official loop (``_add_block``'s), reading each
+    try's four uniforms from the sample's own draws of its round."""
+    g, (lo, hi), out = gen.grid_size, gen.log_aspect, []
+    for i in index.tolist():
+        mask, count = np.zeros((g, g), dtype=bool), 0
+        for block in range(1000):
+            if count >= gen.num_masked:
+                break
+            u = uniforms_numpy(seed, epoch, np.array([i]), MASK_STREAM + 1 + block // ROUNDS_PER_DRAW, ROUNDS_PER_DRAW * 4 * BLOCK_TRIES)
+            tries, remaining, added = u.reshape(ROUNDS_PER_DRAW, BLOCK_TRIES, 4)[block % ROUNDS_PER_DRAW], gen.num_masked - count, 0
+            for ua, ur, ut, ul in tries:
+                area = gen.min_block + (remaining - gen.min_block) * ua
+                aspect = np.exp(lo + (hi - lo) * ur)
+                h, w = int(np.rint(np.sqrt(area * aspect))), int(np.rint(np.sqrt(area / aspect)))
+                if h < g and w < g:
+                    top, left = int(ut * (g - h + 1)), int(ul * (g - w + 1))
+                    new = h * w - int(mask[top:top + h, left:left + w].sum())
+                    if 0 < new <= remaining:
+                        mask[top:top + h, left:left + w], added = True, new
+                        break
+            if added == 0 and not gen.exact:
+                break
+            count += added
+        out.append(torch.from_numpy(mask.reshape(-1)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("grid,ratio,exact,min_block", [(7, 75 / 196, False, None), (7, 0.5, True, None), (5, 0.6, True, 1), (14, 0.4, False, None)])
+def test_batched_block_masks_are_the_official_loop_on_the_same_draws(grid, ratio, exact, min_block):
+    gen = BlockMaskGenerator(grid, ratio, min_block=min_block, exact=exact)
+    index = torch.arange(100, 300)
+    assert torch.equal(gen.batch(5, 2, index), _block_masks_one_by_one(gen, 5, 2, index))
