@@ -11,9 +11,23 @@ from ssl_bench.registry import get_method
 torch.set_num_threads(2)
 
 
+TINY_VIT = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]  # a 1-block, 32-wide ViT
+
+
 def smoke_config(method: str, *overrides: str) -> dict:
     """The smoke preset of ``method``, quiet, with ``overrides`` applied."""
     return resolve_config(get_method(method), "smoke", ["train.progress=false", *overrides])
+
+
+@pytest.fixture(scope="session")
+def mae_run(tmp_path_factory):
+    """A finished 2-step MAE run of the tiny ViT: what `ssl-bench pretrain` leaves. Shared by the session,
+    so tests only read it; a test that writes into a run copies it first."""
+    from ssl_bench.trainer import pretrain
+
+    out = tmp_path_factory.mktemp("runs") / "mae"
+    pretrain(smoke_config("mae", *TINY_VIT, "train.max_steps=2"), out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,26 +10,15 @@ import evals.features
 from evals.presets import resolve_eval_config
 from evals.run import make_context
 from ssl_bench_app.cli import main
-from ssl_bench.trainer import pretrain
-from tests.conftest import smoke_config
 
-TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.max_steps=2"]
 SIZES = ["train_size=200", "heldout_size=100", "test_size=100"]
 SMALL = ["knn.ks=(5,10)", *(f"knn.{s}" for s in SIZES)]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished MAE run on a 1-block, 32-wide ViT (2 steps): what `ssl-bench pretrain` leaves."""
-    out = tmp_path_factory.mktemp("runs") / "mae"
-    pretrain(smoke_config("mae", *TINY), out)
-    return out
-
-
 @pytest.fixture
-def fresh_run(run_dir, tmp_path):
+def fresh_run(mae_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("evals", "features"))
+    shutil.copytree(mae_run, copy, ignore=shutil.ignore_patterns("evals", "features"))
     return copy
 
 
@@ -185,8 +174,8 @@ def test_missing_or_corrupt_runs_give_one_clear_line(tmp_path, fresh_run, capsys
     assert not (fresh_run / "evals").exists()
 
 
-def test_bad_protocol_preset_or_override_gives_one_clear_line(run_dir, capsys):
-    base = ["eval", "--run", str(run_dir)]
+def test_bad_protocol_preset_or_override_gives_one_clear_line(mae_run, capsys):
+    base = ["eval", "--run", str(mae_run)]
     assert "unknown protocol 'svm'" in one_line_error(capsys, [*base, "--protocol", "knn,svm"])
     assert "unknown eval preset" in one_line_error(capsys, [*base, "--preset", "huge"])
     assert "knn.kk" in one_line_error(capsys, [*base, "--preset", "smoke", "knn.kk=3"])

@@ -14,9 +14,8 @@ from ssl_bench_app.cli import main
 from ssl_bench.errors import UserError
 from ssl_bench.tokenizer import FORMAT, Tokenizer, load_tokenizer
 from ssl_bench.trainer import pretrain
-from tests.conftest import smoke_config
+from tests.conftest import TINY_VIT, smoke_config
 
-TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "train.max_steps=2"]
 KNN = ["--preset", "smoke", "knn.ks=(5,)", "knn.train_size=100", "knn.heldout_size=50", "knn.test_size=50"]
 
 
@@ -30,17 +29,10 @@ class Planted:
         return os.system, (f"touch '{self.marker}'",)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "mae"
-    pretrain(smoke_config("mae", *TINY), out)
-    return out
-
-
 @pytest.fixture
-def run_copy(run_dir, tmp_path):
+def run_copy(mae_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    shutil.copytree(mae_run, copy)
     return copy
 
 
@@ -115,9 +107,9 @@ def test_export_file_with_a_pickled_callable_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_checkpoints_hold_only_plain_values(run_dir):
+def test_checkpoints_hold_only_plain_values(mae_run):
     """What makes the above possible: the trainer's checkpoint, RNG states included, loads with weights_only=True."""
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(mae_run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert isinstance(ckpt["rng"]["numpy"]["key"], torch.Tensor) and isinstance(ckpt["rng"]["python"]["state"], list)
     np.random.set_state(np.random.get_state())  # (the conversions below round-trip exactly)
     from ssl_bench.checkpoint import numpy_state_from_plain, python_state_from_plain, rng_state_to_plain
@@ -143,7 +135,7 @@ def test_an_old_checkpoint_still_resumes_bit_for_bit(tmp_path, monkeypatch):
     from methods.mae import MAE
     from tests.test_trainer import interrupted_run
 
-    cfg = smoke_config("mae", *TINY[:3], "model.drop_path=0.1", "train.ckpt_every=3", "train.max_steps=6")
+    cfg = smoke_config("mae", *TINY_VIT, "model.drop_path=0.1", "train.ckpt_every=3", "train.max_steps=6")
     pretrain(cfg, tmp_path / "straight")
     interrupted_run(monkeypatch, MAE, 5, cfg, tmp_path / "resumed")
     path = tmp_path / "resumed" / "checkpoint.pt"
