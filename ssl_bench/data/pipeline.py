@@ -204,7 +204,7 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
                              compile=compile_views(cfg, device))
         # the light loader needs no workers without masks; nor on a CPU device, where batched masks (up to 2 ms
         # a batch at the quick preset) cost less than a worker's copies, and a worker takes its core from the
-        # step (quick BEiT and CAE: trainer / step 0.89-0.93 with one, 0.90-0.95 without, same runs alternated)
+        # step (with one, quick BEiT and CAE kept less of their step's speed, not more)
         if spec.mask is None or device.type == "cpu":
             common.update(num_workers=0, persistent_workers=False, prefetch_factor=None)
         masks = DataLoader(_MaskBatches(len(dataset), spec.mask, cfg["seed"]), sampler=_WithEpoch(sampler, batch),
