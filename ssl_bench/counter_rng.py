@@ -5,9 +5,10 @@ those numbers instead of an RNG stream, so a resumed run or another DDP shard dr
 the same sample, on any device and in any batch, and no global RNG state is consumed. ``stream`` tells
 apart what is drawn for one sample: view k of a policy is stream k, masks use ``MASK_STREAM`` onwards.
 
-The same function is written twice: in torch for the views, made on the training device, and in numpy
-(``uniforms_numpy``) for the masks, drawn on the CPU in small arrays where numpy's per-call cost is a tenth
-of torch's; tests/test_batched.py checks that both return the same numbers.
+The same function is written twice: in torch for views made on a GPU (and under torch.compile), and in
+numpy (``uniforms_numpy``) for the masks and for views made on the CPU, small arrays where numpy's per-call
+cost is a tenth of torch's and its uint32 products wrap as the hash needs; tests/test_batched.py checks that
+both return the same numbers.
 """
 from __future__ import annotations
 
@@ -32,13 +33,22 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _mix32_exact(x):
-    """_mix32 where a product cannot overflow: on a Python int (the per-call prefix of the hash: no tensor,
-    so no host-to-device copy) or on a numpy uint64 array of values below 2**32 (the masks' draws)."""
+def _mix32_exact(x: int) -> int:
+    """_mix32 on a Python int (the per-call prefix of the hash: no tensor, so no host-to-device copy)."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32
     x = x ^ (x >> 13)
     x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_uint32(x: np.ndarray) -> np.ndarray:
+    """_mix32 on a numpy uint64 or uint32 array, in uint32 after the first shift (whose high input bits
+    still count): products wrap modulo 2**32 as the hash needs, so no limbs and no masking."""
+    x = (x ^ (x >> 16)).astype(np.uint32, copy=False)
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * np.uint32(0xC2B2AE35)
     return x ^ (x >> 16)
 
 
@@ -58,7 +68,16 @@ def uniforms(seed: int, epoch: int, index: torch.Tensor, stream: int, draws: int
 
 def uniforms_from_key(key: int | torch.Tensor, index: torch.Tensor, draws: int) -> torch.Tensor:
     """``uniforms`` from its ``stream_key``: an int, or an int64 tensor on ``index``'s device, 0-d or one key
-    per index (B,) (a compiled caller's input rather than a constant it would recompile for at every epoch)."""
+    per index (B,) (a compiled caller's input rather than a constant it would recompile for at every epoch).
+    On the CPU the numpy copy computes them (uint32 products: half the time of torch's 16-bit limbs)."""
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        key = key.numpy() if isinstance(key, torch.Tensor) else key
+        return torch.from_numpy(uniforms_numpy_from_key(key, index.numpy(), draws))
+    return _uniforms_torch(key, index, draws)
+
+
+def _uniforms_torch(key: int | torch.Tensor, index: torch.Tensor, draws: int) -> torch.Tensor:
+    """``uniforms_from_key`` in torch ops, on any device and under torch.compile."""
     x = _mix32(index.long() ^ key)  # (B,)
     x = _mix32(x[:, None] ^ torch.arange(draws, device=index.device))  # (B, draws)
     x = _mix32(x ^ 0x68E31DA4)  # a second round, so neighbouring counters decorrelate fully
@@ -67,7 +86,13 @@ def uniforms_from_key(key: int | torch.Tensor, index: torch.Tensor, draws: int) 
 
 def uniforms_numpy(seed: int, epoch: int, index: np.ndarray, stream: int, draws: int) -> np.ndarray:
     """``uniforms`` in numpy: the same (B, draws) float64 numbers, for CPU-side draws."""
-    x = _mix32_exact(np.asarray(index, dtype=np.uint64) ^ np.uint64(stream_key(seed, epoch, stream)))
-    x = _mix32_exact(x[:, None] ^ np.arange(draws, dtype=np.uint64))
-    x = _mix32_exact(x ^ 0x68E31DA4)
+    return uniforms_numpy_from_key(stream_key(seed, epoch, stream), index, draws)
+
+
+def uniforms_numpy_from_key(key: int | np.ndarray, index: np.ndarray, draws: int) -> np.ndarray:
+    """``uniforms_from_key`` in numpy: ``key`` an int or one key per index (B,)."""
+    with np.errstate(over="ignore"):  # the products wrap by design
+        x = _mix32_uint32(np.asarray(index).astype(np.uint64) ^ np.asarray(key).astype(np.uint64))  # (B,)
+        x = _mix32_uint32(x[:, None] ^ np.arange(draws, dtype=np.uint32))  # (B, draws)
+        x = _mix32_uint32(x ^ np.uint32(0x68E31DA4))
     return x * 2.0**-32

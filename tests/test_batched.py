@@ -273,11 +273,15 @@ def test_views_compile_with_the_step_unless_data_compile_views_says(compile_view
 
 
 def test_numpy_uniforms_are_the_same_numbers():
-    """Masks draw from the numpy copy of the hash, views from the torch one: one function of (seed, epoch,
-    index, stream, draw), index values past 2**32 included."""
-    from ssl_bench.counter_rng import uniforms, uniforms_numpy
+    """Views made on a GPU draw from the torch copy of the hash, masks and views made on the CPU from the
+    numpy one: one function of (seed, epoch, index, stream, draw), index values past 2**32 included."""
+    from ssl_bench.counter_rng import _uniforms_torch, stream_key, uniforms, uniforms_numpy
 
     index = np.concatenate([np.arange(500), np.random.default_rng(0).integers(0, 2**40, 500)])
     for seed, epoch, stream in ((0, 0, 0), (7, 3, 5), (2**40 + 3, 11, 2**31)):
-        assert np.array_equal(uniforms(seed, epoch, torch.from_numpy(index), stream, 33).numpy(),
-                              uniforms_numpy(seed, epoch, index, stream, 33))
+        from_numpy = uniforms_numpy(seed, epoch, index, stream, 33)
+        key = stream_key(seed, epoch, stream)
+        assert np.array_equal(_uniforms_torch(key, torch.from_numpy(index), 33).numpy(), from_numpy)
+        assert np.array_equal(uniforms(seed, epoch, torch.from_numpy(index), stream, 33).numpy(), from_numpy)
+        keys = torch.full((len(index),), key)  # one key per index, as views made together pass them
+        assert np.array_equal(_uniforms_torch(keys, torch.from_numpy(index), 33).numpy(), from_numpy)
