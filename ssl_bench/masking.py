@@ -18,6 +18,7 @@ a boolean mask and never assumes a count per sample.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -126,17 +127,20 @@ class BlockMaskGenerator:
         block per round. A round tries all 10 rectangles of every sample at once and keeps each sample's first
         valid one. Its draws are the sample's own (stream ``MASK_STREAM + 1 + round // ROUNDS_PER_DRAW``),
         so a sample's mask never depends on the rest of its batch. Samples that have finished (or, for BEiT,
-        failed a block) take no more blocks; the loop ends when none is left."""
-        g, index = self.grid_size, index.numpy()
-        B, cells, (lo, hi) = len(index), np.arange(g), self.log_aspect
-        mask = np.zeros((B, g, g), dtype=bool)
+        failed a block) take no more blocks; the loop ends when none is left.
+
+        Masks and rectangles are bit sets (``_spans``): the patches a try would add are an AND and a
+        popcount, and placing a block an OR, on a few words per sample."""
+        g, index, (lo, hi) = self.grid_size, index.numpy(), self.log_aspect
+        row_spans, col_spans = _spans(g)  # (g+1, g+1, words) each
+        B, rows = len(index), np.arange(len(index))
+        mask = np.zeros((B, row_spans.shape[-1]), dtype=np.uint64)  # (B, words)
         count = np.zeros(B, dtype=np.int64)
         adding = np.ones(B, dtype=bool)
-        rows = np.arange(B)
         for block in range(self.MAX_BLOCKS):
             adding &= count < self.num_masked
             if not adding.any():
-                return torch.from_numpy(mask.reshape(B, -1))
+                return torch.from_numpy(_unpack(mask, self.num_patches))
             if block % ROUNDS_PER_DRAW == 0:  # one hash for several rounds: hashing is most of a round's ops
                 draws = uniforms_numpy(seed, epoch, index, MASK_STREAM + 1 + block // ROUNDS_PER_DRAW, ROUNDS_PER_DRAW * 4 * BLOCK_TRIES)
                 draws = draws.reshape(B, ROUNDS_PER_DRAW, BLOCK_TRIES, 4)
@@ -146,36 +150,44 @@ class BlockMaskGenerator:
             aspect = np.exp(lo + (hi - lo) * u[..., 1])
             h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, as Python's round
             w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
-            top = np.floor(u[..., 2] * (g - h + 1)).astype(np.int64)  # uniform in [0, g - h] (meaningless where h >= g)
+            fits = (h < g) & (w < g)
+            h, w = h * fits, w * fits  # a try that leaves the grid becomes an empty one: it adds nothing, never valid
+            top = np.floor(u[..., 2] * (g - h + 1)).astype(np.int64)  # uniform in [0, g - h]
             left = np.floor(u[..., 3] * (g - w + 1)).astype(np.int64)
-            # patches each try would add: its area less those already masked, counted from the mask's
-            # integral image (tries that leave the grid, h or w >= g, are clipped and never valid)
-            seen = _integral_image(mask)  # (B, g+1, g+1)
-            y0, x0 = top.clip(0, g), left.clip(0, g)  # (B, T)
-            y1, x1 = (top + h).clip(0, g), (left + w).clip(0, g)
-            r = rows[:, None]
-            inside = seen[r, y1, x1] - seen[r, y0, x1] - seen[r, y1, x0] + seen[r, y0, x0]  # (B, T)
-            new = h * w - inside.astype(np.int64)
-            valid = (h < g) & (w < g) & (new > 0) & (new <= remaining) & adding[:, None]
+            rect = row_spans[top, top + h] & col_spans[left, left + w]  # (B, T, words)
+            new = h * w - np.bitwise_count(rect & mask[:, None]).sum(axis=-1, dtype=np.int64)  # (B, T): patches it adds
+            valid = (new > 0) & (new <= remaining) & adding[:, None]
             placed = valid.any(axis=1)  # (B,)
             first = valid.argmax(axis=1)  # the first valid try
-            y0, y1, x0, x1 = (t[rows, first, None] for t in (y0, y1, x0, x1))  # (B, 1) each: the kept try
-            rect = ((cells >= y0) & (cells < y1))[:, :, None] & ((cells >= x0) & (cells < x1))[:, None, :]  # (B, g, g)
-            mask |= rect & placed[:, None, None]
+            mask |= rect[rows, first] * placed[:, None]
             count += new[rows, first] * placed
             if not self.exact:
                 adding &= placed  # BEiT: a block that cannot be placed ends the mask
         raise RuntimeError(f"block masking did not reach {self.num_masked} masked patches in {self.MAX_BLOCKS} blocks")
 
 
-def _integral_image(mask: np.ndarray) -> np.ndarray:
-    """(B, g+1, g+1) counts of True in ``mask[b, :y, :x]`` of a (B, g, g) bool mask, as two 2-D matmuls with
-    a prefix-sum matrix (exact in float32 for these counts; a quarter of ``cumsum``'s time on small grids)."""
-    B, g, _ = mask.shape
-    prefix = np.tri(g + 1, g, -1, dtype=np.float32)  # (g+1, g): row k sums the first k cells
-    along_rows = mask.reshape(B * g, g).astype(np.float32) @ prefix.T  # (B g, g+1)
-    down_cols = prefix @ along_rows.reshape(B, g, g + 1).transpose(1, 0, 2).reshape(g, B * (g + 1))  # (g+1, B (g+1))
-    return down_cols.reshape(g + 1, B, g + 1).transpose(1, 0, 2)
+@functools.lru_cache(maxsize=None)
+def _spans(g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bit sets of a g x g grid, (g+1, g+1, words) uint64 each: entry [a, b] of the first holds the patches of
+    rows a to b - 1, of the second those of columns a to b - 1 (a rectangle is one AND of the two). Patch
+    n = y g + x is bit n % 64 of word n // 64."""
+    n = np.arange(g * g)
+    y, x = n // g, n % g
+    a, b = np.arange(g + 1)[:, None, None], np.arange(g + 1)[None, :, None]  # (g+1, 1, 1), (1, g+1, 1)
+    out = []
+    for coord in (y, x):
+        inside = (coord >= a) & (coord < b)  # (g+1, g+1, g g)
+        words = np.zeros((g + 1, g + 1, -(-g * g // 64)), dtype=np.uint64)
+        np.bitwise_or.at(words, (..., n // 64), inside.astype(np.uint64) << (n % 64).astype(np.uint64))
+        words.flags.writeable = False
+        out.append(words)
+    return tuple(out)
+
+
+def _unpack(bits: np.ndarray, num_patches: int) -> np.ndarray:
+    """(B, num_patches) bool from bit sets (B, words)."""
+    n = np.arange(num_patches)
+    return ((bits[:, n // 64] >> (n % 64).astype(np.uint64)) & np.uint64(1)).astype(bool)
 
 
 MASK_GENERATORS = {"random": RandomMaskGenerator, "block": BlockMaskGenerator}
