@@ -198,25 +198,26 @@ def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, 
     torchvision's blends (with black, the mean luma, the luma) with a factor f, each ``f x + (1 - f) other``
     clamped to [0, 1]; a sample's other two factors are exactly 1 at this turn, so one fused expression,
     ``clamp(fb fc fs x + (1 - fc) mean + (1 - fs) luma)``, applies whichever it draws."""
-    identity = (1.0, 1.0, 1.0, 0.0)
-    keep = apply.to(factors.dtype)
-    factors = torch.stack([factors[:, k] * keep + identity[k] * (1 - keep) for k in range(4)], dim=1)
-    ops = (0, 1) if x.shape[1] == 1 else (0, 1, 2, 3)  # 1 channel: no saturation or hue
+    identity = factors.new_tensor([1.0, 1.0, 1.0, 0.0])
+    factors = torch.where(apply.bool()[:, None], factors, identity)  # (B, 4)
+    ops = [0, 1] if x.shape[1] == 1 else [0, 1, 2, 3]  # 1 channel: no saturation or hue
     # rank of each present op in this sample's order (torchvision draws a permutation of all four)
     position = order.argsort(dim=1)  # (B, 4): when each op comes
-    rank = position[:, list(ops)].argsort(dim=1).argsort(dim=1)  # (B, len(ops)): its turn among the present ops
+    rank = position[:, ops].argsort(dim=1).argsort(dim=1)  # (B, len(ops)): its turn among the present ops
+    factors, identity = factors[:, ops], identity[ops]
     for turn in range(len(ops)):
-        now = (rank == turn).to(factors.dtype)  # (B, len(ops)): the op each sample applies at this turn
-        f = [(factors[:, op] * now[:, j] + identity[op] * (1 - now[:, j])).to(x.dtype).view(-1, 1, 1, 1) for j, op in enumerate(ops[:3])]
+        now = rank == turn  # (B, len(ops)): the op each sample applies at this turn
+        f = torch.where(now, factors, identity).to(x.dtype)  # (B, len(ops)): its factor, identities elsewhere
+        b, c = f[:, 0].view(-1, 1, 1, 1), f[:, 1].view(-1, 1, 1, 1)
         luma = x if x.shape[1] == 1 else _gray(x)
-        scale = f[0] * f[1] * (f[2] if len(f) > 2 else 1.0)
-        shift = (1 - f[1]) * luma.mean(dim=(1, 2, 3), keepdim=True)
+        scale = b * c if len(ops) == 2 else b * c * f[:, 2].view(-1, 1, 1, 1)
+        shift = (1 - c) * luma.mean(dim=(1, 2, 3), keepdim=True)
         out = torch.addcmul(shift, scale, x)
-        if len(f) > 2:
-            out = out.addcmul_(1 - f[2], luma)
+        if len(ops) > 2:
+            out = out.addcmul_(1 - f[:, 2].view(-1, 1, 1, 1), luma)
         x = out.clamp_(0, 1)
         if len(ops) > 3:
-            hue = now[:, 3] * factors[:, 3].ne(0).to(now.dtype)  # (the HSV round trip is not exact: keep samples without a shift as they are)
+            hue = now[:, 3] & factors[:, 3].ne(0)  # (the HSV round trip is not exact: keep samples without a shift as they are)
             x = _pick(hue, _adjust_hue(x, factors[:, 3]), x)
     return x
 
@@ -286,6 +287,8 @@ def merge(parts: list[Decisions], like: torch.Tensor) -> Decisions:
     """Several views' decisions for the same samples as one batch (view after view). A view without an
     operation takes its identity (not applied; for blur, a vanishing sigma), which leaves its images exactly
     as they were, so views that differ only in their probabilities are made as one batch."""
+    if len(parts) == 1:
+        return parts[0]
     n = len(like)
     identity = {"jitter": like.new_zeros(n), "factors": like.new_tensor([1.0, 1.0, 1.0, 0.0]).expand(n, 4),
                 "order": torch.arange(4, device=like.device).expand(n, 4), "grayscale": like.new_zeros(n),
