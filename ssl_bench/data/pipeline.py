@@ -6,7 +6,7 @@ the number of loader workers. Two paths make the views:
 
 * data sets held in memory (``data.device_augment=true``, the default): the uint8 images sit on the
   training device and each batch's views are made there in batched ops (``ssl_bench.data.batched``);
-  a light loader only draws the masks (per sample, on the CPU);
+  a light loader only draws the masks (a batch at a time, on the CPU);
 * image folders: per sample on the CPU (``ssl_bench.data.cpu_views``), in persistent loader workers, or
   (``data.decode=device``) only read there, then decoded and augmented in batches on the device
   (``ssl_bench.data.device_decode``);
