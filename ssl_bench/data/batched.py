@@ -198,25 +198,24 @@ def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, 
     torchvision's blends (with black, the mean luma, the luma) with a factor f, each ``f x + (1 - f) other``
     clamped to [0, 1]; a sample's other two factors are exactly 1 at this turn, so one fused expression,
     ``clamp(fb fc fs x + (1 - fc) mean + (1 - fs) luma)``, applies whichever it draws."""
-    identity = factors.new_tensor([1.0, 1.0, 1.0, 0.0])
-    factors = torch.where(apply.bool()[:, None], factors, identity)  # (B, 4)
-    ops = [0, 1] if x.shape[1] == 1 else [0, 1, 2, 3]  # 1 channel: no saturation or hue
+    n_ops = 2 if x.shape[1] == 1 else 4  # the first n_ops operations apply (1 channel: no saturation or hue)
+    identity = F.pad(factors.new_ones(3), (0, 1))[:n_ops]  # (1, 1, 1, 0): made on the device, no host copy
+    factors = torch.where(apply.bool()[:, None], factors[:, :n_ops], identity)  # (B, n_ops)
     # rank of each present op in this sample's order (torchvision draws a permutation of all four)
     position = order.argsort(dim=1)  # (B, 4): when each op comes
-    rank = position[:, ops].argsort(dim=1).argsort(dim=1)  # (B, len(ops)): its turn among the present ops
-    factors, identity = factors[:, ops], identity[ops]
-    for turn in range(len(ops)):
-        now = rank == turn  # (B, len(ops)): the op each sample applies at this turn
-        f = torch.where(now, factors, identity).to(x.dtype)  # (B, len(ops)): its factor, identities elsewhere
+    rank = position[:, :n_ops].argsort(dim=1).argsort(dim=1)  # (B, n_ops): its turn among the present ops
+    for turn in range(n_ops):
+        now = rank == turn  # (B, n_ops): the op each sample applies at this turn
+        f = torch.where(now, factors, identity).to(x.dtype)  # (B, n_ops): its factor, identities elsewhere
         b, c = f[:, 0].view(-1, 1, 1, 1), f[:, 1].view(-1, 1, 1, 1)
         luma = x if x.shape[1] == 1 else _gray(x)
-        scale = b * c if len(ops) == 2 else b * c * f[:, 2].view(-1, 1, 1, 1)
+        scale = b * c if n_ops == 2 else b * c * f[:, 2].view(-1, 1, 1, 1)
         shift = (1 - c) * luma.mean(dim=(1, 2, 3), keepdim=True)
         out = torch.addcmul(shift, scale, x)
-        if len(ops) > 2:
+        if n_ops > 2:
             out = out.addcmul_(1 - f[:, 2].view(-1, 1, 1, 1), luma)
         x = out.clamp_(0, 1)
-        if len(ops) > 3:
+        if n_ops > 3:
             hue = now[:, 3] & factors[:, 3].ne(0)  # (the HSV round trip is not exact: keep samples without a shift as they are)
             x = _pick(hue, _adjust_hue(x, factors[:, 3]), x)
     return x
@@ -290,7 +289,7 @@ def merge(parts: list[Decisions], like: torch.Tensor) -> Decisions:
     if len(parts) == 1:
         return parts[0]
     n = len(like)
-    identity = {"jitter": like.new_zeros(n), "factors": like.new_tensor([1.0, 1.0, 1.0, 0.0]).expand(n, 4),
+    identity = {"jitter": like.new_zeros(n), "factors": F.pad(like.new_ones(n, 3), (0, 1)),
                 "order": torch.arange(4, device=like.device).expand(n, 4), "grayscale": like.new_zeros(n),
                 "blur": like.new_zeros(n), "sigma": like.new_ones(n), "solarize": like.new_zeros(n)}
     merged = {}
