@@ -120,7 +120,7 @@ step() {  # step NAME COMMAND...: runs it; a failure is logged and does not stop
     report
 }
 
-# one round of trainer and step alone per row: a GPU of its own varies little between runs, and three rounds
+# one round of trainer and step alone per row: a GPU of its own varies little between runs, and five rounds
 # (the command's default, for shared CPUs) would take the throughput part past a 10-minute call
 if [ "$DRY" = 1 ]; then
     PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2 --rounds 1); VITB=(--preset smoke --data synthetic data.img_size=28)
