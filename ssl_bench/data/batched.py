@@ -85,6 +85,12 @@ def _below(u: torch.Tensor, p: float) -> torch.Tensor:
     return (u < p).to(u.dtype)
 
 
+def no_jitter_factors(like: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, 4) ColorJitter factors that change nothing (brightness, contrast, saturation 1, hue 0), made on
+    ``like``'s device without a host-to-device copy."""
+    return F.pad(like.new_ones(n, 3), (0, 1))
+
+
 def blur_sigmas(u: torch.Tensor, sigma) -> torch.Tensor:
     return sigma[0] + (sigma[1] - sigma[0]) * u[:, _SIGMA]
 
@@ -199,7 +205,7 @@ def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, 
     clamped to [0, 1]; a sample's other two factors are exactly 1 at this turn, so one fused expression,
     ``clamp(fb fc fs x + (1 - fc) mean + (1 - fs) luma)``, applies whichever it draws."""
     n_ops = 2 if x.shape[1] == 1 else 4  # the first n_ops operations apply (1 channel: no saturation or hue)
-    identity = F.pad(factors.new_ones(3), (0, 1))[:n_ops]  # (1, 1, 1, 0): made on the device, no host copy
+    identity = no_jitter_factors(factors, 1)[0, :n_ops]  # (n_ops,)
     factors = torch.where(apply.bool()[:, None], factors[:, :n_ops], identity)  # (B, n_ops)
     # rank of each present op in this sample's order (torchvision draws a permutation of all four)
     position = order.argsort(dim=1)  # (B, 4): when each op comes
@@ -289,7 +295,7 @@ def merge(parts: list[Decisions], like: torch.Tensor) -> Decisions:
     if len(parts) == 1:
         return parts[0]
     n = len(like)
-    identity = {"jitter": like.new_zeros(n), "factors": F.pad(like.new_ones(n, 3), (0, 1)),
+    identity = {"jitter": like.new_zeros(n), "factors": no_jitter_factors(like, n),
                 "order": torch.arange(4, device=like.device).expand(n, 4), "grayscale": like.new_zeros(n),
                 "blur": like.new_zeros(n), "sigma": like.new_ones(n), "solarize": like.new_zeros(n)}
     merged = {}
