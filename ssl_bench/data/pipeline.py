@@ -202,7 +202,7 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
             images, labels = images[torch.from_numpy(indices)], labels[torch.from_numpy(indices)]
         views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device,
                              compile=compile_views(cfg, device))
-        # the light loader needs no workers without masks; nor on a CPU device, where batched masks (up to 2 ms
+        # the light loader needs no workers without masks; nor on a CPU device, where batched masks (about 1 ms
         # a batch at the quick preset) cost less than a worker's copies, and a worker takes its core from the
         # step (with one, quick BEiT and CAE kept less of their step's speed, not more)
         if spec.mask is None or device.type == "cpu":
