@@ -124,29 +124,35 @@ class BlockMaskGenerator:
 
     def batch(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
         """(B, N) masks of the samples ``index``: ``__call__``'s algorithm for the whole batch in step, one
-        block per round. A round tries all 10 rectangles of every sample at once and keeps each sample's first
-        valid one. Its draws are the sample's own (stream ``MASK_STREAM + 1 + round // ROUNDS_PER_DRAW``),
-        so a sample's mask never depends on the rest of its batch. Samples that have finished (or, for BEiT,
-        failed a block) take no more blocks; the loop ends when none is left.
+        block per round. A round tries all 10 rectangles of every sample still taking blocks at once and keeps
+        each sample's first valid one. Its draws are the sample's own (stream ``MASK_STREAM + 1 + round //
+        ROUNDS_PER_DRAW``), so a sample's mask never depends on the rest of its batch. Samples that have
+        finished (or, for BEiT, failed a block) leave the round's arrays; the loop ends when none is left.
 
         Masks and rectangles are bit sets (``_spans``): the patches a try would add are an AND and a
         popcount, and placing a block an OR, on a few words per sample."""
         g, index, (lo, hi) = self.grid_size, index.numpy(), self.log_aspect
-        row_spans, col_spans = _spans(g)  # (g+1, g+1, words) each
-        B, rows = len(index), np.arange(len(index))
+        row_spans, col_spans = _spans(g)  # ((g+1)^2, words) each
+        B = len(index)
         mask = np.zeros((B, row_spans.shape[-1]), dtype=np.uint64)  # (B, words)
         count = np.zeros(B, dtype=np.int64)
-        adding = np.ones(B, dtype=bool)
+        active = np.arange(B)  # the samples still taking blocks
         for block in range(self.MAX_BLOCKS):
-            adding &= count < self.num_masked
-            if not adding.any():
+            active = active[count[active] < self.num_masked]
+            if not len(active):
                 return torch.from_numpy(_unpack(mask, self.num_patches))
             if block % ROUNDS_PER_DRAW == 0:  # one hash for several rounds: hashing is most of a round's ops
-                draws = uniforms_numpy(seed, epoch, index, MASK_STREAM + 1 + block // ROUNDS_PER_DRAW, ROUNDS_PER_DRAW * 4 * BLOCK_TRIES)
+                stream = MASK_STREAM + 1 + block // ROUNDS_PER_DRAW
+                drawn = uniforms_numpy(seed, epoch, index[active], stream, ROUNDS_PER_DRAW * 4 * BLOCK_TRIES)
+                if len(active) < B:  # drawn for the samples still taking blocks only; rows by sample
+                    draws = np.empty((B, drawn.shape[1]))
+                    draws[active] = drawn
+                else:
+                    draws = drawn
                 draws = draws.reshape(B, ROUNDS_PER_DRAW, BLOCK_TRIES, 4)
-            u = draws[:, block % ROUNDS_PER_DRAW]  # (B, T, 4): area, aspect, top, left of each try
-            remaining = (self.num_masked - count)[:, None]  # (B, 1)
-            area = self.min_block + (remaining - self.min_block) * u[..., 0]  # (B, T)
+            u = draws[active, block % ROUNDS_PER_DRAW]  # (A, T, 4): area, aspect, top, left of each try
+            remaining = (self.num_masked - count[active])[:, None]  # (A, 1)
+            area = self.min_block + (remaining - self.min_block) * u[..., 0]  # (A, T)
             aspect = np.exp(lo + (hi - lo) * u[..., 1])
             h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, as Python's round
             w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
@@ -154,23 +160,24 @@ class BlockMaskGenerator:
             h, w = h * fits, w * fits  # a try that leaves the grid becomes an empty one: it adds nothing, never valid
             top = np.floor(u[..., 2] * (g - h + 1)).astype(np.int64)  # uniform in [0, g - h]
             left = np.floor(u[..., 3] * (g - w + 1)).astype(np.int64)
-            rect = row_spans[top, top + h] & col_spans[left, left + w]  # (B, T, words)
-            new = h * w - np.bitwise_count(rect & mask[:, None]).sum(axis=-1, dtype=np.int64)  # (B, T): patches it adds
-            valid = (new > 0) & (new <= remaining) & adding[:, None]
-            placed = valid.any(axis=1)  # (B,)
+            rect = row_spans[top * (g + 1) + top + h] & col_spans[left * (g + 1) + left + w]  # (A, T, words)
+            new = h * w - np.bitwise_count(rect & mask[active, None]).sum(axis=-1, dtype=np.int64)  # (A, T): patches it adds
+            valid = (new > 0) & (new <= remaining)
             first = valid.argmax(axis=1)  # the first valid try
-            mask |= rect[rows, first] * placed[:, None]
-            count += new[rows, first] * placed
+            placed = valid[np.arange(len(active)), first]  # (A,): whether any try was valid
+            took, first = active[placed], first[placed]
+            mask[took] |= rect[placed, first]
+            count[took] += new[placed, first]
             if not self.exact:
-                adding &= placed  # BEiT: a block that cannot be placed ends the mask
+                active = took  # BEiT: a block that cannot be placed ends the mask
         raise RuntimeError(f"block masking did not reach {self.num_masked} masked patches in {self.MAX_BLOCKS} blocks")
 
 
 @functools.lru_cache(maxsize=None)
 def _spans(g: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bit sets of a g x g grid, (g+1, g+1, words) uint64 each: entry [a, b] of the first holds the patches of
-    rows a to b - 1, of the second those of columns a to b - 1 (a rectangle is one AND of the two). Patch
-    n = y g + x is bit n % 64 of word n // 64."""
+    """Bit sets of a g x g grid, ((g+1)^2, words) uint64 each: entry a (g+1) + b of the first holds the
+    patches of rows a to b - 1, of the second those of columns a to b - 1 (a rectangle is one AND of the two).
+    Patch n = y g + x is bit n % 64 of word n // 64."""
     n = np.arange(g * g)
     y, x = n // g, n % g
     a, b = np.arange(g + 1)[:, None, None], np.arange(g + 1)[None, :, None]  # (g+1, 1, 1), (1, g+1, 1)
@@ -179,6 +186,7 @@ def _spans(g: int) -> tuple[np.ndarray, np.ndarray]:
         inside = (coord >= a) & (coord < b)  # (g+1, g+1, g g)
         words = np.zeros((g + 1, g + 1, -(-g * g // 64)), dtype=np.uint64)
         np.bitwise_or.at(words, (..., n // 64), inside.astype(np.uint64) << (n % 64).astype(np.uint64))
+        words = words.reshape((g + 1) ** 2, -1)  # one flat index per span: cheaper to gather than two
         words.flags.writeable = False
         out.append(words)
     return tuple(out)
