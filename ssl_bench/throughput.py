@@ -62,9 +62,12 @@ def loader_alone(cfg: dict, batches: int = 8) -> float:
     method, device = _build(cfg)
     with _threads(1):
         loader, sampler, _, _ = build_pretrain_loader(cfg, method.data_spec(), device=device)
-        batches = max(1, min(batches, sampler.steps_per_epoch - 1))  # within one epoch
+        next(iter(loader))  # warm-up
+        # whole items of a loader that draws several batches at once (the batched path's masks), from the
+        # first: the timed batches pay their share of the draws; within one epoch
+        per_item = getattr(loader, "batches_per_item", 1)
+        batches = max(1, min(per_item * -(-batches // per_item), sampler.steps_per_epoch))
         it = iter(loader)
-        next(it)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
         n = 0
