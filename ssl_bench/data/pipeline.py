@@ -6,7 +6,7 @@ the number of loader workers. Two paths make the views:
 
 * data sets held in memory (``data.device_augment=true``, the default): the uint8 images sit on the
   training device and each batch's views are made there in batched ops (``ssl_bench.data.batched``);
-  a light loader only draws the masks (a batch at a time, on the CPU);
+  a light loader only draws the masks (several batches at a time, on the CPU);
 * image folders: per sample on the CPU (``ssl_bench.data.cpu_views``), in persistent loader workers, or
   (``data.decode=device``) only read there, then decoded and augmented in batches on the device
   (``ssl_bench.data.device_decode``);
@@ -96,9 +96,9 @@ class _WithEpoch(Sampler):
 
 
 class _MaskBatches(Dataset):
-    """``(epoch, [indices])`` -> {"epoch", "index" (B,), "mask" (B, N) bool?}: all the CPU does per batch
-    on the batched path. Masks are drawn for the whole batch (the generator's ``batch``), or per sample
-    for a plug-in's generator that has only ``__call__``."""
+    """``(epoch, [indices])`` -> {"epoch", "index" (n,), "mask" (n, N) bool?}: all the CPU does per item
+    on the batched path (an item: one or more batches). Masks are drawn for the whole item (the generator's
+    ``batch``), or per sample for a plug-in's generator that has only ``__call__``."""
 
     def __init__(self, num_samples: int, mask_generator, seed: int):
         self.num_samples, self.mask_generator, self.seed = num_samples, mask_generator, seed
