@@ -24,8 +24,8 @@ class DataSpec:
     augmentation: the views (``ssl_bench.data.views``): a registered policy name ("mim", "simsiam", "byol",
         "multicrop" or a plug-in's), a policy (a tuple of ``View``, one per view, e.g.
         ``views.multicrop(n_local=4, local_size=12)``), or a function returning one.
-    mask: a mask generator, or None: one of ``ssl_bench.masking`` (drawn a batch at a time on the batched
-        path, ``batch``), or any callable ``gen(rng) -> (N,) bool array`` called once per sample with a
+    mask: a mask generator, or None: one of ``ssl_bench.masking`` (drawn several batches at a time on the
+        batched path, ``batch``), or any callable ``gen(rng) -> (N,) bool array`` called once per sample with a
         numpy Generator seeded by (seed, epoch, index).
     ``batch["views"]`` holds one tensor (B, C, size, size) per view of the policy, in its order.
     """

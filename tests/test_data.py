@@ -121,35 +121,40 @@ def test_batched_path_draws_whole_batch_masks_in_process_on_cpu(fashion):
     assert torch.equal(batch["mask"], blocks.batch(3, batch["epoch"], batch["index"]))
 
     plug_in = lambda rng: blocks(rng)  # noqa: E731  (a callable, as a third-party generator may be)
-    item = _MaskBatches(1000, plug_in, 3)[(2, [5, 9])]
+    item = _MaskBatches(1000, plug_in, 3)[(2, [5, 9], 0)]
     assert torch.equal(item["mask"], torch.stack([sample_mask(plug_in, 3, 2, i) for i in (5, 9)]))
 
 
-def test_batched_path_draws_masks_for_several_batches_at_once_and_yields_the_same_batches(fashion):
-    """The batched loader draws the masks of several batches in one item; it still yields one batch per
-    step, each the batch drawn alone (masks, views, labels), from an epoch's start and from a resumed step
-    inside an item."""
+def test_batched_path_draws_several_batches_at_once_and_yields_the_same_batches(fashion):
+    """The batched loader draws masks and views for several batches per item and yields one batch per step,
+    each the batch drawn alone (masks, views, labels). Items begin every few batches from the epoch's start:
+    a run resumed inside an item draws that whole item again and skips the batches already trained on."""
     import dataclasses
 
     from ssl_bench.build import build_method
     from ssl_bench.data.pipeline import build_pretrain_loader
     from tests.conftest import smoke_config
 
-    cfg = smoke_config("mae", "data.device_augment=true")
+    cfg = smoke_config("mae", "data.device_augment=true", "data.subset=1024", "train.batch_size=128")
     spec = dataclasses.replace(build_method(cfg, fashion[1]).data_spec(), mask=BlockMaskGenerator(4, 0.4))  # BEiT's kind
     loader, sampler, *_ = build_pretrain_loader(cfg, spec, device="cpu")
-    B, steps = cfg["train"]["batch_size"], sampler.steps_per_epoch
-    assert loader.batches_per_item > 1 and steps > 3
+    B, k, steps = cfg["train"]["batch_size"], loader.batches_per_item, sampler.steps_per_epoch
+    assert 1 < k < steps and steps % k == 0
     order = torch.tensor(list(sampler))
     batches = list(loader)
     assert len(batches) == len(loader) == steps
-    for k, batch in enumerate(batches):
-        index = order[k * B:(k + 1) * B]
+    for i, batch in enumerate(batches):
+        index = order[i * B:(i + 1) * B]
         assert torch.equal(batch["mask"], spec.mask.batch(cfg["seed"], 0, index))
         assert torch.equal(batch["views"][0], loader.views(index, 0)[0])
         assert torch.equal(batch["label"], loader.labels[index])
-    sampler.set_epoch(0, start_step=3)
+
+    resume = k + 1  # the second batch of the second item
+    sampler.set_epoch(0, start_step=resume)
+    items = list(loader.loader.sampler)
+    assert [(len(indices) // B, skip) for _, indices, skip in items] == [(k, 1)] * 1 + [(k, 0)] * (steps // k - 2)
+    assert items[0][1] == order[k * B:2 * k * B].tolist()  # the whole item, drawn again
     resumed = list(loader)
-    assert len(resumed) == len(loader) == steps - 3
-    for a, b in zip(resumed, batches[3:], strict=True):
+    assert len(resumed) == len(loader) == steps - resume
+    for a, b in zip(resumed, batches[resume:], strict=True):
         assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["views"][0], b["views"][0])

@@ -77,26 +77,31 @@ class PretrainDataset(Dataset):
 
 
 class _WithEpoch(Sampler):
-    """Yields ``(epoch, index)`` from a ResumableSampler, or ``(epoch, [indices])`` of ``batches`` whole
-    batches of ``batch_size`` at a time (the last item of an epoch may hold fewer batches)."""
+    """Yields ``(epoch, index)`` from a ResumableSampler, or items ``(epoch, [indices], skip)`` of ``batches``
+    whole batches of ``batch_size``. Items begin every ``batches`` batches from the epoch's start, whatever
+    the step a run resumes at, so a resumed run draws the same items: the item that holds the resumed step is
+    drawn whole and its first ``skip`` batches, already trained on, are skipped."""
 
     def __init__(self, sampler: "ResumableSampler", batch_size: int | None = None, batches: int = 1):
         self.sampler, self.batch_size, self.batches = sampler, batch_size, batches
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // (self.batch_size or 1) // self.batches)
+        if self.batch_size is None:
+            return len(self.sampler)
+        start = self.sampler.start_step
+        return -(-(self.sampler.steps_per_epoch - (start - start % self.batches)) // self.batches)
 
     def __iter__(self):
-        epoch, indices = self.sampler.epoch, list(self.sampler)
+        epoch = self.sampler.epoch
         if self.batch_size is None:
-            return ((epoch, i) for i in indices)
-        b, step = self.batch_size, self.batch_size * self.batches
-        whole = len(indices) - len(indices) % b
-        return ((epoch, indices[k:min(k + step, whole)]) for k in range(0, whole, step))
+            return ((epoch, i) for i in self.sampler)
+        b, k, start, steps = self.batch_size, self.batches, self.sampler.start_step, self.sampler.steps_per_epoch
+        indices = self.sampler.epoch_indices()
+        return ((epoch, indices[i * b:min(i + k, steps) * b], max(0, start - i)) for i in range(start - start % k, steps, k))
 
 
 class _MaskBatches(Dataset):
-    """``(epoch, [indices])`` -> {"epoch", "index" (n,), "mask" (n, N) bool?}: all the CPU does per item
+    """``(epoch, [indices], skip)`` -> {"epoch", "skip", "index" (n,), "mask" (n, N) bool?}: all the CPU does per item
     on the batched path (an item: one or more batches). Masks are drawn for the whole item (the generator's
     ``batch``), or per sample for a plug-in's generator that has only ``__call__``."""
 
@@ -107,8 +112,8 @@ class _MaskBatches(Dataset):
         return self.num_samples
 
     def __getitem__(self, key) -> dict:
-        epoch, indices = key
-        out = {"epoch": epoch, "index": torch.tensor(indices, dtype=torch.long)}
+        epoch, indices, skip = key
+        out = {"epoch": epoch, "skip": skip, "index": torch.tensor(indices, dtype=torch.long)}
         if hasattr(self.mask_generator, "batch"):
             out["mask"] = self.mask_generator.batch(self.seed, epoch, out["index"])
         elif self.mask_generator is not None:
@@ -117,8 +122,8 @@ class _MaskBatches(Dataset):
 
 
 class DeviceBatches:
-    """Iterates a light (index, mask) loader, whose items may hold several batches, and makes each batch's
-    views on the device."""
+    """Iterates a light (index, mask) loader, whose items may hold several batches, makes their views on the
+    device and yields one batch at a time."""
 
     def __init__(self, loader: DataLoader, views: BatchedViews, labels: torch.Tensor, batch_size: int):
         self.loader, self.views, self.batch_size = loader, views, batch_size
@@ -131,15 +136,20 @@ class DeviceBatches:
     def __iter__(self):
         cuda = self.views.device.type == "cuda"
         for item in self.loader:
-            for part in range(0, len(item["index"]), self.batch_size):
+            # pinned host memory: the copies are queued behind the running step instead of waiting for it
+            item = {k: (v.pin_memory() if cuda else v).to(self.views.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in item.items()}
+            index, epoch = item["index"], item["epoch"]
+            # eager views for the whole item at once: one set of a few hundred ops for several batches (on a CPU,
+            # between quick BEiT steps, 2.0 -> 0.9 ms a batch in fours); compiled views one batch at a time, so
+            # that they keep one shape
+            views = None if self.views.compiled else self.views(index, epoch)
+            for part in range(item["skip"] * self.batch_size, len(index), self.batch_size):
                 rows = slice(part, part + self.batch_size)
-                # pinned host memory: the copies are queued behind the running step instead of waiting for it
-                index = item["index"][rows]
-                index = (index.pin_memory() if cuda else index).to(self.views.device, non_blocking=True)
-                batch = {"views": self.views(index, item["epoch"]), "label": self.labels.index_select(0, index)}
+                batch = {"views": [v[rows] for v in views] if views is not None else self.views(index[rows], epoch),
+                         "label": self.labels.index_select(0, index[rows])}
                 if "mask" in item:
-                    mask = item["mask"][rows]
-                    batch["mask"] = (mask.pin_memory() if cuda else mask).to(self.views.device, non_blocking=True)
+                    batch["mask"] = item["mask"][rows]
                 yield batch
 
 
@@ -162,12 +172,15 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.batch_size
 
-    def __iter__(self):
+    def epoch_indices(self) -> list[int]:
+        """This rank's indices of the whole epoch, from its first step."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.num_samples, generator=g)
         used = perm[: self.steps_per_epoch * self.batch_size * self.world_size]
-        mine = used[self.rank :: self.world_size]
-        return iter(mine[self.start_step * self.batch_size :].tolist())
+        return used[self.rank :: self.world_size].tolist()
+
+    def __iter__(self):
+        return iter(self.epoch_indices()[self.start_step * self.batch_size :])
 
 
 def compile_views(cfg: dict, device: torch.device) -> bool:
@@ -213,7 +226,7 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
             images, labels = images[torch.from_numpy(indices)], labels[torch.from_numpy(indices)]
         views = BatchedViews(images, policy, img_size, info.mean, info.std, seed=cfg["seed"], device=device,
                              compile=compile_views(cfg, device))
-        # the light loader needs no workers without masks; nor on a CPU device, where batched masks (about 1 ms
+        # the light loader needs no workers without masks; nor on a CPU device, where batched masks (about 0.5 ms
         # a batch at the quick preset) cost less than a worker's copies, and a worker takes its core from the
         # step (with one, quick BEiT and CAE kept less of their step's speed, not more)
         if spec.mask is None or device.type == "cpu":
