@@ -134,11 +134,14 @@ class DeviceBatches:
         return len(self.loader.sampler.sampler) // self.batch_size
 
     def __iter__(self):
-        cuda = self.views.device.type == "cuda"
+        device = self.views.device
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            # pinned host memory: the copy is queued behind the running step instead of waiting for it
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
         for item in self.loader:
-            # pinned host memory: the copies are queued behind the running step instead of waiting for it
-            item = {k: (v.pin_memory() if cuda else v).to(self.views.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                    for k, v in item.items()}
+            item = {k: to_device(v) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
             index, epoch = item["index"], item["epoch"]
             # eager views for the whole item at once: one set of a few hundred ops for several batches (on a CPU,
             # between quick BEiT steps, 2.0 -> 0.9 ms a batch in fours); compiled views one batch at a time, so
