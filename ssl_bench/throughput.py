@@ -78,15 +78,36 @@ def loader_alone(cfg: dict, batches: int = 8) -> float:
         return n / (time.perf_counter() - t0)
 
 
+def held_batch(cfg: dict, method, device: torch.device) -> dict:
+    """One pretraining batch of ``cfg``'s loader, on ``device``: what a step alone runs on."""
+    from ssl_bench.trainer import _to_device
+
+    loader, *_ = build_pretrain_loader(cfg, method.data_spec(), device=device)
+    return _to_device(next(iter(loader)), device)
+
+
+def seconds_per_step(one_step, device: torch.device, steps: int) -> float:
+    """Mean seconds of ``one_step(i)`` over ``steps`` calls, after two (allocation, compilation); the peak
+    memory statistics are reset after those two."""
+    for i in range(2):
+        one_step(i)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one_step(2 + i)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def step_alone(cfg: dict, steps: int = 8) -> dict:
     """The method's step on one batch held in memory: images/s, and with a GPU MFU and peak memory."""
     from ssl_bench.runtime import CompiledOrEager, autocast, use_compile
-    from ssl_bench.trainer import _to_device
 
     method, device = _build(cfg)
     train = cfg["train"]
-    loader, *_ = build_pretrain_loader(cfg, method.data_spec(), device=device)
-    batch = _to_device(next(iter(loader)), device)
+    batch = held_batch(cfg, method, device)
     images = len(batch["views"][0])
     lr = train["lr"] or train["blr"] * train["batch_size"] / 256
     optimizer = build_optimizer(method.param_groups(train["weight_decay"]), train["optimizer"], lr,
@@ -106,16 +127,7 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
         method.after_optimizer_step()
         method.pop_logged(as_float=False)
 
-    for i in range(2):  # allocation, compilation
-        one_step(i)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        one_step(2 + i)
-    _sync(device)
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = seconds_per_step(one_step, device, steps)
     out = {"step_images_per_s": images / seconds, "mfu": None, "peak_mem_gib": None, "flops_per_step": None}
     if device.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode

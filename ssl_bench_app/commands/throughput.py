@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--limit-steps", type=int, default=10, help="timed steps of the step alone and batches of the loader alone (default: 10)")
     # five: on a shared 2-core CPU one round's ratio moves by a few percent, and a ratio is judged against 0.95
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of trainer and step alone; the table gives medians (default: 5)")
+    p.add_argument("--official-code", metavar="DIR", default=None,
+                   help="also time the official code's step (DIR/mae, DIR/moco-v3: local copies of facebookresearch/mae "
+                        "and moco-v3) beside ours in every round, for MAE and MoCo v3")
     p.add_argument("--out", default="results/throughput", help="where to write the table (default: results/throughput)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every method")
     p.set_defaults(func=run)
@@ -57,6 +60,7 @@ def run(args) -> int:
     from ssl_bench.registry import available_methods, get_method
     from ssl_bench.throughput import loader_alone, step_alone
     from ssl_bench.trainer import pretrain
+    from ssl_bench_app.official_speed import check_official_code, has_official, official_step_alone
 
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
@@ -70,6 +74,8 @@ def run(args) -> int:
         return 0
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
     names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
+    if args.official_code:
+        check_official_code(args.official_code, names)
     overrides = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false", *args.overrides]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -85,7 +91,7 @@ def run(args) -> int:
                 continue  # the batched row's views are eager already
             path_name = path_name or _path_name(cfg, args.data)
             # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
-            trainer, steps, totals = [], [], []
+            trainer, steps, totals, official = [], [], [], []
             with tempfile.TemporaryDirectory() as tmp:
                 for r in range(args.rounds):
                     t0 = time.perf_counter()
@@ -95,6 +101,8 @@ def run(args) -> int:
                     cfg = record["config"]  # prepare() may have written files (a tokenizer) later rounds and the step reuse
                     if not args.no_limits:
                         steps.append(step_alone(cfg, args.limit_steps))
+                        if args.official_code and has_official(name):
+                            official.append(official_step_alone(cfg, args.official_code, args.limit_steps))
                 limits = {"loader_images_per_s": loader_alone(cfg, args.limit_steps)} if not args.no_limits else {}
             row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds,
                    "trainer_images_per_s_rounds": trainer, "steps": record["steps"], "batch": record["effective_batch"],
@@ -106,6 +114,10 @@ def run(args) -> int:
                            trainer_over_step=median([t / s for t, s in zip(trainer, step_rates)]))
                 if row.get("flops_per_step"):  # MFU at the median step rate
                     row["mfu"] = median([s["mfu"] for s in steps])
+                if official:
+                    row.update(official_step_images_per_s=median(official), official_step_images_per_s_rounds=official,
+                               step_over_official=median([s / o for s, o in zip(step_rates, official)]),
+                               trainer_over_official=median([t / o for t, o in zip(trainer, official)]))
             rows.append(row)
             _write(args, rows, folder_md, tabulate, finished=False)  # a cut-short run still leaves its rows
             print(f"{name} [{path_name}]: {record['images_per_s']:.1f} images/s"
@@ -138,6 +150,7 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
                         f"--limit-steps {args.limit_steps}", f"--rounds {args.rounds}", *(["--methods " + args.methods] if args.methods != "all" else []),
                         *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else ["--vitb16"] if args.vitb16 else []),
                         *(["--data-root " + args.data_root] if args.data_root else []),
+                        *(["--official-code " + args.official_code] if args.official_code else []),
                         *(o for o in args.overrides if not (args.vitb16 and o in VITB16))])  # the user's key=value
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
@@ -168,11 +181,15 @@ def _table(rows: list[dict], tabulate) -> str:
     gpu = any(r.get("mfu") is not None or r.get("peak_mem_gib") is not None for r in rows)
     head = ["method", "data path", "trainer img/s", "step alone img/s", "trainer / step", "loader alone img/s (1 core)"]
     head += ["MFU", "peak GiB"] if gpu else []
+    official = any(r.get("official_step_images_per_s") for r in rows)
+    head += ["official step img/s", "step / official", "trainer / official"] if official else []
     body = []
     for r in rows:
         line = [r["method"], r["data_path"], num(r["images_per_s"], ".1f"), num(r.get("step_images_per_s"), ".1f"),
                 num(r.get("trainer_over_step"), ".2f"), num(r.get("loader_images_per_s"), ".0f")]
         line += [num(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else ""), num(r.get("peak_mem_gib"), ".1f")] if gpu else []
+        line += [num(r.get("official_step_images_per_s"), ".1f"), num(r.get("step_over_official"), ".2f"),
+                 num(r.get("trainer_over_official"), ".2f")] if official else []
         body.append(line)
     text = tabulate(body, headers=head, tablefmt="github")
     before = {r["method"]: r for r in rows if r["data_path"] == "per-sample CPU"}
