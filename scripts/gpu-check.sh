@@ -90,8 +90,12 @@ if dry:
     lines += ["**Dry run on the CPU at smoke size: checks the script, measures nothing about a GPU.**", ""]
 lines += [f"torch {hw['torch']}, timm {hw['timm']}, Python {hw['python']}; CPU: {hw['cpu']} ({hw['cpu_cores']} cores). "
           f"Command: `scripts/gpu-check.sh{' ' + args if args else ''}`.", ""]
-for md in sorted(glob.glob(str(work / "tp" / "*.md"))):
-    lines += ["## " + Path(md).read_text().split("\n", 1)[0].lstrip("# "), "", Path(md).read_text().split("\n", 1)[1].strip(), ""]
+tables = {md: Path(md).read_text() for md in sorted(glob.glob(str(work / "tp" / "*.md")))}
+for md, text in tables.items():
+    title, body = text.split("\n", 1)
+    if any(body.strip() in other for m, other in tables.items() if m != md):
+        continue  # the folder's loader table, which its training table holds too
+    lines += ["## " + title.lstrip("# "), "", body.strip(), ""]
 failed = (work / "failed").read_text().split("\n")
 if any(failed):
     lines += ["**Failed steps** (their errors are in the script's output): " + "; ".join(f for f in failed if f), ""]
