@@ -230,3 +230,24 @@ def test_device_path_brightness_factors_read_back_match_colorjitter(tmp_path):
     ref = np.array([T1.ColorJitter.get_params((0.6, 1.4), None, None, None)[1] for _ in range(N_RATES)])
     assert stats.ks_2samp(factor[applied], ref).pvalue > 1e-3
     assert stats.ks_2samp(factor[applied], ref * 1.05).pvalue < 1e-4  # control: 5% off is told apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_never_writes_memory_the_training_stream_still_reads(tmp_path):
+    """nvJPEG may write its outputs before the caller's queued kernels run (pytorch/vision#9606). Tensors
+    freed while reductions over them are still queued behind a long kernel must keep their values through
+    decode_batch: the decoder's outputs come from another stream's memory."""
+    write_jpeg_folder(tmp_path, images=16, size=(500, 375), classes=1, seed=3)
+    records = _records(sorted(str(p) for p in tmp_path.rglob("*.jpg")))
+    device = torch.device("cuda")
+    bad = 0
+    for trial in range(20):
+        tensors = [torch.full((3 * 500 * 375,), float(i + 1), device=device) for i in range(16)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)  # keeps the stream busy while the decoder runs
+        sums = [t.sum() for t in tensors]
+        del tensors  # freed with their reductions still queued
+        decode_batch(records, 3, device)
+        torch.cuda.synchronize()
+        bad += sum(float(s) != float(i + 1) * 3 * 500 * 375 for i, s in enumerate(sums))
+    assert bad == 0

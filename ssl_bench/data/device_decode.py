@@ -12,10 +12,12 @@ decoded in batches on the training device and the views are made there.
 
 A file that is not a complete JPEG, or that the batched decoder rejects, is decoded on the CPU
 (``cpu_views.decode``: OpenCV or Pillow), which names the file in one line if it cannot either.
-Without a GPU the same code runs on the CPU, which is what the tests exercise; no GPU figure has been
-measured yet.
+Without a GPU the same code runs on the CPU, which is what the tests exercise (a CUDA test checks the decoder
+against memory still in use); GPU rates are in ``results/gpu/``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -54,21 +56,48 @@ def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> li
     images: list[torch.Tensor | None] = [None] * len(records)
     jpegs = [i for i, r in enumerate(records) if is_complete_jpeg(r["data"].numpy().tobytes())]
     if jpegs:
-        try:
-            for i, image in zip(jpegs, decode_jpeg([records[i]["data"] for i in jpegs], mode=mode, device=device)):
-                images[i] = image
-        except RuntimeError:  # one undecodable file fails the whole call: retry one by one below
-            for i in jpegs:
-                try:
-                    images[i] = decode_jpeg(records[i]["data"], mode=mode, device=device)
-                except RuntimeError:
-                    pass
+        with _decoder_stream(device) as keep:
+            try:
+                for i, image in zip(jpegs, decode_jpeg([records[i]["data"] for i in jpegs], mode=mode, device=device)):
+                    images[i] = keep(image)
+            except RuntimeError:  # one undecodable file fails the whole call: retry one by one below
+                for i in jpegs:
+                    try:
+                        images[i] = keep(decode_jpeg(records[i]["data"], mode=mode, device=device))
+                    except RuntimeError:
+                        pass
     for i, image in enumerate(images):
         if image is None:
             array = decode(records[i]["data"].numpy().tobytes(), records[i]["path"], in_chans)  # names the file if unreadable
             image = torch.from_numpy(array)
             images[i] = (image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)).to(device)
     return images
+
+
+@contextlib.contextmanager
+def _decoder_stream(device: torch.device):
+    """Where the CUDA decoder may write: a side stream's memory, never a block the training stream has freed
+    while its queued kernels still read it. torchvision's nvJPEG decode writes its outputs without waiting for
+    the caller's stream (pytorch/vision#9606: wrong numbers and NaNs in unrelated tensors; here a NaN loss at
+    MoCo v3's second step from a JPEG folder on an H100). Outputs are allocated on the side stream, the training
+    stream waits for them, and each is marked as used there, so its block is reused only after that use.
+    Yields ``keep(image) -> image``; on a CPU device both are no-ops."""
+    if device.type != "cuda":
+        yield lambda image: image
+        return
+    current = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))  # (it need not wait: its inputs are host bytes)
+
+    def keep(image: torch.Tensor) -> torch.Tensor:
+        image.record_stream(current)
+        return image
+
+    with torch.cuda.stream(side):
+        yield keep
+    current.wait_stream(side)
+
+
+_side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
 def resized_crops(images: list[torch.Tensor], draws: list[ViewDraw], size: int) -> torch.Tensor:
