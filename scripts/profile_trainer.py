@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="profile the window with torch.profiler (slows the host)")
     p.add_argument("--out", default=None, help="folder for the gzipped Chrome trace")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # key=value overrides may follow the options
 
     total = args.skip + args.steps + 2
     overrides = [f"data.name={args.data}", f"train.max_steps={total}", "train.progress=false",
