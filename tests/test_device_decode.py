@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from ssl_bench.data import cpu_views as cv
-from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded, decode_batch
+from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded, decode_batch, split_files
 from ssl_bench.data.jpeg_folder import synthetic_image, write_jpeg_folder
 from ssl_bench.data.views import View, resolve_policy
 from ssl_bench.errors import UserError
@@ -97,11 +97,17 @@ def test_device_batches_match_the_cpu_path(tmp_path):
         assert (a - b).abs().mean() < 1.5 / 255 / 0.224  # under 1.5 grey levels on average (hue: OpenCV's 256 steps)
 
 
-def test_collate_keeps_records_as_a_list():
-    items = [{"views": {"path": str(i)}, "label": i, "mask": torch.zeros(4, dtype=torch.bool)} for i in range(3)]
+def test_collate_holds_a_batch_of_files_in_one_tensor_and_splits_back_to_records():
+    items = [{"views": {"path": str(i), "data": torch.arange(3 + i, dtype=torch.uint8) + i, "draws": [f"d{i}"]},
+              "label": i, "mask": torch.zeros(4, dtype=torch.bool)} for i in range(3)]
     batch = collate_encoded(items)
-    assert [r["path"] for r in batch["views"]] == ["0", "1", "2"] and batch["mask"].shape == (3, 4)
+    assert batch["files"]["data"].shape == (3 + 4 + 5,) and batch["mask"].shape == (3, 4)  # one block of bytes
     assert batch["label"].tolist() == [0, 1, 2]
+    records = split_files(batch["files"])
+    assert [r["path"] for r in records] == ["0", "1", "2"] and [r["draws"] for r in records] == [["d0"], ["d1"], ["d2"]]
+    for item, record in zip(items, records):
+        assert torch.equal(record["data"], item["views"]["data"])
+        assert record["data"].untyped_storage().data_ptr() == batch["files"]["data"].untyped_storage().data_ptr()  # views, no copies
 
 
 def test_pretrain_on_device_path_names_a_corrupt_file(tmp_path, capsys):

@@ -42,11 +42,22 @@ class EncodedFiles:
 
 
 def collate_encoded(items: list[dict]) -> dict:
-    """Batch of PretrainDataset items whose "views" are EncodedFiles records: the records stay a list."""
-    batch = {"views": [item["views"] for item in items], "label": torch.tensor([item["label"] for item in items])}
+    """Batch of PretrainDataset items whose "views" are EncodedFiles records: {"files": the files' bytes
+    concatenated in one uint8 tensor, their sizes, paths and draws; "label" (B,); "mask"?}. One tensor for all
+    the bytes: a worker hands each tensor of a batch to the main process as its own shared-memory block."""
+    records = [item["views"] for item in items]
+    files = {"data": torch.cat([r["data"] for r in records]), "sizes": [len(r["data"]) for r in records],
+             "paths": [r["path"] for r in records], "draws": [r["draws"] for r in records]}
+    batch = {"files": files, "label": torch.tensor([item["label"] for item in items])}
     if "mask" in items[0]:
         batch["mask"] = torch.stack([item["mask"] for item in items])
     return batch
+
+
+def split_files(files: dict) -> list[dict]:
+    """A collated batch's files as EncodedFiles records again, each one's bytes a view of the shared tensor."""
+    return [{"path": path, "data": data, "draws": draws}
+            for path, data, draws in zip(files["paths"], files["data"].split(files["sizes"]), files["draws"])]
 
 
 def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> list[torch.Tensor]:
@@ -161,7 +172,7 @@ class DeviceFolderBatches:
 
     def __iter__(self):
         for batch in self.loader:
-            out = {"views": self.make_views(batch["views"]), "label": batch["label"].to(self.device, non_blocking=True)}
+            out = {"views": self.make_views(split_files(batch["files"])), "label": batch["label"].to(self.device, non_blocking=True)}
             if "mask" in batch:
                 out["mask"] = batch["mask"].to(self.device, non_blocking=True)
             yield out
