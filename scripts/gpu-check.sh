@@ -14,7 +14,9 @@
 # it with data.decode=device, beside their step alone. Options: --out DIR (default results/gpu), --python PY (default: python3, or
 # the repo's .venv), --steps N (trainer steps per throughput row, default 30), --pretrain-steps N (MAE
 # pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae, folders: run those alone,
-# e.g. to split the check over calls with a time limit; on one H100 the parts took about 220, 200, 70 and 120 s).
+# e.g. to split the check over calls with a time limit; on one H100 the parts took about 220, 200, 70 and 120 s),
+# --official-code DIR (local copies of facebookresearch/mae and moco-v3 at DIR/mae, DIR/moco-v3: the ViT-B/16 rows
+# also time the official step beside ours).
 # The report is rewritten after every step, so a cut-short check keeps its figures.
 set -uo pipefail  # no -e: a failing step is reported and the others still run
 
@@ -24,6 +26,7 @@ OUT=results/gpu
 STEPS=30
 PRE_STEPS_ARG=""
 ONLY=throughput,vitb16,knn,mae
+OFFICIAL=()
 PY=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -33,7 +36,8 @@ while [ $# -gt 0 ]; do
         --pretrain-steps) PRE_STEPS_ARG="$2"; shift ;;
         --only) ONLY="$2"; shift ;;
         --python) PY="$2"; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --official-code) OFFICIAL=(--official-code "$2"); shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -141,7 +145,7 @@ fi
 wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 wanted throughput && step "throughput, fashion_mnist at $PRESET" "${CLI[@]}" throughput --preset "$PRESET" --methods "$TP_METHODS" "${TP_EXTRA[@]}" --out "$WORK/tp"
-wanted vitb16 && step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" --out "$WORK/tp"
+wanted vitb16 && step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" "${OFFICIAL[@]}" --out "$WORK/tp"
 
 # -- 3. faiss kNN over random features -------------------------------------------------------------------
 knn_check() {

@@ -1,4 +1,6 @@
 """scripts/gpu-check.sh, checked where CI runs (no GPU): its --dry-run does the same steps at smoke size."""
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +13,9 @@ def gpu_check(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def dry_run_report(parts: str, out: Path) -> str:
-    """The report of ``--dry-run --only parts`` into ``out`` (which holds no earlier report)."""
-    done = gpu_check("--dry-run", "--only", parts, "--out", str(out))
+def dry_run_report(parts: str, out: Path, *args: str) -> str:
+    """The report of ``--dry-run --only parts [args]`` into ``out`` (which holds no earlier report)."""
+    done = gpu_check("--dry-run", "--only", parts, "--out", str(out), *args)
     assert done.returncode == 0, done.stderr[-2000:]
     (report,) = out.glob("*-cpu-dryrun.md")
     return report.read_text()
@@ -40,3 +42,14 @@ def test_dry_run_of_the_folders_part_trains_from_jpegs_decoded_on_the_device(tmp
     text = dry_run_report("folders", tmp_path)
     assert text.count("## Image-folder loader") == 1 and "data.decode=device" in text  # once, though two tables hold it
     assert "| mae      | device decode" in text and "| mocov3   | device decode" in text
+
+
+def test_dry_run_times_the_official_steps_beside_ours_when_given_their_code(tmp_path):
+    """--official-code reaches the ViT-B/16 rows: both official models are built at our sizes and timed."""
+    official = tmp_path / "official"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "official_standin", official)
+    text = dry_run_report("vitb16", tmp_path / "out", "--official-code", str(official))
+    assert "official step img/s" in text and f"--official-code {official}" in text
+    mae, mocov3 = (json.loads((official / repo / "built.json").read_text()) for repo in ("mae", "moco-v3"))
+    assert mae["img_size"] == mocov3["img_size"] == 28 and mae["mask_ratio"] == 0.75
+    assert {"dim", "mlp_dim", "T", "m", "stop_grad_conv1"} <= set(mocov3)
