@@ -257,3 +257,12 @@ def test_cuda_decode_never_writes_memory_the_training_stream_still_reads(tmp_pat
         torch.cuda.synchronize()
         bad += sum(float(s) != float(i + 1) * 3 * 500 * 375 for i, s in enumerate(sums))
     assert bad == 0
+
+
+def test_device_rate_times_the_whole_path_and_its_decode_alone(folder):
+    """The folder table's device columns (a GPU's in gpu-check), here on the CPU: both rates from the same batches."""
+    from ssl_bench.data.device_decode import device_rate
+
+    rates = device_rate([(p, 0) for p in folder], "byol", 32, batch_size=3, batches=2, device="cpu")
+    assert set(rates) == {"images_per_s", "decode_images_per_s"}
+    assert all(0 < v < float("inf") for v in rates.values())

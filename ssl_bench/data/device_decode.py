@@ -178,20 +178,29 @@ class DeviceFolderBatches:
             yield out
 
 
-def device_rate(samples: list[tuple[str, int]], policy: str, img_size: int, batch_size: int, batches: int) -> float:
-    """images/s of the device path on the current CUDA device (bytes read here, not in workers)."""
+def device_rate(samples: list[tuple[str, int]], policy: str, img_size: int, batch_size: int, batches: int,
+                device="cuda") -> dict:
+    """The device path's images/s on ``device`` (bytes read here, not in workers): ``images_per_s`` for decode
+    and views, ``decode_images_per_s`` for the batched decode alone, timed on the same batches after it."""
     import time
 
     from ssl_bench.data.views import resolve_policy
 
+    device = torch.device(device)
     views = FolderViews(resolve_policy(policy), img_size, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    encode, maker = EncodedFiles(views), DeviceFolderBatches(None, views, "cuda")
+    encode, maker = EncodedFiles(views), DeviceFolderBatches(None, views, device)
     groups = [[encode(samples[(b * batch_size + i) % len(samples)][0], b * batch_size + i) for i in range(batch_size)]
               for b in range(batches + 1)]
     maker.make_views(groups[0])  # warm-up: nvjpeg handles, kernels
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for records in groups[1:]:
-        maker.make_views(records)
-    torch.cuda.synchronize()
-    return batches * batch_size / (time.perf_counter() - start)
+
+    def rate(work) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for records in groups[1:]:
+            work(records)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return batches * batch_size / (time.perf_counter() - start)
+
+    return {"images_per_s": rate(maker.make_views), "decode_images_per_s": rate(lambda r: decode_batch(r, 3, device))}
