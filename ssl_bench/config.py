@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
         "clip_grad": None,
         "amp": "auto",  # auto (bf16 on GPU, off on CPU) | bf16 | none
         "compile": "auto",  # auto: on for GPU runs of the full preset (eager if compiling fails) | true | false
+        # torch.compile's mode for the step: default | reduce-overhead (CUDA graphs: one launch for many kernels, for
+        # steps the host cannot launch fast enough) | max-autotune | max-autotune-no-cudagraphs
+        "compile_mode": "default",
         "ckpt_every": 200,
         "log_every": 10,
         "progress": "auto",  # auto (a bar on a terminal, a line every 30 s otherwise) | bar | lines | off (or true/false)
@@ -180,6 +183,7 @@ def as_check(spec: Check | tuple) -> Check:
 
 SWITCH = Check(choices=(True, False))
 AMP_CHOICES = ("auto", "bf16", "none")  # ssl_bench.runtime.autocast
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
 # The allowed values of the common config keys (a method adds its own with ``Method.option_checks``).
 CHECKS: dict[str, Check] = {
     "seed": Check(0, integer=True),
@@ -212,6 +216,7 @@ CHECKS: dict[str, Check] = {
     "train.clip_grad": Check(0, lo_open=True, none_ok=True),
     "train.amp": Check(choices=AMP_CHOICES),
     "train.compile": Check(choices=("auto", True, False)),
+    "train.compile_mode": Check(choices=COMPILE_MODES),
     "train.ckpt_every": Check(1, integer=True),
     "train.log_every": Check(1, integer=True),
     "monitor.probe_every": Check(1, integer=True),

@@ -56,6 +56,16 @@ def use_compile(setting, preset: str | None, device: torch.device) -> bool:
     return setting is True or (setting == "auto" and preset == "full" and device.type == "cuda")
 
 
+def compiled_step(model, cfg: dict, device: torch.device):
+    """``model`` as the run's config says to run a training step: through ``CompiledOrEager`` with
+    ``train.compile_mode`` where ``train.compile`` is on (``use_compile``), else as it is."""
+    train = cfg["train"]
+    if not use_compile(train["compile"], cfg.get("preset"), device):
+        return model
+    mode = train.get("compile_mode", "default")  # (runs from before the key: default)
+    return CompiledOrEager(model, **({} if mode == "default" else {"mode": mode}))
+
+
 class CompiledOrEager:
     """``torch.compile(fn)``; if compiling fails at the first call, says so in one line and runs the eager
     ``fn`` instead (with the RNG state it had before the attempt, so the run stays reproducible).

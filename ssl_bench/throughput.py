@@ -103,7 +103,7 @@ def seconds_per_step(one_step, device: torch.device, steps: int) -> float:
 
 def step_alone(cfg: dict, steps: int = 8) -> dict:
     """The method's step on one batch held in memory: images/s, and with a GPU MFU and peak memory."""
-    from ssl_bench.runtime import CompiledOrEager, autocast, use_compile
+    from ssl_bench.runtime import autocast, compiled_step
 
     method, device = _build(cfg)
     train = cfg["train"]
@@ -112,7 +112,7 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
     lr = train["lr"] or train["blr"] * train["batch_size"] / 256
     optimizer = build_optimizer(method.param_groups(train["weight_decay"]), train["optimizer"], lr,
                                 betas=train["betas"], momentum=train["momentum"])
-    model = CompiledOrEager(method) if use_compile(train["compile"], cfg.get("preset"), device) else method
+    model = compiled_step(method, cfg, device)
     method.train()
 
     def one_step(i: int) -> None:

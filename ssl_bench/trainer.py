@@ -29,7 +29,7 @@ from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr, set_weight_decay
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
-from ssl_bench.runtime import CompiledOrEager, autocast, rng_state, seed_everything, set_rng_state, use_compile
+from ssl_bench.runtime import autocast, compiled_step, rng_state, seed_everything, set_rng_state
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
 
 
@@ -130,8 +130,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     model = method
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_compile(train["compile"], cfg.get("preset"), device):
-        model = CompiledOrEager(model)
+    model = compiled_step(model, cfg, device)
 
     record = {
         "status": "running",
@@ -265,7 +264,10 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 step += 1
                 if monitor is not None:
                     monitor.on_batch(step, batch, method)
-                pending.append((step - 1, epoch, lr, totals, method.pop_logged(as_float=False)))  # the monitor logs too
+                # copies of what the method logged: a CUDA-graphed step (train.compile_mode=reduce-overhead) reuses its
+                # outputs' memory at the next step, and these are read at the next log (the monitor logs here too)
+                logged_now = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in method.pop_logged(as_float=False).items()}
+                pending.append((step - 1, epoch, lr, totals, logged_now))
                 if step % train["log_every"] == 0 or step % train["ckpt_every"] == 0 or step == stop_step or step == 1:
                     flush()  # before any checkpoint: the NaN guard keeps bad weights out of it
                 dt = time.perf_counter() - t0

@@ -37,7 +37,7 @@ def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> float:
     """Images/s of the official implementation's training step for ``cfg``'s method, at its sizes, on one
     batch of its loader held in memory."""
     from ssl_bench.optim import build_optimizer
-    from ssl_bench.runtime import CompiledOrEager, autocast, use_compile
+    from ssl_bench.runtime import autocast, compiled_step
     from ssl_bench.throughput import _build, held_batch, seconds_per_step
 
     name, train = cfg["method_name"], cfg["train"]
@@ -51,7 +51,7 @@ def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> float:
     lr = train["lr"] or train["blr"] * train["batch_size"] / 256
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer([{"params": params, "weight_decay": train["weight_decay"]}], "adamw", lr, betas=train["betas"])
-    run = CompiledOrEager(model) if use_compile(train["compile"], cfg.get("preset"), device) else model
+    run = compiled_step(model, cfg, device)
 
     def one_step(i: int) -> None:
         with autocast(device, train["amp"]):

@@ -21,6 +21,8 @@ TINY = ["data.subset=64", "train.batch_size=8", "train.max_steps=1", "train.prog
     ("train.blr=1e999", "config key 'train.blr' takes a number > 0, got inf"),
     ("train.optimizer=adam", "config key 'train.optimizer' takes one of adamw, sgd, lars, got 'adam'"),
     ("train.betas=(0.9,)", "config key 'train.betas' takes a list of 2 values, each a number in [0, 1), got (0.9,)"),
+    ("train.compile_mode=fast",
+     "config key 'train.compile_mode' takes one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, got 'fast'"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(override, named, tmp_path, capsys):
     code = main(["pretrain", "--method", "mae", "--preset", "smoke", "--out", str(tmp_path / "r"), override])

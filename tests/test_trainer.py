@@ -132,3 +132,20 @@ def test_weight_decay_schedule_rises_on_decayed_groups_only(tmp_path):
     last = cosine_with_warmup(2, record["total_steps"], 0, 0.04, 0.4)  # the value set for the last step taken
     assert 0.04 < last < 0.4
     assert sorted({round(g["weight_decay"], 9) for g in groups}) == [0.0, round(last, 9)]
+
+
+@pytest.mark.parametrize("overrides, compiled, kwargs", [
+    (["train.compile=true"], True, {}),
+    (["train.compile=true", "train.compile_mode=reduce-overhead"], True, {"mode": "reduce-overhead"}),
+    (["train.compile=false", "train.compile_mode=reduce-overhead"], False, None),
+    (["train.compile=auto"], False, None),  # auto: GPU runs of the full preset only
+])
+def test_the_step_is_compiled_as_train_compile_and_compile_mode_say(monkeypatch, overrides, compiled, kwargs):
+    from ssl_bench.runtime import CompiledOrEager, compiled_step
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    model = torch.nn.Linear(2, 2)
+    step = compiled_step(model, smoke_config("mae", *overrides), torch.device("cpu"))
+    assert isinstance(step, CompiledOrEager) == compiled and (step is model) != compiled
+    assert seen == ([kwargs] if compiled else [])
