@@ -128,14 +128,15 @@ step() {  # step NAME COMMAND...: runs it; a failure is logged and does not stop
     report
 }
 
-# one round of trainer and step alone per row: a GPU of its own varies little between runs, and five rounds
-# (the command's default, for shared CPUs) would take the throughput part past a 10-minute call
+# one round of trainer and step alone per row, the step alone over 20 steps: five rounds (the command's default)
+# would take the throughput part past a 10-minute call. One round is one reading: on an H100 the host-bound
+# fashion_mnist steps moved by up to a quarter between calls minutes apart (results/gpu/2026-11-24-*-1.md)
 if [ "$DRY" = 1 ]; then
     PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2 --rounds 1); VITB=(--preset smoke --data synthetic data.img_size=28)
     KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
     JPEGS=(--images 80 --size 64x48); FOLDER=(--preset smoke data.img_size=28 data.num_workers=1)
 else
-    PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --rounds 1); VITB=(--preset full --synthetic-vitb16)
+    PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --limit-steps 20 --rounds 1); VITB=(--preset full --synthetic-vitb16)
     KNN_N=1000000; PRE=(--preset full); PRE_STEPS=${PRE_STEPS_ARG:-2000}; EVAL=(--preset quick --protocol knn,linear)
     # ViT-B/16 at the official codes' setting, fed from JPEGs; workers: the node's cores but two
     JPEGS=(--images 4000 --size 500x375); FOLDER=(--preset full --vitb16 "data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
