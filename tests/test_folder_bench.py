@@ -49,7 +49,9 @@ def test_vitb16_configuration_applies_to_a_folder(tmp_path, monkeypatch):
     code = main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--vitb16", "--preset", "quick",
                  "--methods", "mae", "--policies", "mim", "--rounds", "1", "--no-limits", "--out", str(tmp_path / "out"),
                  "data.num_workers=0"])
-    assert code == 0 and (tmp_path / "out" / "loader-imagefolder-224px.json").is_file()
+    assert code == 0
+    loader = json.loads((tmp_path / "out" / "loader-imagefolder-224px.json").read_text())
+    assert loader["device_batch_size"] == 256  # a GPU's device path is timed at the training batch
     (cfg,) = trained
     assert (cfg["model"]["arch"], cfg["model"]["patch_size"], cfg["data"]["img_size"]) == ("vit_base", 16, 224)
     assert (cfg["train"]["batch_size"], cfg["train"]["amp"], cfg["data"]["name"]) == (256, "bf16", "imagefolder")

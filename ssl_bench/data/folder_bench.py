@@ -106,8 +106,9 @@ def folder_samples(root: str) -> list[tuple[str, int]]:
 
 
 def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60, batch_size: int = 32, batches: int = 6,
-                  policies=POLICIES) -> tuple[list[dict], str]:
-    """Every measurement above for each policy -> (rows, markdown table)."""
+                  policies=POLICIES, device_batch_size: int | None = None) -> tuple[list[dict], str]:
+    """Every measurement above for each policy -> (rows, markdown table); the device path in batches of
+    ``device_batch_size`` (default ``batch_size``): a batched decode's rate depends on its batch."""
     from tabulate import tabulate
 
     samples = folder_samples(root)
@@ -119,7 +120,7 @@ def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60,
         if torch.cuda.is_available():
             from ssl_bench.data.device_decode import device_rate
 
-            rates = device_rate(samples, policy, img_size, batch_size, batches)
+            rates = device_rate(samples, policy, img_size, device_batch_size or batch_size, batches)
             row.update(device_images_per_s=rates["images_per_s"], device_decode_images_per_s=rates["decode_images_per_s"])
         rows.append(row)
         print(f"{policy}: {row['torchvision_per_core']:.0f} -> {row['fast_per_core']:.0f} images/s per core", flush=True)
@@ -141,7 +142,8 @@ def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60,
 def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES) -> str:
     """``ssl-bench throughput --data imagefolder``'s loader part: measures, prints, writes
     ``out/loader-imagefolder-<px>px.{json,md}`` (never overwriting) and returns the markdown section.
-    ``data.img_size=`` and ``data.num_workers=`` among ``overrides`` set the size (224) and workers (1)."""
+    ``data.img_size=``, ``data.num_workers=`` and ``train.batch_size=`` among ``overrides`` set the size (224),
+    the workers (1) and the device path's batch (32; the CPU loader's stays 32)."""
     from pathlib import Path
 
     from ssl_bench.data.views import resolve_policy
@@ -154,19 +156,22 @@ def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES)
     for name in policies:
         resolve_policy(name)  # an unknown name is one line before anything is measured
     img_size, workers = int(options.get("data.img_size", 224)), int(options.get("data.num_workers", 1))
+    batch = int(options.get("train.batch_size", 32))  # the training batch: the device path's
     load_before = os.getloadavg()[0]
-    rows, table = folder_report(root, img_size=img_size, workers=workers, policies=policies)
+    rows, table = folder_report(root, img_size=img_size, workers=workers, policies=policies, device_batch_size=batch)
     hw, load_after = hardware(), os.getloadavg()[0]
     section = (f"## Image-folder loader, {img_size} px\n\nHardware: {hw['summary']}; torch {hw['torch']}; "
                f"load average {load_before:.1f} before, {load_after:.1f} after (other jobs on the machine).\n"
                f"Command: `ssl-bench throughput --data imagefolder --root {root} --loader-only --policies {','.join(policies)} "
-               f"data.img_size={img_size} data.num_workers={workers}`\n\n"
+               f"data.img_size={img_size} data.num_workers={workers} train.batch_size={batch}`\n\n"
                f"Per core: one thread's CPU time per sample, torchvision path (before) and fast path (after) in "
                f"alternating rounds. Loader: the fast path in a DataLoader with {workers} worker process(es), wall-clock "
-               f"images/s and images per CPU second of the workers.\n\n{table}\n")
+               f"images/s and images per CPU second of the workers, in batches of 32"
+               f"{f'; the device path in batches of {batch}' if torch.cuda.is_available() else ''}.\n\n{table}\n")
     print(section)
     path = write_json_new(Path(out), f"loader-imagefolder-{img_size}px", {
-        "rows": rows, "root": root, "policies": policies, "img_size": img_size, "workers": workers, "hardware": hw, "created": now_iso(),
+        "rows": rows, "root": root, "policies": policies, "img_size": img_size, "workers": workers, "device_batch_size": batch,
+        "hardware": hw, "created": now_iso(),
         "load_average": [load_before, load_after]})
     atomic_write(path.with_suffix(".md"), lambda f: f.write(section.encode()))
     print(f"written to {path} and {path.with_suffix('.md')}")
