@@ -1,12 +1,13 @@
-"""Where the trainer's time goes: the real training loop under torch.profiler, for one method.
+"""Where the trainer's time goes: the real training loop of one method, step by step.
 
-    python scripts/profile_trainer.py mae --preset full [--vitb16] [--data synthetic] [--steps 40] [--out DIR] [key=value ...]
+    python scripts/profile_trainer.py mae --preset full [--vitb16] [--data synthetic] [--steps 12] [--profile] [--out DIR] [key=value ...]
 
 A diagnostic for the gap between ``ssl-bench throughput``'s trainer and step-alone figures. It runs
-``ssl_bench.trainer.pretrain`` and profiles a window of steps after compilation (the profiler advances
-once per micro-batch, when the trainer moves it to the device). It prints the ops that cost the host
-most, the device's busiest kernels, the host-device syncs per step and the share of the window the
-device was busy; with --out it also writes the Chrome trace (gzipped) there.
+``ssl_bench.trainer.pretrain`` and prints the host milliseconds between micro-batches (every one, so one-off
+stalls show) and those spent in the loader's ``next()`` (views, masks, copies). With --profile it also runs
+torch.profiler over a window of steps after compilation (the profiler advances once per micro-batch) and prints
+the ops that cost the host most, the device's busiest kernels and the host-device syncs per step; with --out
+it writes that window's Chrome trace (gzipped) there.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def main() -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, schedule=schedule(wait=args.skip - 2, warmup=2, active=args.steps, repeat=1)) \
         if args.profile else contextlib.nullcontext()
+    data_ms: list[float] = []  # host time inside the loader's next() per micro-batch: views, masks, copies
     with prof:
-        to_device = trainer._to_device
+        to_device, build_loader = trainer._to_device, trainer.build_pretrain_loader
 
         def stepping(batch, device):  # one mark (and profiler step) per micro-batch
             if args.profile:
@@ -64,15 +66,22 @@ def main() -> int:
             marks.append(time.perf_counter())
             return to_device(batch, device)
 
-        trainer._to_device = stepping
-        with tempfile.TemporaryDirectory() as tmp:
-            record = trainer.pretrain(cfg, Path(tmp) / "run")
-        trainer._to_device = to_device
+        def timed_loader(*a, **kw):
+            loader, *rest = build_loader(*a, **kw)
+            return (_TimedIterable(loader, data_ms), *rest)
+
+        trainer._to_device, trainer.build_pretrain_loader = stepping, timed_loader
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                record = trainer.pretrain(cfg, Path(tmp) / "run")
+        finally:
+            trainer._to_device, trainer.build_pretrain_loader = to_device, build_loader
     window = marks[args.skip + args.steps] - marks[args.skip] if len(marks) > args.skip + args.steps else float("nan")
     per_step = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
     print(f"\n== {args.method}, preset {args.preset}, data {args.data}{' ViT-B/16' if args.vitb16 else ''}: "
           f"trainer {record['images_per_s']:.0f} img/s; steps {args.skip}-{args.skip + args.steps}: {1000 * window / args.steps:.1f} ms a step (host clock)")
     print("host ms between micro-batches:", " ".join(f"{t:.0f}" for t in per_step))
+    print("of which in the loader's next():", " ".join(f"{t:.1f}" for t in data_ms[1:]))
     if not args.profile:
         return 0
     events = prof.key_averages()
@@ -95,6 +104,24 @@ def main() -> int:
         trace.unlink()
         print(f"trace: {trace}.gz")
     return 0
+
+
+class _TimedIterable:
+    """The trainer's loader, timing each ``next()`` on the host clock into ``times`` (ms)."""
+
+    def __init__(self, loader, times: list[float]):
+        self.loader, self.times = loader, times
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.times.append(1000 * (time.perf_counter() - t0))
+            yield batch
 
 
 if __name__ == "__main__":
