@@ -92,3 +92,14 @@ class CompiledOrEager:
 
     def no_sync(self):
         return self.eager.no_sync()
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether compiling failed and the eager ``fn`` runs instead."""
+        return self.compiled is None
+
+
+def compiled_or_not(step) -> bool | None:
+    """What ``compiled_step`` gave: True for a compiled step, False for one whose compilation failed (it runs
+    eagerly), None where compiling was not asked for."""
+    return (not step.fell_back) if isinstance(step, CompiledOrEager) else None

@@ -102,8 +102,9 @@ def seconds_per_step(one_step, device: torch.device, steps: int) -> float:
 
 
 def step_alone(cfg: dict, steps: int = 8) -> dict:
-    """The method's step on one batch held in memory: images/s, and with a GPU MFU and peak memory."""
-    from ssl_bench.runtime import autocast, compiled_step
+    """The method's step on one batch held in memory: images/s, whether it ran compiled
+    (``runtime.compiled_or_not``), and with a GPU MFU and peak memory."""
+    from ssl_bench.runtime import autocast, compiled_or_not, compiled_step
 
     method, device = _build(cfg)
     train = cfg["train"]
@@ -128,7 +129,8 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
         method.pop_logged(as_float=False)
 
     seconds = seconds_per_step(one_step, device, steps)
-    out = {"step_images_per_s": images / seconds, "mfu": None, "peak_mem_gib": None, "flops_per_step": None}
+    out = {"step_images_per_s": images / seconds, "step_compiled": compiled_or_not(model), "mfu": None, "peak_mem_gib": None,
+           "flops_per_step": None}
     if device.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode
 

@@ -33,11 +33,11 @@ from ssl_bench.registry import get_method
 REPOS = {"mae": "mae", "mocov3": "moco-v3"}  # method -> its official repository's folder under DIR
 
 
-def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> float:
-    """Images/s of the official implementation's training step for ``cfg``'s method, at its sizes, on one
-    batch of its loader held in memory."""
+def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> dict:
+    """The official implementation's training step for ``cfg``'s method, at its sizes, on one batch of its
+    loader held in memory: {"images_per_s", "compiled" (``runtime.compiled_or_not``)}."""
     from ssl_bench.optim import build_optimizer
-    from ssl_bench.runtime import autocast, compiled_step
+    from ssl_bench.runtime import autocast, compiled_or_not, compiled_step
     from ssl_bench.throughput import _build, held_batch, seconds_per_step
 
     name, train = cfg["method_name"], cfg["train"]
@@ -61,7 +61,8 @@ def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> float:
         optimizer.zero_grad(set_to_none=True)
 
     with _process_group(device), _cuda_is(device):
-        return len(batch["views"][0]) / seconds_per_step(one_step, device, steps)
+        seconds = seconds_per_step(one_step, device, steps)
+    return {"images_per_s": len(batch["views"][0]) / seconds, "compiled": compiled_or_not(run)}
 
 
 def has_official(method: str) -> bool:

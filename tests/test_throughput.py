@@ -4,6 +4,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from ssl_bench_app.cli import main
 from tests.conftest import TINY_VIT
 
@@ -63,3 +66,23 @@ def test_official_code_errors_are_one_line(tmp_path, capsys):
         code = main(["throughput", "--preset", "smoke", "--methods", methods, "--official-code", str(tmp_path), "--out", str(tmp_path)])
         err = capsys.readouterr().err.strip()
         assert code != 0 and err.count("\n") == 0 and expected in err
+
+
+@pytest.mark.parametrize("compiles", [True, False])
+def test_the_table_says_whether_each_step_alone_ran_compiled(tmp_path, monkeypatch, compiles):
+    """With train.compile on, a step whose compilation failed runs eagerly (one line on stderr): the table says
+    so for ours and the official step, since an eager step beside a compiled one is not the claimed comparison.
+    torch.compile is stood in for (identity, or a compiled function that fails at its first call)."""
+    def failing(*args, **kwargs):
+        raise RuntimeError("stand-in compiler failure")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn if compiles else failing)
+    official = tmp_path / "official"
+    shutil.copytree(STANDIN, official)
+    assert main(["throughput", "--preset", "smoke", "--data", "synthetic", "--methods", "mae", "--steps", "3", "--limit-steps", "1",
+                 "--rounds", "1", "--official-code", str(official), "--out", str(tmp_path / "out"),
+                 *TINY_VIT, "data.img_size=28", "model.patch_size=7", "train.compile=true", "data.compile_views=false"]) == 0
+    row = json.loads((tmp_path / "out" / "throughput-synthetic-smoke.json").read_text())["rows"][0]
+    assert row["step_compiled"] is compiles and row["official_step_compiled"] is compiles
+    said = "compiled" if compiles else "eager: compiling failed"
+    assert f"Step alone: mae {said}, official {said}" in (tmp_path / "out" / "throughput-synthetic-smoke.md").read_text()

@@ -115,9 +115,11 @@ def run(args) -> int:
                 if row.get("flops_per_step"):  # MFU at the median step rate
                     row["mfu"] = median([s["mfu"] for s in steps])
                 if official:
-                    row.update(official_step_images_per_s=median(official), official_step_images_per_s_rounds=official,
-                               step_over_official=median([s / o for s, o in zip(step_rates, official)]),
-                               trainer_over_official=median([t / o for t, o in zip(trainer, official)]))
+                    rates = [o["images_per_s"] for o in official]
+                    row.update(official_step_images_per_s=median(rates), official_step_images_per_s_rounds=rates,
+                               official_step_compiled=official[-1]["compiled"],
+                               step_over_official=median([s / o for s, o in zip(step_rates, rates)]),
+                               trainer_over_official=median([t / o for t, o in zip(trainer, rates)]))
             rows.append(row)
             _write(args, rows, folder_md, tabulate, finished=False)  # a cut-short run still leaves its rows
             print(f"{name} [{path_name}]: {record['images_per_s']:.1f} images/s"
@@ -198,4 +200,9 @@ def _table(rows: list[dict], tabulate) -> str:
              if m in before and r.get("loader_images_per_s") and before[m].get("loader_images_per_s")]
     if gains:
         text += "\n\nLoader alone, batched / per-sample (same core): " + ", ".join(f"{m} {g:.1f}x" for m, g in gains)
+    said = {None: None, True: "compiled", False: "eager: compiling failed"}
+    compiled = [f"{r['method']} {said[r['step_compiled']]}" + (f", official {said[r['official_step_compiled']]}" if r.get("official_step_compiled") is not None else "")
+                for r in rows if r.get("step_compiled") is not None]
+    if compiled:  # a step that fell back to eager is not the comparison the table claims
+        text += "\n\nStep alone: " + "; ".join(compiled)
     return text
