@@ -239,9 +239,11 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
         masks = DataLoader(_MaskBatches(len(dataset), spec.mask, cfg["seed"]), batch_size=None,
                            sampler=_WithEpoch(sampler, batch, max(1, MASK_DRAW_SAMPLES // batch)), **common)
         return DeviceBatches(masks, views, labels, batch), sampler, dataset, info
+    # pinned batches copy to the GPU without a staging copy; the device path's file bytes go to the JPEG decoder,
+    # which takes them from any host memory, so pinning them would only copy every file once more
     loader = DataLoader(
         dataset, batch_size=batch, sampler=_WithEpoch(sampler), drop_last=True,
-        pin_memory=torch.cuda.is_available(), collate_fn=collate_encoded if on_device else None, **common,
+        pin_memory=torch.cuda.is_available() and not on_device, collate_fn=collate_encoded if on_device else None, **common,
     )
     if isinstance(base, ImagePaths):  # folder views leave the workers as uint8 and are normalised on the device
         device = resolve_device(cfg["train"]["device"])
