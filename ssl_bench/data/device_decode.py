@@ -97,7 +97,9 @@ def _decoder_stream(device: torch.device):
         yield lambda image: image
         return
     current = torch.cuda.current_stream(device)
-    side = _side_streams.setdefault(device, torch.cuda.Stream(device))  # (it need not wait: its inputs are host bytes)
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    side = _side_streams[device]  # (it need not wait for the training stream: the decoder's inputs are host bytes)
 
     def keep(image: torch.Tensor) -> torch.Tensor:
         image.record_stream(current)
