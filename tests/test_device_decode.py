@@ -266,3 +266,28 @@ def test_device_rate_times_the_whole_path_and_its_decode_alone(folder):
     rates = device_rate([(p, 0) for p in folder], "byol", 32, batch_size=3, batches=2, device="cpu")
     assert set(rates) == {"images_per_s", "decode_images_per_s"}
     assert all(0 < v < float("inf") for v in rates.values())
+
+
+def test_one_ahead_yields_the_same_batches_raises_their_errors_and_stops_when_closed():
+    """The GPU path's batch-ahead thread (run here on CPU tensors): same items in the same order; an error
+    raised while making a batch is raised to the caller as it was; a caller that stops early stops the thread."""
+    import threading
+
+    from ssl_bench.data.device_decode import one_ahead
+
+    def batches(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise UserError(f"cannot read image {i}")
+            yield {"views": [torch.full((2,), float(i))], "label": torch.tensor([i])}
+
+    seen = [int(b["label"]) for b in one_ahead(batches(6), torch.device("cpu"))]
+    assert seen == list(range(6))
+    with pytest.raises(UserError, match="cannot read image 3"):
+        for _ in one_ahead(batches(6, fail_at=3), torch.device("cpu")):
+            pass
+    before = threading.active_count()
+    early = one_ahead(batches(10_000), torch.device("cpu"))
+    assert int(next(early)["label"]) == 0 and threading.active_count() == before + 1
+    early.close()
+    assert threading.active_count() == before

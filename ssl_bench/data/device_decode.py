@@ -18,6 +18,8 @@ against memory still in use); GPU rates are in ``results/gpu/``.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -173,11 +175,73 @@ class DeviceFolderBatches:
         return out
 
     def __iter__(self):
+        # on a GPU the next batch is made while the step runs: nvJPEG waits for its decode on the host
+        return one_ahead(self._batches(), self.device) if self.device.type == "cuda" else self._batches()
+
+    def _batches(self):
         for batch in self.loader:
             out = {"views": self.make_views(split_files(batch["files"])), "label": batch["label"].to(self.device, non_blocking=True)}
             if "mask" in batch:
                 out["mask"] = batch["mask"].to(self.device, non_blocking=True)
             yield out
+
+
+_END = object()
+
+
+def one_ahead(batches, device: torch.device):
+    """Yields ``batches``' items in order, each made by a thread while the caller uses the one before: the decoder
+    and the view ops leave the GIL, so making a batch overlaps the training step's launches. On CUDA the thread
+    works on its own stream; the caller's stream waits for each batch, and the batch's tensors are marked as used
+    there. An exception in the thread is raised here, as it would have been; closing this generator stops it."""
+    device = torch.device(device)
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for batch in batches:
+                    event = torch.cuda.Event() if stream is not None else None
+                    if event is not None:
+                        event.record(stream)
+                    if not put((batch, event, None)):
+                        return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            put((None, None, exc))
+            return
+        finally:
+            batches.close()  # a stopped one's loader workers end with it
+        put((_END, None, None))
+
+    thread = threading.Thread(target=work, name="device-folder-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, event, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if batch is _END:
+                return
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in [*batch["views"], batch["label"], *([batch["mask"]] if "mask" in batch else [])]:
+                    t.record_stream(current)
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 def device_rate(samples: list[tuple[str, int]], policy: str, img_size: int, batch_size: int, batches: int,
