@@ -9,8 +9,9 @@ a shared machine moves one round, not the comparison. ``--compare-paths`` measur
 data path (data.device_augment=false) and the batched device path side by side in one run, and where the
 batched views are compiled (with a compiled step: the full preset on a GPU) the batched path with eager
 views too. ``--vitb16`` is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures, on
-any data (``--synthetic-vitb16``: on synthetic data, as those figures). It
-writes a table (markdown + JSON) naming the hardware.
+any data (``--synthetic-vitb16``: on synthetic data, as those figures). ``--official-code DIR`` also times the
+official MAE and MoCo v3 steps in every round (``ssl_bench_app.official_speed``), and the table says whether each
+step alone ran compiled. It writes a table (markdown + JSON) naming the hardware.
 """
 from __future__ import annotations
 
