@@ -58,6 +58,12 @@ def build_optimizer(groups: list[dict], name: str, lr: float, betas=(0.9, 0.999)
     raise UserError(f"unknown optimizer '{name}'; choose one of: adamw, sgd, lars")
 
 
+def scaled_lr(train: dict, batch: int) -> float:
+    """The peak learning rate of a run's ``train`` section: ``lr`` if set, else ``blr`` scaled to the batch
+    (the linear scaling rule: blr x batch / 256)."""
+    return train["lr"] if train["lr"] is not None else train["blr"] * batch / 256
+
+
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, base: float, final: float = 0.0) -> float:
     """Linear warmup from 0 to ``base`` over ``warmup_steps``, then half-cosine down to ``final`` at ``total_steps``."""
     if step < warmup_steps:

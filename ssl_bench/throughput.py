@@ -20,7 +20,7 @@ from ssl_bench.build import build_method
 from ssl_bench.data.datasets import load_dataset
 from ssl_bench.data.pipeline import build_pretrain_loader
 from ssl_bench.distributed import resolve_device
-from ssl_bench.optim import build_optimizer
+from ssl_bench.optim import build_optimizer, scaled_lr
 
 # dense bf16 peak of the GPUs we know (TFLOP/s); MFU is left out for others
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0}
@@ -110,7 +110,7 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
     train = cfg["train"]
     batch = held_batch(cfg, method, device)
     images = len(batch["views"][0])
-    lr = train["lr"] or train["blr"] * train["batch_size"] / 256
+    lr = scaled_lr(train, train["batch_size"])
     optimizer = build_optimizer(method.param_groups(train["weight_decay"]), train["optimizer"], lr,
                                 betas=train["betas"], momentum=train["momentum"])
     model = compiled_step(method, cfg, device)

@@ -26,7 +26,7 @@ from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
 from ssl_bench.logging import MetricLogger, require_wandb
 from ssl_bench.monitor import build_monitor
-from ssl_bench.optim import build_optimizer, cosine_with_warmup, set_lr, set_weight_decay
+from ssl_bench.optim import build_optimizer, cosine_with_warmup, scaled_lr, set_lr, set_weight_decay
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
 from ssl_bench.runtime import autocast, compiled_step, rng_state, seed_everything, set_rng_state
@@ -105,7 +105,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     total_steps = steps_per_epoch * train["epochs"]
     stop_step = min(total_steps, total_steps if train["max_steps"] is None else train["max_steps"])
     effective_batch = train["batch_size"] * accum * dist_info.world_size
-    base_lr = train["lr"] if train["lr"] is not None else train["blr"] * effective_batch / 256
+    base_lr = scaled_lr(train, effective_batch)
     warmup_steps = int(round(train["warmup_epochs"] * steps_per_epoch))
 
     optimizer = build_optimizer(

@@ -36,7 +36,7 @@ REPOS = {"mae": "mae", "mocov3": "moco-v3"}  # method -> its official repository
 def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> dict:
     """The official implementation's training step for ``cfg``'s method, at its sizes, on one batch of its
     loader held in memory: {"images_per_s", "compiled" (``runtime.compiled_or_not``)}."""
-    from ssl_bench.optim import build_optimizer
+    from ssl_bench.optim import build_optimizer, scaled_lr
     from ssl_bench.runtime import autocast, compiled_or_not, compiled_step
     from ssl_bench.throughput import _build, held_batch, seconds_per_step
 
@@ -48,7 +48,7 @@ def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> dict:
     with _imports_from(folder):
         model, loss_of = (_mae if name == "mae" else _mocov3)(ours, _options(cfg))
     model = model.to(device).train()
-    lr = train["lr"] or train["blr"] * train["batch_size"] / 256
+    lr = scaled_lr(train, train["batch_size"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer([{"params": params, "weight_decay": train["weight_decay"]}], "adamw", lr, betas=train["betas"])
     run = compiled_step(model, cfg, device)
