@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssl_bench.trainer as trainer  # noqa: E402
 from ssl_bench.config import resolve_config  # noqa: E402
+from ssl_bench.errors import UserError, one_line  # noqa: E402
 from ssl_bench.registry import get_method  # noqa: E402
 from ssl_bench_app.commands.throughput import VITB16  # noqa: E402
 
@@ -125,4 +126,7 @@ class _TimedIterable:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:  # an unknown method or a bad key=value: one line, as the CLI's
+        sys.exit(f"profile_trainer: error: {one_line(exc)}")
