@@ -269,6 +269,8 @@ def parse_value(text: str) -> Any:
 def _checked(key: str, current: Any, value: Any, raw: str) -> Any:
     """``value`` for a key now holding ``current``: a number stays a number and a switch a switch (None is
     always allowed), so a typo such as ``train.epochs=1o`` is a one-line error, not a crash deep in a run."""
+    if value is None and isinstance(current, str):
+        return "none"  # a key holding a word (train.amp, model.rel_pos_bias) takes none as that word, not as None
     if value is None or current is None:
         return value
     if isinstance(current, bool):

@@ -31,6 +31,17 @@ def test_bad_values_name_key_value_and_what_is_allowed(override, named, tmp_path
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("override, key", [("train.amp=none", "train"), ("model.rel_pos_bias=none", "model"),
+                                           ("train.amp=None", "train")])
+def test_the_word_none_is_a_choice_where_a_key_takes_words(override, key):
+    """train.amp and model.rel_pos_bias name a choice 'none', as documented; the command line gives it, not
+    None (which then failed its own check: 'takes one of auto, bf16, none, got none')."""
+    name, _ = override.split("=")
+    cfg = resolve_config(get_method("mae"), "smoke", [override])
+    assert cfg[key][name.split(".")[1]] == "none"
+    assert resolve_config(get_method("mae"), "smoke", ["data.img_size=none"])["data"]["img_size"] is None
+
+
 def test_a_method_declares_its_option_ranges():
     class Masked(get_method("mae")):
         option_checks = {"mask_ratio": (0.2, 0.9)}
