@@ -29,7 +29,7 @@ import ssl_bench.trainer as trainer  # noqa: E402
 from ssl_bench.config import resolve_config  # noqa: E402
 from ssl_bench.errors import UserError, one_line  # noqa: E402
 from ssl_bench.registry import get_method  # noqa: E402
-from ssl_bench_app.commands.throughput import VITB16  # noqa: E402
+from ssl_bench_app.commands.throughput import vitb16_overrides  # noqa: E402
 
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
             "aten::item", "aten::nonzero", "cudaMemcpyAsync")
@@ -50,7 +50,7 @@ def main() -> int:
 
     total = args.skip + args.steps + 2
     overrides = [f"data.name={args.data}", f"train.max_steps={total}", "train.progress=false",
-                 *(VITB16 if args.vitb16 else []), *args.overrides]
+                 *(vitb16_overrides(get_method(args.method), args.preset) if args.vitb16 else []), *args.overrides]
     cfg = resolve_config(get_method(args.method), args.preset, overrides)
     marks: list[float] = []
 

@@ -34,8 +34,9 @@ def test_throughput_loader_table_for_a_folder(tmp_path, capsys):
 
 def test_vitb16_configuration_applies_to_a_folder(tmp_path, monkeypatch):
     """--vitb16 is the official codes' ViT-B/16 setting on any data: on a folder, the loader table runs at
-    224 px and every trained configuration is ViT-B/16, batch 256, bf16 (the trainer is stood in for: a
-    ViT-B/16 step is a GPU's work)."""
+    224 px and every trained configuration is ViT-B/16, batch 256, bf16, with the method's published sizes where
+    the preset scales them down (MAE's decoder 512 x 8, 16 heads) unless the user sets one (the trainer is stood
+    in for: a ViT-B/16 step is a GPU's work)."""
     import ssl_bench.trainer
 
     trained = []
@@ -48,11 +49,12 @@ def test_vitb16_configuration_applies_to_a_folder(tmp_path, monkeypatch):
     assert main(["make-jpeg-folder", "--out", str(tmp_path / "data"), "--images", "8", "--size", "48x40"]) == 0
     code = main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--vitb16", "--preset", "quick",
                  "--methods", "mae", "--policies", "mim", "--rounds", "1", "--no-limits", "--out", str(tmp_path / "out"),
-                 "data.num_workers=0"])
+                 "data.num_workers=0", "method.decoder_depth=2"])
     assert code == 0
     loader = json.loads((tmp_path / "out" / "loader-imagefolder-224px.json").read_text())
     assert loader["device_batch_size"] == 256  # a GPU's device path is timed at the training batch
     (cfg,) = trained
     assert (cfg["model"]["arch"], cfg["model"]["patch_size"], cfg["data"]["img_size"]) == ("vit_base", 16, 224)
     assert (cfg["train"]["batch_size"], cfg["train"]["amp"], cfg["data"]["name"]) == (256, "bf16", "imagefolder")
+    assert (cfg["method"]["decoder_dim"], cfg["method"]["decoder_heads"], cfg["method"]["decoder_depth"]) == (512, 16, 2)
     assert "--vitb16" in (tmp_path / "out" / "throughput-imagefolder-vitb16-quick.md").read_text()

@@ -68,18 +68,16 @@ def run(args) -> int:
             raise UserError(f"{flag} must be at least {least}, got {value}")
     if args.synthetic_vitb16:
         args.data, args.vitb16 = "synthetic", True
-    if args.vitb16:
-        args.overrides = [*VITB16, *args.overrides]
-    folder_md = folder_section(args.data_root, args.out, args.overrides, args.policies.split(",")) if args.data == "imagefolder" else ""
+    data_overrides = [*VITB16, *args.overrides] if args.vitb16 else args.overrides
+    folder_md = folder_section(args.data_root, args.out, data_overrides, args.policies.split(",")) if args.data == "imagefolder" else ""
     if args.loader_only:
         return 0
     names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
     names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
     if args.official_code:
         check_official_code(args.official_code, names)
-    overrides = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false", *args.overrides]
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+    common = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false",
+              *([f"data.root={args.data_root}"] if args.data_root else [])]
     paths = [("per-sample CPU", "data.device_augment=false"), ("batched device", "data.device_augment=true")]
     # where the batched views would be compiled (a compiled step), also the same path with eager views
     eager_views = ("batched device, eager views", "data.device_augment=true data.compile_views=false")
@@ -87,7 +85,9 @@ def run(args) -> int:
     rows = []
     for name in names:
         for path_name, path_override in paths:
-            cfg = resolve_config(get_method(name), args.preset, [*overrides, *(path_override.split() if path_override else [])])
+            vitb16 = vitb16_overrides(get_method(name), args.preset) if args.vitb16 else []
+            cfg = resolve_config(get_method(name), args.preset,
+                                 [*common, *vitb16, *args.overrides, *(path_override.split() if path_override else [])])
             if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
                 continue  # the batched row's views are eager already
             path_name = path_name or _path_name(cfg, args.data)
@@ -105,7 +105,7 @@ def run(args) -> int:
                         if args.official_code and has_official(name):
                             official.append(official_step_alone(cfg, args.official_code, args.limit_steps))
                 limits = {"loader_images_per_s": loader_alone(cfg, args.limit_steps)} if not args.no_limits else {}
-            row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds,
+            row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds, "vitb16_overrides": vitb16,
                    "trainer_images_per_s_rounds": trainer, "steps": record["steps"], "batch": record["effective_batch"],
                    "setup_and_run_s": totals[0], **limits}
             if steps:
@@ -139,7 +139,7 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
         r["ratio_to_mae"] = r["images_per_s"] / ref
     hw = hardware()
     table = _table(rows, tabulate)
-    record = {"rows": rows, "preset": args.preset, "data": args.data, "hardware": hw, "overrides": args.overrides,
+    record = {"rows": rows, "preset": args.preset, "data": args.data, "vitb16": args.vitb16, "hardware": hw, "overrides": args.overrides,
               "created": now_iso(), "finished": finished}
     if getattr(args, "_json_path", None) is None:
         out = Path(args.out)
@@ -154,9 +154,9 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
                         *(["--compare-paths"] if args.compare_paths else []), *(["--synthetic-vitb16"] if args.synthetic_vitb16 else ["--vitb16"] if args.vitb16 else []),
                         *(["--data-root " + args.data_root] if args.data_root else []),
                         *(["--official-code " + args.official_code] if args.official_code else []),
-                        *(o for o in args.overrides if not (args.vitb16 and o in VITB16))])  # the user's key=value
+                        *args.overrides])
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
-            f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n"
+            f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n{_vitb16_note(rows)}"
             f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
             f"on one batch held in memory. Trainer and step alone alternate for {args.rounds} rounds: images/s are medians, "
             f"trainer / step the median of the rounds' ratios. Loader alone: the pretraining loader on one core "
@@ -164,6 +164,17 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
             f"{table}\n{'' if finished else chr(10) + '(run still going or cut short: the rows measured so far)' + chr(10)}{folder_md}")
     atomic_write(md, lambda f: f.write(text.encode()))
     return f"{table}\nwritten to {args._json_path} and {md}"
+
+
+def _vitb16_note(rows: list[dict]) -> str:
+    """What ``--vitb16`` set, per method, as a paragraph (empty without it)."""
+    sets = {r["method"]: r["vitb16_overrides"] for r in rows if r.get("vitb16_overrides")}
+    if not sets:
+        return ""
+    own = "; ".join(f"{m}: {' '.join(o for o in v if o.startswith('method.'))}" for m, v in sets.items()
+                    if any(o.startswith("method.") for o in v))
+    return (f"ViT-B/16 configuration: {' '.join(VITB16)}"
+            + (f"; the methods' published sizes where the preset scales them down ({own})" if own else "") + ".\n\n")
 
 
 def _path_name(cfg: dict, data: str) -> str:
@@ -175,6 +186,17 @@ def _path_name(cfg: dict, data: str) -> str:
 # the official codes' H100 figures were taken with ViT-B/16 on 224 px images, batch 256, bf16
 VITB16 = ["data.img_size=224", "model.arch=vit_base", "model.patch_size=16", "train.batch_size=256", "train.amp=bf16",
           "model.embed_dim=none", "model.depth=none", "model.num_heads=none"]
+
+
+def vitb16_overrides(method_cls: type, preset: str) -> list[str]:
+    """The official codes' ViT-B/16 configuration for one method: ``VITB16``, and the method's options back at
+    their defaults (the published ViT-B values) wherever ``preset``'s recipe scales them down for a small
+    backbone (MAE's decoder is 256 wide x 4 blocks at ``full``, 512 x 8 in the official figures)."""
+    from ssl_bench.config import resolve_config
+
+    defaults = method_cls.option_defaults()
+    scaled = resolve_config(method_cls, preset)["method"]
+    return [*VITB16, *(f"method.{k}={defaults[k]!r}" for k in sorted(defaults) if scaled[k] != defaults[k])]
 
 
 def _table(rows: list[dict], tabulate) -> str:
