@@ -101,6 +101,22 @@ def seconds_per_step(one_step, device: torch.device, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def step_flops(method, batch: dict, device: torch.device, amp) -> int:
+    """Model FLOPs of one training step of ``method`` on ``batch`` (forward and backward, eager, counted by
+    ``torch.utils.flop_counter``); the gradients it leaves are the caller's to clear."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl_bench.runtime import autocast
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast(device, amp):
+            loss = sum(method(batch).values())
+        loss.backward()
+    method.pop_logged(as_float=False)
+    return counter.get_total_flops()
+
+
 def step_alone(cfg: dict, steps: int = 8) -> dict:
     """The method's step on one batch held in memory: images/s, whether it ran compiled
     (``runtime.compiled_or_not``), and with a GPU MFU and peak memory."""
@@ -132,16 +148,9 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
     out = {"step_images_per_s": images / seconds, "step_compiled": compiled_or_not(model), "mfu": None, "peak_mem_gib": None,
            "flops_per_step": None}
     if device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
-
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        counter = FlopCounterMode(display=False)
-        with counter:  # eager, once: the model FLOPs of one step (forward + backward)
-            with autocast(device, train["amp"]):
-                loss = sum(method(batch).values())
-            loss.backward()
+        out["flops_per_step"] = step_flops(method, batch, device, train["amp"])
         optimizer.zero_grad(set_to_none=True)
-        out["flops_per_step"] = counter.get_total_flops()
         peak = peak_tflops(device)
         if peak:
             out["mfu"] = out["flops_per_step"] / seconds / (peak * 1e12)

@@ -86,3 +86,34 @@ def test_the_table_says_whether_each_step_alone_ran_compiled(tmp_path, monkeypat
     assert row["step_compiled"] is compiles and row["official_step_compiled"] is compiles
     said = "compiled" if compiles else "eager: compiling failed"
     assert f"Step alone: mae {said}, official {said}" in (tmp_path / "out" / "throughput-synthetic-smoke.md").read_text()
+
+
+def test_step_flops_counts_forward_and_backward():
+    """MFU's numerator: one more MAE decoder block adds, per image over its 17 tokens (16 patches and cls),
+    the block's linear layers (12 w^2 multiply-adds a token) and attention (two n x n x w products) three
+    times over: forward, then gradients of inputs and weights; flash attention's backward counts 2.5 forwards."""
+    from ssl_bench.config import resolve_config
+    from ssl_bench.registry import get_method
+    from ssl_bench.throughput import _build, held_batch, step_flops
+
+    per_image = []
+    for depth in (1, 2):
+        cfg = resolve_config(get_method("mae"), "smoke", [
+            "data.name=synthetic", "data.img_size=28", "model.patch_size=7", *TINY_VIT, "method.decoder_dim=32",
+            "method.decoder_heads=2", f"method.decoder_depth={depth}", "train.batch_size=2", "train.device=cpu", "data.num_workers=0"])
+        method, device = _build(cfg)
+        method.train()
+        batch = held_batch(cfg, method, device)
+        per_image.append(step_flops(method, batch, device, "none") / len(batch["views"][0]))
+    w, n = 32, 17
+    linear, attention = 2 * 12 * w * w * n, 2 * 2 * n * n * w  # forward FLOPs of one block, per image
+    assert per_image[1] - per_image[0] == 3 * linear + 3.5 * attention
+
+
+def test_count_flops_script_names_a_bad_method_in_one_line():
+    import subprocess
+
+    script = Path(__file__).parents[1] / "scripts" / "count_flops.py"
+    done = subprocess.run([sys.executable, str(script), "mae,nope", "--preset", "smoke"], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().startswith("count_flops: error: unknown method 'nope'") and done.stderr.count("\n") == 1
