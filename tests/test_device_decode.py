@@ -1,6 +1,8 @@
 """The device path for image folders, run on the CPU (no GPU here): workers read bytes and draw
 parameters only; batches are decoded (batched decode_jpeg, CPU fallback) and augmented on the device
 with the CPU path's draws; unreadable files are one line naming the file."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -141,8 +143,9 @@ def test_resume_on_a_jpeg_folder_is_bit_for_bit(tmp_path, monkeypatch, decode):
 
 
 def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path):
-    """Sample by sample, the batched device ops equal torchvision's functional ops (float images) applied to
-    the decoded image with that sample's draw: crop box, resize, every colour op in its order, flip."""
+    """Sample by sample and view by view, the batched device ops equal torchvision's functional ops (float
+    images) applied to the decoded image with that view's draw: crop box, resize, every colour op in its order,
+    flip; also where views of one size are made as one batch (the first two) beside a view of another size."""
     from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
@@ -150,30 +153,32 @@ def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path):
     from ssl_bench.data.transforms import blur_kernel_size
 
     view = View(size=20, crop_scale=(0.3, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.3)
+    policy = (view, View(size=20, jitter=(0.2, 0.2, 0.2, 0.05), jitter_p=0.5, blur_p=1.0, blur_sigma=(0.5, 1.0), flip_p=0.9),
+              View(size=12, crop_scale=(0.1, 0.5), blur_p=0.5, solarize_p=0.5))
     tv = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
     for chans in (3, 1):
         pixels = synthetic_image(np.random.default_rng(chans), 40, 30)
         path = tmp_path / f"photo{chans}.jpg"
         Image.fromarray(pixels if chans == 3 else pixels[..., 0]).save(path, quality=90)
-        views = cv.FolderViews((view,), 20, chans, (0.0,) * chans, (1.0,) * chans)
+        views = cv.FolderViews(policy, 20, chans, (0.0,) * chans, (1.0,) * chans)
         records = [EncodedFiles(views)(str(path), seed=i) for i in range(32)]
-        (out,) = DeviceFolderBatches(None, views, "cpu").make_views(records)
+        made = DeviceFolderBatches(None, views, "cpu").make_views(records)
         image = decode_batch(records[:1], chans, torch.device("cpu"))[0].float()
-        for i, record in enumerate(records):
-            d = record["draws"][0]
-            x = TF.resized_crop(image, d.top, d.left, d.height, d.width, [20, 20], InterpolationMode.BICUBIC, antialias=True)
+        for (k, out), (i, record) in itertools.product(enumerate(made), enumerate(records)):
+            d, size = record["draws"][k], policy[k].size
+            x = TF.resized_crop(image, d.top, d.left, d.height, d.width, [size, size], InterpolationMode.BICUBIC, antialias=True)
             x = (x / 255).clamp(0, 1)
             for op, factor in d.jitter:
                 x = tv[op](x, factor)
             if d.grayscale:
                 x = TF.rgb_to_grayscale(x, num_output_channels=3)
             if d.blur_sigma is not None:
-                x = TF.gaussian_blur(x, [blur_kernel_size(20)] * 2, [d.blur_sigma] * 2)
+                x = TF.gaussian_blur(x, [blur_kernel_size(size)] * 2, [d.blur_sigma] * 2)
             if d.solarize:
                 x = TF.solarize(x, 128 / 255)
             if d.flip:
                 x = TF.horizontal_flip(x)
-            assert torch.allclose(out[i], x, atol=2e-4), (chans, i, d, (out[i] - x).abs().max())
+            assert out.shape == (32, chans, size, size) and torch.allclose(out[i], x, atol=2e-4), (chans, k, i, d, (out[i] - x).abs().max())
 
 
 N_RATES = 2000

@@ -4,10 +4,10 @@ decoded in batches on the training device and the views are made there.
     worker, per sample: read the bytes -> size from the header -> draw every view's parameters
                         (the CPU path's draws exactly: ``FolderViews.draws``, from (seed, epoch, index, view))
     device, per batch:  decode every JPEG at once (``torchvision.io.decode_jpeg``; on CUDA that is nvjpeg)
-                        -> per view: crop + bicubic antialiased resize per sample (images differ in size),
-                           flip, stacked into (B, C, size, size)
-                        -> colour jitter, grayscale, blur, solarize for the whole batch at once, with the
-                           in-memory path's batched ops (``batched.after_crop``) on the draws' parameters
+                        -> per output size, its views together: crop + bicubic antialiased resize
+                           per sample (images differ in size), stacked into (views x B, C, size, size)
+                        -> colour jitter, grayscale, blur, solarize, flip for the whole group at once, with
+                           the in-memory path's batched ops (``batched.after_crop``) on the draws' parameters
                         -> normalise
 
 A file that is not a complete JPEG, or that the batched decoder rejects, is decoded on the CPU
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ssl_bench.data.batched import Decisions, after_crop
+from ssl_bench.data.batched import Decisions, _pick, after_crop
 from ssl_bench.data.cpu_views import JITTER_OPS, FolderViews, ViewDraw, decode, image_size, is_complete_jpeg, read_bytes
 
 class EncodedFiles:
@@ -117,13 +117,18 @@ _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 
 def resized_crops(images: list[torch.Tensor], draws: list[ViewDraw], size: int) -> torch.Tensor:
     """Each image's crop box resized to ``size`` (torch's antialiased bicubic kernel, as the in-memory
-    path's resampling matrices) and flipped where drawn: float (B, C, size, size) in [0, 1]."""
-    out = []
-    for image, d in zip(images, draws):
-        crop = image[None, :, d.top:d.top + d.height, d.left:d.left + d.width].float()
-        x = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
-        out.append(x.flip(-1) if d.flip else x)
-    return torch.cat(out).div_(255.0).clamp_(0, 1)
+    path's resampling matrices): float (B, C, size, size), 0..255, not yet flipped. Images differ in size,
+    so this is the one per-sample loop of the path (two kernels a sample)."""
+    return torch.cat([F.interpolate(image[None, :, d.top:d.top + d.height, d.left:d.left + d.width].float(),
+                                    size=(size, size), mode="bicubic", antialias=True) for image, d in zip(images, draws)])
+
+
+def finish_views(x: torch.Tensor, flip: torch.Tensor, d: Decisions, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Resized crops (B, C, size, size), 0..255 -> the views: colour jitter, grayscale, blur and solarize as
+    ``d`` decides per sample, the flip where ``flip`` (B,) is 1, normalised with ``mean`` / ``std``."""
+    x = after_crop(x.div(255.0).clamp_(0, 1), d)
+    x = _pick(flip, x.flip(-1), x)  # the flip commutes with every op before it
+    return (x - mean) / std
 
 
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)  # jitter factors that leave an image as it is
@@ -155,23 +160,37 @@ def draw_decisions(draws: list[ViewDraw], device: torch.device) -> Decisions:
 
 class DeviceFolderBatches:
     """Iterates a loader of EncodedFiles batches and yields training batches made on ``device``:
-    {"views": [(B, C, size, size) float, ...], "label" (B,), "mask"?} all on ``device``."""
+    {"views": [(B, C, size, size) float, ...], "label" (B,), "mask"?} all on ``device``.
 
-    def __init__(self, loader, views: FolderViews, device):
+    Views of one output size (MoCo v3's two, SimSiam's two, DINO's globals and its locals) are made as one
+    batch of views x samples: every parameter comes with each row's draw, so only the size must be shared. ``compile``: that finishing stage
+    (colour, blur, solarize, flip, normalise: a few hundred small kernels eagerly) through torch.compile."""
+
+    def __init__(self, loader, views: FolderViews, device, compile: bool = False):
+        from ssl_bench.runtime import CompiledOrEager
+
         self.loader, self.views, self.device = loader, views, torch.device(device)
+        by_size: dict[int, list[int]] = {}
+        for k, size in enumerate(views.sizes):
+            by_size.setdefault(size, []).append(k)
+        self.groups = list(by_size.values())
         self.mean = torch.tensor(views.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(views.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._finish = CompiledOrEager(finish_views, what="making views", dynamic=False) if compile else finish_views
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def make_views(self, records: list[dict]) -> list[torch.Tensor]:
         images = decode_batch(records, self.views.in_chans, self.device)
-        out = []
-        for k, size in enumerate(self.views.sizes):
-            draws = [r["draws"][k] for r in records]
-            x = after_crop(resized_crops(images, draws, size), draw_decisions(draws, self.device))
-            out.append((x - self.mean) / self.std)
+        out: list[torch.Tensor | None] = [None] * len(self.views.sizes)
+        for group in self.groups:
+            draws = [r["draws"][k] for k in group for r in records]  # view after view
+            x = resized_crops(images * len(group), draws, self.views.sizes[group[0]])
+            flip = torch.tensor([float(d.flip) for d in draws]).to(self.device, non_blocking=True)
+            x = self._finish(x, flip, draw_decisions(draws, self.device), self.mean, self.std)
+            for k, view in zip(group, x.chunk(len(group))):
+                out[k] = view
         return out
 
     def __iter__(self):
@@ -247,14 +266,15 @@ def one_ahead(batches, device: torch.device):
 def device_rate(samples: list[tuple[str, int]], policy: str, img_size: int, batch_size: int, batches: int,
                 device="cuda") -> dict:
     """The device path's images/s on ``device`` (bytes read here, not in workers): ``images_per_s`` for decode
-    and views, ``decode_images_per_s`` for the batched decode alone, timed on the same batches after it."""
+    and views, ``decode_images_per_s`` for the batched decode alone, timed on the same batches after it. On a
+    GPU the views are finished compiled, as in a GPU run of the full preset."""
     import time
 
     from ssl_bench.data.views import resolve_policy
 
     device = torch.device(device)
     views = FolderViews(resolve_policy(policy), img_size, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    encode, maker = EncodedFiles(views), DeviceFolderBatches(None, views, device)
+    encode, maker = EncodedFiles(views), DeviceFolderBatches(None, views, device, compile=device.type == "cuda")
     groups = [[encode(samples[(b * batch_size + i) % len(samples)][0], b * batch_size + i) for i in range(batch_size)]
               for b in range(batches + 1)]
     maker.make_views(groups[0])  # warm-up: nvjpeg handles, kernels

@@ -247,5 +247,6 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
     )
     if isinstance(base, ImagePaths):  # folder views leave the workers as uint8 and are normalised on the device
         device = resolve_device(cfg["train"]["device"])
-        loader = DeviceFolderBatches(loader, folder_views, device) if on_device else NormalisedBatches(loader, folder_views.normaliser(device))
+        loader = (DeviceFolderBatches(loader, folder_views, device, compile=compile_views(cfg, device)) if on_device
+                  else NormalisedBatches(loader, folder_views.normaliser(device)))
     return loader, sampler, dataset, info
