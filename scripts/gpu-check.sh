@@ -16,7 +16,8 @@
 # pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae, folders: run those alone,
 # e.g. to split the check over calls with a time limit; on one H100 the parts took about 220, 200, 70 and 120 s),
 # --official-code DIR (local copies of facebookresearch/mae and moco-v3 at DIR/mae, DIR/moco-v3: the ViT-B/16 rows
-# also time the official step beside ours).
+# also time the official step beside ours), --set KEY=VALUE (repeatable: a config override for every throughput row,
+# e.g. --set train.compile_mode=reduce-overhead).
 # The report is rewritten after every step, so a cut-short check keeps its figures.
 set -uo pipefail  # no -e: a failing step is reported and the others still run
 
@@ -27,6 +28,7 @@ STEPS=30
 PRE_STEPS_ARG=""
 ONLY=throughput,vitb16,knn,mae
 OFFICIAL=()
+SETS=()
 PY=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,7 +39,9 @@ while [ $# -gt 0 ]; do
         --only) ONLY="$2"; shift ;;
         --python) PY="$2"; shift ;;
         --official-code) OFFICIAL=(--official-code "$2"); shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --set) [[ "${2:-}" == *=* ]] || { echo "gpu-check: --set takes KEY=VALUE (e.g. train.compile_mode=reduce-overhead), got '${2:-}'" >&2; exit 2; }
+               SETS+=("$2"); shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -128,25 +132,26 @@ step() {  # step NAME COMMAND...: runs it; a failure is logged and does not stop
     report
 }
 
-# one round of trainer and step alone per row, the step alone over 20 steps: five rounds (the command's default)
+# options first, then every key=value (the CLI takes its overrides as one run of positional arguments).
+# One round of trainer and step alone per row, the step alone over 20 steps: five rounds (the command's default)
 # would take the throughput part past a 10-minute call. One round is one reading: on an H100 the host-bound
 # fashion_mnist steps moved by up to a quarter between calls minutes apart (results/gpu/2026-11-24-*-1.md)
 if [ "$DRY" = 1 ]; then
-    PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2 --rounds 1); VITB=(--preset smoke --data synthetic data.img_size=28)
+    PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2 --rounds 1); VITB=(--preset smoke --data synthetic); VITB_SET=(data.img_size=28)
     KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
-    JPEGS=(--images 80 --size 64x48); FOLDER=(--preset smoke data.img_size=28 data.num_workers=1)
+    JPEGS=(--images 80 --size 64x48); FOLDER=(--preset smoke); FOLDER_SET=(data.img_size=28 data.num_workers=1)
 else
-    PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --limit-steps 20 --rounds 1); VITB=(--preset full --synthetic-vitb16)
+    PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --limit-steps 20 --rounds 1); VITB=(--preset full --synthetic-vitb16); VITB_SET=()
     KNN_N=1000000; PRE=(--preset full); PRE_STEPS=${PRE_STEPS_ARG:-2000}; EVAL=(--preset quick --protocol knn,linear)
     # ViT-B/16 at the official codes' setting, fed from JPEGs; workers: the node's cores but two
-    JPEGS=(--images 4000 --size 500x375); FOLDER=(--preset full --vitb16 "data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
+    JPEGS=(--images 4000 --size 500x375); FOLDER=(--preset full --vitb16); FOLDER_SET=("data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
 fi
 
 # -- 2. throughput -----------------------------------------------------------------------------------
 wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 
-wanted throughput && step "throughput, fashion_mnist at $PRESET" "${CLI[@]}" throughput --preset "$PRESET" --methods "$TP_METHODS" "${TP_EXTRA[@]}" --out "$WORK/tp"
-wanted vitb16 && step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" "${OFFICIAL[@]}" --out "$WORK/tp"
+wanted throughput && step "throughput, fashion_mnist at $PRESET" "${CLI[@]}" throughput --preset "$PRESET" --methods "$TP_METHODS" "${TP_EXTRA[@]}" --out "$WORK/tp" "${SETS[@]}"
+wanted vitb16 && step "throughput, ViT-B/16 synthetic" "${CLI[@]}" throughput "${VITB[@]}" --methods mae,mocov3 "${TP_EXTRA[@]}" "${OFFICIAL[@]}" --out "$WORK/tp" "${VITB_SET[@]}" "${SETS[@]}"
 
 # -- 3. faiss kNN over random features -------------------------------------------------------------------
 knn_check() {
@@ -175,7 +180,7 @@ wanted mae && step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@
 # -- 5. image folders (only with --only folders) ----------------------------------------------------------
 wanted folders && step "JPEG folder" "${CLI[@]}" make-jpeg-folder --out "$WORK/jpegs" "${JPEGS[@]}"
 wanted folders && step "throughput, JPEG folder, device decode" "${CLI[@]}" throughput --data imagefolder --data-root "$WORK/jpegs" \
-    --methods mae,mocov3 --policies mim,byol "${FOLDER[@]}" data.decode=device "${TP_EXTRA[@]}" --out "$WORK/tp"
+    --methods mae,mocov3 --policies mim,byol "${FOLDER[@]}" "${TP_EXTRA[@]}" --out "$WORK/tp" "${FOLDER_SET[@]}" data.decode=device "${SETS[@]}"
 
 echo "gpu-check: written $REPORT" >&2
 if [ -s "$WORK/failed" ]; then exit 1; fi  # the report names the failed steps

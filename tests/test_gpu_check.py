@@ -36,6 +36,12 @@ def test_an_unknown_part_is_one_line_naming_the_choices(tmp_path):
     assert done.stderr.strip() == "gpu-check: unknown part 'warp' in --only; choose from throughput, vitb16, knn, mae, folders"
 
 
+def test_set_without_a_value_is_one_line(tmp_path):
+    done = gpu_check("--dry-run", "--set", "train.compile_mode", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and not (tmp_path / "out").exists() and done.stderr.count("\n") == 1
+    assert "gpu-check: --set takes KEY=VALUE" in done.stderr
+
+
 def test_dry_run_of_the_folders_part_trains_from_jpegs_decoded_on_the_device(tmp_path):
     """--only folders (issue 16's GPU check): a synthetic JPEG folder, its loader table, and MAE and MoCo v3
     trained from it with data.decode=device, named as such in the report."""
@@ -45,11 +51,12 @@ def test_dry_run_of_the_folders_part_trains_from_jpegs_decoded_on_the_device(tmp
 
 
 def test_dry_run_times_the_official_steps_beside_ours_when_given_their_code(tmp_path):
-    """--official-code reaches the ViT-B/16 rows: both official models are built at our sizes and timed."""
+    """--official-code reaches the ViT-B/16 rows: both official models are built at our sizes and timed; --set
+    overrides reach them too."""
     official = tmp_path / "official"
     shutil.copytree(ROOT / "tests" / "fixtures" / "official_standin", official)
-    text = dry_run_report("vitb16", tmp_path / "out", "--official-code", str(official))
-    assert "official step img/s" in text and f"--official-code {official}" in text
+    text = dry_run_report("vitb16", tmp_path / "out", "--official-code", str(official), "--set", "model.depth=1")
+    assert "official step img/s" in text and f"--official-code {official}" in text and "model.depth=1`" in text
     mae, mocov3 = (json.loads((official / repo / "built.json").read_text()) for repo in ("mae", "moco-v3"))
-    assert mae["img_size"] == mocov3["img_size"] == 28 and mae["mask_ratio"] == 0.75
+    assert mae["img_size"] == mocov3["img_size"] == 28 and mae["mask_ratio"] == 0.75 and mae["depth"] == 1
     assert {"dim", "mlp_dim", "T", "m", "stop_grad_conv1"} <= set(mocov3)
