@@ -233,10 +233,10 @@ def _colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, 
         x = out.clamp_(0, 1)
         if n_ops > 3:
             hue = now[:, 3] & factors[:, 3].ne(0)  # (the HSV round trip is not exact: keep samples without a shift as they are)
-            if x.device.type == "cpu":  # the round trip (~70 passes) on this turn's hue samples only: a quarter of the work
+            if x.device.type == "cpu" and not torch.compiler.is_compiling():  # the round trip (~70 passes) on this turn's hue samples only: a quarter of the work
                 rows = hue.nonzero().squeeze(1)
                 x.index_copy_(0, rows, _adjust_hue(x.index_select(0, rows), factors[:, 3].index_select(0, rows)))  # (x is this turn's own)
-            else:  # fixed shapes: no host sync for the rows, and one compiled graph
+            else:  # fixed shapes: no host sync for the rows, and one compiled graph (a row count would break it)
                 x = _pick(hue, _adjust_hue(x, factors[:, 3]), x)
     return x
 
