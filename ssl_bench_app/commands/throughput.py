@@ -9,7 +9,8 @@ a shared machine moves one round, not the comparison. ``--compare-paths`` measur
 data path (data.device_augment=false) and the batched device path side by side in one run, and where the
 batched views are compiled (with a compiled step: the full preset on a GPU) the batched path with eager
 views too. ``--vitb16`` is the 224 px ViT-B/16 configuration (batch 256, bf16) of the official codes' published figures, on
-any data (``--synthetic-vitb16``: on synthetic data, as those figures). ``--official-code DIR`` also times the
+any data (``--synthetic-vitb16``: on synthetic data, as those figures), each method at its published sizes
+(``vitb16_overrides``: MAE's decoder 512 x 8, not the full preset's 256 x 4). ``--official-code DIR`` also times the
 official MAE and MoCo v3 steps in every round (``ssl_bench_app.official_speed``), and the table says whether each
 step alone ran compiled. It writes a table (markdown + JSON) naming the hardware.
 """
@@ -36,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--compare-paths", action="store_true",
                    help="measure the per-sample CPU data path (before) and the batched device path (after) side by side")
     p.add_argument("--vitb16", action="store_true",
-                   help="ViT-B/16 on 224 px images, batch 256, bf16 (the official codes' H100 configuration), on --data")
+                   help="ViT-B/16 on 224 px images, batch 256, bf16, each method at its published sizes (the official codes' H100 configuration), on --data")
     p.add_argument("--synthetic-vitb16", action="store_true", help="--vitb16 on synthetic data (the official codes' figures)")
     p.add_argument("--no-limits", action="store_true", help="trainer images/s only (skip step-alone and loader-alone)")
     p.add_argument("--limit-steps", type=int, default=10, help="timed steps of the step alone and batches of the loader alone (default: 10)")
