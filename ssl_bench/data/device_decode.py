@@ -134,9 +134,9 @@ def finish_views(x: torch.Tensor, flip: torch.Tensor, d: Decisions, mean: torch.
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)  # jitter factors that leave an image as it is
 
 
-def draw_decisions(draws: list[ViewDraw], device: torch.device) -> Decisions:
-    """The batched ops' choices for one view, from each sample's draw (one host-to-device copy); an
-    operation that no sample of the batch takes is left out."""
+def draw_decisions(draws: list[ViewDraw], device: torch.device) -> tuple[Decisions, torch.Tensor]:
+    """The batched ops' choices for the draws' rows and their flips (B,) 0.0/1.0, from each row's draw in one
+    host-to-device copy; an operation that no row takes is left out."""
     rows = []
     for d in draws:
         applied = [JITTER_OPS.index(op) for op, _ in d.jitter]
@@ -146,16 +146,17 @@ def draw_decisions(draws: list[ViewDraw], device: torch.device) -> Decisions:
         order = applied + [k for k in range(4) if k not in applied]  # ops not drawn come after, as identities
         sigma = d.blur_sigma or 1.0
         rows.append([float(bool(d.jitter)), *factors, *order, float(d.grayscale), float(d.blur_sigma is not None), sigma,
-                     float(d.solarize)])
-    host = torch.tensor(rows, dtype=torch.float64)  # (B, 13)
+                     float(d.solarize), float(d.flip)])
+    host = torch.tensor(rows, dtype=torch.float64)  # (B, 14)
     taken, t = host.amax(dim=0).tolist(), host.to(device)
     used = lambda column: taken[column] > 0  # noqa: E731
-    return Decisions(
+    decisions = Decisions(
         jitter=t[:, 0] if used(0) else None, factors=t[:, 1:5] if used(0) else None, order=t[:, 5:9].long() if used(0) else None,
         grayscale=t[:, 9] if used(9) else None,  # (never drawn for 1-channel images)
         blur=t[:, 10] if used(10) else None, sigma=t[:, 11] if used(10) else None,
         solarize=t[:, 12] if used(12) else None,
     )
+    return decisions, t[:, 13]
 
 
 class DeviceFolderBatches:
@@ -163,8 +164,9 @@ class DeviceFolderBatches:
     {"views": [(B, C, size, size) float, ...], "label" (B,), "mask"?} all on ``device``.
 
     Views of one output size (MoCo v3's two, SimSiam's two, DINO's globals and its locals) are made as one
-    batch of views x samples: every parameter comes with each row's draw, so only the size must be shared. ``compile``: that finishing stage
-    (colour, blur, solarize, flip, normalise: a few hundred small kernels eagerly) through torch.compile."""
+    batch of views x samples: every parameter comes with each row's draw, so only the size must be shared.
+    ``compile``: the finishing stage (colour, blur, solarize, flip, normalise: a few hundred small kernels
+    eagerly) through torch.compile."""
 
     def __init__(self, loader, views: FolderViews, device, compile: bool = False):
         from ssl_bench.runtime import CompiledOrEager
@@ -187,8 +189,8 @@ class DeviceFolderBatches:
         for group in self.groups:
             draws = [r["draws"][k] for k in group for r in records]  # view after view
             x = resized_crops(images * len(group), draws, self.views.sizes[group[0]])
-            flip = torch.tensor([float(d.flip) for d in draws]).to(self.device, non_blocking=True)
-            x = self._finish(x, flip, draw_decisions(draws, self.device), self.mean, self.std)
+            decisions, flip = draw_decisions(draws, self.device)
+            x = self._finish(x, flip, decisions, self.mean, self.std)
             for k, view in zip(group, x.chunk(len(group))):
                 out[k] = view
         return out
