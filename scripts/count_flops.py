@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssl_bench.config import resolve_config  # noqa: E402
@@ -49,7 +47,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(True)
     try:
         sys.exit(main())
     except UserError as exc:  # an unknown method or a bad key=value: one line

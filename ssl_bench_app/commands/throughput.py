@@ -85,8 +85,8 @@ def run(args) -> int:
     paths = paths + [eager_views] if args.compare_paths else [(None, None)]
     rows = []
     for name in names:
+        vitb16 = vitb16_overrides(get_method(name), args.preset) if args.vitb16 else []
         for path_name, path_override in paths:
-            vitb16 = vitb16_overrides(get_method(name), args.preset) if args.vitb16 else []
             cfg = resolve_config(get_method(name), args.preset,
                                  [*common, *vitb16, *args.overrides, *(path_override.split() if path_override else [])])
             if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
