@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssl_bench.config import resolve_config  # noqa: E402
 from ssl_bench.errors import UserError, one_line  # noqa: E402
 from ssl_bench.registry import get_method  # noqa: E402
-from ssl_bench.throughput import _build, held_batch, step_flops  # noqa: E402
+from ssl_bench.throughput import build_on_device, held_batch, step_flops  # noqa: E402
 from ssl_bench_app.commands.throughput import vitb16_overrides  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> int:
         configs.append((name, resolve_config(method_cls, args.preset, overrides)))
     print("| method | GFLOPs per image (one step: forward + backward) |\n|---|---|")
     for name, cfg in configs:
-        method, device = _build(cfg)
+        method, device = build_on_device(cfg)
         method.train()
         batch = held_batch(cfg, method, device)
         flops = step_flops(method, batch, device, "none")  # fp32: autocast does not change the count

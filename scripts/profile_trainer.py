@@ -59,7 +59,7 @@ def main() -> int:
         if args.profile else contextlib.nullcontext()
     data_ms: list[float] = []  # host time inside the loader's next() per micro-batch: views, masks, copies
     with prof:
-        to_device, build_loader = trainer._to_device, trainer.build_pretrain_loader
+        to_device, build_loader = trainer.batch_to_device, trainer.build_pretrain_loader
 
         def stepping(batch, device):  # one mark (and profiler step) per micro-batch
             if args.profile:
@@ -71,12 +71,12 @@ def main() -> int:
             loader, *rest = build_loader(*a, **kw)
             return (_TimedIterable(loader, data_ms), *rest)
 
-        trainer._to_device, trainer.build_pretrain_loader = stepping, timed_loader
+        trainer.batch_to_device, trainer.build_pretrain_loader = stepping, timed_loader
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 record = trainer.pretrain(cfg, Path(tmp) / "run")
         finally:
-            trainer._to_device, trainer.build_pretrain_loader = to_device, build_loader
+            trainer.batch_to_device, trainer.build_pretrain_loader = to_device, build_loader
     window = marks[args.skip + args.steps] - marks[args.skip] if len(marks) > args.skip + args.steps else float("nan")
     per_step = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
     print(f"\n== {args.method}, preset {args.preset}, data {args.data}{' ViT-B/16' if args.vitb16 else ''}: "

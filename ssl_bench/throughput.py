@@ -48,7 +48,9 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _build(cfg: dict):
+def build_on_device(cfg: dict):
+    """``cfg``'s method, built from the run's seed on the run's device (the one ``train.device`` resolves to):
+    -> (method, device). What every timed step here and the FLOP count start from."""
     device = resolve_device(cfg["train"]["device"])
     torch.manual_seed(cfg["seed"])
     _, info = load_dataset(cfg["data"]["name"], cfg["data"]["root"], "pretrain", img_size=cfg["data"]["img_size"])
@@ -59,7 +61,7 @@ def _build(cfg: dict):
 def loader_alone(cfg: dict, batches: int = 8) -> float:
     """Images/s of the pretraining loader on one core: no workers, one torch thread."""
     cfg = {**cfg, "data": {**cfg["data"], "num_workers": 0}}
-    method, device = _build(cfg)
+    method, device = build_on_device(cfg)
     with _threads(1):
         loader, sampler, _, _ = build_pretrain_loader(cfg, method.data_spec(), device=device)
         next(iter(loader))  # warm-up
@@ -80,10 +82,10 @@ def loader_alone(cfg: dict, batches: int = 8) -> float:
 
 def held_batch(cfg: dict, method, device: torch.device) -> dict:
     """One pretraining batch of ``cfg``'s loader, on ``device``: what a step alone runs on."""
-    from ssl_bench.trainer import _to_device
+    from ssl_bench.trainer import batch_to_device
 
     loader, *_ = build_pretrain_loader(cfg, method.data_spec(), device=device)
-    return _to_device(next(iter(loader)), device)
+    return batch_to_device(next(iter(loader)), device)
 
 
 def seconds_per_step(one_step, device: torch.device, steps: int) -> float:
@@ -122,7 +124,7 @@ def step_alone(cfg: dict, steps: int = 8) -> dict:
     (``runtime.compiled_or_not``), and with a GPU MFU and peak memory."""
     from ssl_bench.runtime import autocast, compiled_or_not, compiled_step
 
-    method, device = _build(cfg)
+    method, device = build_on_device(cfg)
     train = cfg["train"]
     batch = held_batch(cfg, method, device)
     images = len(batch["views"][0])

@@ -248,7 +248,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 method.on_step_start(step, total_steps)
                 totals: dict[str, torch.Tensor] = {}
                 for micro in range(accum):
-                    batch = _to_device(next(batches), device)
+                    batch = batch_to_device(next(batches), device)
                     sync = micro == accum - 1 or dist_info.world_size == 1
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, train["amp"]):
                         losses = model(batch)
@@ -296,7 +296,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     return finish("finished")
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A loader's batch with its tensors, and the tensors of its lists (the views), on ``device``."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):

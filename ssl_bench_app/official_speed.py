@@ -38,12 +38,12 @@ def official_step_alone(cfg: dict, root: str | Path, steps: int = 8) -> dict:
     loader held in memory: {"images_per_s", "compiled" (``runtime.compiled_or_not``)}."""
     from ssl_bench.optim import build_optimizer, scaled_lr
     from ssl_bench.runtime import autocast, compiled_or_not, compiled_step
-    from ssl_bench.throughput import _build, held_batch, seconds_per_step
+    from ssl_bench.throughput import build_on_device, held_batch, seconds_per_step
 
     name, train = cfg["method_name"], cfg["train"]
     check_official_code(root, [name])
     folder = Path(root) / REPOS[name]
-    ours, device = _build(cfg)
+    ours, device = build_on_device(cfg)
     batch = held_batch(cfg, ours, device)
     with _imports_from(folder):
         model, loss_of = (_mae if name == "mae" else _mocov3)(ours, _options(cfg))

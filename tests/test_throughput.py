@@ -94,14 +94,14 @@ def test_step_flops_counts_forward_and_backward():
     times over: forward, then gradients of inputs and weights; flash attention's backward counts 2.5 forwards."""
     from ssl_bench.config import resolve_config
     from ssl_bench.registry import get_method
-    from ssl_bench.throughput import _build, held_batch, step_flops
+    from ssl_bench.throughput import build_on_device, held_batch, step_flops
 
     per_image = []
     for depth in (1, 2):
         cfg = resolve_config(get_method("mae"), "smoke", [
             "data.name=synthetic", "data.img_size=28", "model.patch_size=7", *TINY_VIT, "method.decoder_dim=32",
             "method.decoder_heads=2", f"method.decoder_depth={depth}", "train.batch_size=2", "train.device=cpu", "data.num_workers=0"])
-        method, device = _build(cfg)
+        method, device = build_on_device(cfg)
         method.train()
         batch = held_batch(cfg, method, device)
         per_image.append(step_flops(method, batch, device, "none") / len(batch["views"][0]))
