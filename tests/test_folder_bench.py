@@ -25,8 +25,10 @@ def test_throughput_loader_table_for_a_folder(tmp_path, capsys):
     rows = {r["policy"]: r for r in record["rows"]}
     assert set(rows) == {"mim", "simsiam"} and rows["simsiam"]["views"] == 2
     assert all(r["fast_per_core"] > 0 and r["torchvision_per_core"] > 0 and r["loader_wall_images_per_s"] > 0 for r in rows.values())
+    assert all(r["decode_per_core"] > 0 and r["decode_share"] > 0 for r in rows.values())
     md = (tmp_path / "out" / "loader-imagefolder-32px.md").read_text()
     assert "Hardware:" in md and "| simsiam" in md and "--root" in md and "--policies mim,simsiam" in md
+    assert "its read + decode alone, img/s per core" in md
     assert main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--loader-only", "--policies", "nope",
                  "--out", str(tmp_path / "out2")]) == 2
     assert "unknown augmentation policy 'nope'" in capsys.readouterr().err

@@ -304,15 +304,20 @@ class FolderViews:
     def normaliser(self, device="cpu") -> Normalise:
         return Normalise(self.mean, self.std, device)
 
-    def __call__(self, path: str, seed: int | None = None) -> list[torch.Tensor]:
-        """The augmented views, each a uint8 (C, size, size) tensor. ``seed``: the sample's seed, which the
-        pipeline passes (a function of run seed, epoch and index); None: torch's initial seed."""
-        seed = torch.initial_seed() if seed is None else seed
+    def decoded(self, path: str, seed: int) -> tuple[np.ndarray, list[ViewDraw], tuple[int, int]]:
+        """The file's pixels at the smallest DCT scale every view's crop allows, its views' draws and its
+        full (width, height): everything before the first view is made."""
         data = read_bytes(path)
         width, height = image_size(data, path)
         draws = self.draws(seed, width, height)
         reduction = dct_reduction(min(min(d.height, d.width) / size for d, size in zip(draws, self.sizes)))
-        array = decode(data, path, self.in_chans, reduction)
+        return decode(data, path, self.in_chans, reduction), draws, (width, height)
+
+    def __call__(self, path: str, seed: int | None = None) -> list[torch.Tensor]:
+        """The augmented views, each a uint8 (C, size, size) tensor. ``seed``: the sample's seed, which the
+        pipeline passes (a function of run seed, epoch and index); None: torch's initial seed."""
+        seed = torch.initial_seed() if seed is None else seed
+        array, draws, (width, height) = self.decoded(path, seed)
         sy, sx = array.shape[0] / height, array.shape[1] / width
         views = []
         for d, size in zip(draws, self.sizes):

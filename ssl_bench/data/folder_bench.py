@@ -4,6 +4,8 @@
   decode, torchvision ops on uint8 tensors) and for the fast path (``cpu_views``), measured in
   alternating rounds in one process so both see the same machine load; images/s per core = samples /
   CPU seconds (so other jobs on a shared machine slow the wall clock but not this figure much);
+* in the same rounds, the fast path's file read and decode alone (at the DCT scale its views allow): the most
+  that path can reach with this decoder, and so the share of a sample the view operations still take;
 * the fast path in a DataLoader with ``workers`` worker processes: wall-clock images/s, and images per
   CPU second of the workers;
 * with a GPU: the device path (``device_decode``), images/s of batched nvjpeg decode plus batched views, and of
@@ -57,14 +59,20 @@ def per_core_rates(samples: list[tuple[str, int]], policy: str, img_size: int, n
     def fast_path(i, sample):
         [normalise(view[None]) for view in after(sample[0], i)]  # (normalised per batch on the device in training)
 
+    def decode_alone(i, sample):
+        after.decoded(sample[0], i)
+
     n_before = max(4, n // 4)  # the torchvision path is slower: fewer samples, same rounds
-    times_before, times_after = [], []
+    timed = [samples[i % len(samples)] for i in range(n)]
+    times_before, times_after, times_decode = [], [], []
     for _ in range(rounds):
         times_before.append(_cpu_time(torchvision_path, range(n_before)) / n_before)
-        times_after.append(_cpu_time(fast_path, [samples[i % len(samples)] for i in range(n)]) / n)
-    before_s, after_s = statistics.median(times_before), statistics.median(times_after)
+        times_after.append(_cpu_time(fast_path, timed) / n)
+        times_decode.append(_cpu_time(decode_alone, timed) / n)
+    before_s, after_s, decode_s = (statistics.median(t) for t in (times_before, times_after, times_decode))
     return {"policy": policy, "views": len(after.policy), "torchvision_per_core": 1 / before_s, "fast_per_core": 1 / after_s,
-            "speedup": before_s / after_s, "samples_timed": [n_before * rounds, n * rounds]}
+            "speedup": before_s / after_s, "decode_per_core": 1 / decode_s, "decode_share": decode_s / after_s,
+            "samples_timed": [n_before * rounds, n * rounds]}
 
 
 def loader_rate(samples: list[tuple[str, int]], policy: str, img_size: int, workers: int, batch_size: int, batches: int) -> dict:
@@ -129,8 +137,10 @@ def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60,
         return "-" if v is None else f"{v:.0f}"
 
     headers = ["policy", "views", "torchvision path, img/s per core (before)", "fast path, img/s per core (after)", "×",
+               "its read + decode alone, img/s per core", "decode's share of a sample",
                f"loader, {workers} worker(s), img/s wall", "loader img/s per worker CPU s"]
     table = [[r["policy"], r["views"], fmt(r["torchvision_per_core"]), fmt(r["fast_per_core"]), f"{r['speedup']:.1f}",
+              fmt(r["decode_per_core"]), f"{r['decode_share']:.0%}",
               fmt(r["loader_wall_images_per_s"]), fmt(r["loader_images_per_cpu_s"])] for r in rows]
     if torch.cuda.is_available():
         headers += ["device path img/s", "its decode alone img/s"]
@@ -165,7 +175,8 @@ def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES)
                f"Command: `ssl-bench throughput --data imagefolder --root {root} --loader-only --policies {','.join(policies)} "
                f"data.img_size={img_size} data.num_workers={workers} train.batch_size={batch}`\n\n"
                f"Per core: one thread's CPU time per sample, torchvision path (before) and fast path (after) in "
-               f"alternating rounds. Loader: the fast path in a DataLoader with {workers} worker process(es), wall-clock "
+               f"alternating rounds, and the fast path's file read and decode alone (at the DCT scale its views allow): the "
+               f"fast path's ceiling with this JPEG decoder. Loader: the fast path in a DataLoader with {workers} worker process(es), wall-clock "
                f"images/s and images per CPU second of the workers, in batches of 32"
                f"{f'; the device path in batches of {batch}' if torch.cuda.is_available() else ''}.\n\n{table}\n")
     print(section)
