@@ -4,10 +4,12 @@ evaluation harness (evals.knn) and the pretraining monitor (ssl_bench.monitor) s
 Features are l2-normalized; each query's k nearest train features by cosine similarity s vote for their
 labels with weight exp(s / T); one exact inner-product search at the largest k serves every k. The search
 runs in faiss (on the GPU when faiss has GPU support); where faiss is CPU-only but torch sees a CUDA GPU,
-the same exact search runs as float32 matrix products on that GPU (no faiss-gpu wheel exists for every CUDA).
+the same exact search runs in torch on that GPU (``TorchFlatIP``; no faiss-gpu wheel exists for every CUDA).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 
 import faiss
@@ -29,7 +31,8 @@ class KNNClassifier:
             self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, faiss.IndexFlatIP(train.shape[1]))
             self.index_name, self.on_gpu = "faiss IndexFlatIP (gpu)", True
         elif torch.cuda.is_available():
-            self.index, self.index_name, self.on_gpu = CudaFlatIP(train.shape[1]), "exact inner product, torch float32 (gpu)", True
+            self.index, self.on_gpu = TorchFlatIP(train.shape[1]), True
+            self.index_name = "exact inner product, torch float16 screen + float32 (gpu)"
         else:
             self.index, self.index_name, self.on_gpu = faiss.IndexFlatIP(train.shape[1]), "faiss IndexFlatIP (cpu)", False
         self.index.add(_unit(train))  # inner product of unit vectors = cosine
@@ -63,27 +66,78 @@ class KNNClassifier:
         return {k: 100.0 * c / len(queries) for k, c in correct.items()}
 
 
-class CudaFlatIP:
-    """faiss ``IndexFlatIP``'s ``add`` / ``search`` / ``ntotal`` as exact float32 products on the GPU."""
+QUERY_BLOCK = 1024  # queries per product: a (1024, ntotal) similarity block
 
-    def __init__(self, dim: int):
-        self.dim, self.data = dim, torch.empty(0, dim, device="cuda")
+
+def screen_error(dim: int) -> float:
+    """A bound on |float16 product - exact product| for two unit vectors q, x of ``dim`` elements.
+
+    * Each element rounded to float16: relative error u = 2^-11, plus at most a = 2^-25 below float16's normal
+      range. Per element |q'x' - qx| <= (2u + u^2)|qx| + a(1 + u)(|q| + |x|) + a^2; summed, with sum |qx| <= 1 and
+      |q|_1, |x|_1 <= sqrt(dim) for unit vectors: (2u + u^2) + 2a(1 + u) sqrt(dim) + dim a^2.
+    * The sum in float32: at most dim 2^-22 of the sum of |products| (2^-22 rather than float32's 2^-24 leaves
+      room for tensor cores' truncating adders).
+    * The result rounded to float16: at most 2^-11 for |s| < 2."""
+    u, a = 2.0**-11, 2.0**-25
+    products = 2 * u + u * u + 2 * a * (1 + u) * math.sqrt(dim) + dim * a * a
+    return products + dim * 2.0**-22 * (1 + products) + u
+
+
+class TorchFlatIP:
+    """faiss ``IndexFlatIP``'s ``add`` / ``search`` / ``ntotal`` on a torch device, exact: each block of queries
+    is screened by float16 products (half the memory traffic of float32 and tensor-core speed), the ``k +
+    extra`` best by that screen are scored again as float32 products, and a query whose screen could have
+    missed one of its k nearest (``screen_error``) is searched again in float32 over every reference. Inputs
+    are unit vectors (``_unit``)."""
+
+    def __init__(self, dim: int, device="cuda", extra: int = 64):
+        self.dim, self.device, self.extra = dim, torch.device(device), extra
+        self.data = torch.empty(0, dim, device=self.device)  # (n, D) float32: the exact scores
+        self.screen = torch.empty(0, dim, dtype=torch.float16, device=self.device)  # (n, D) float16: the screen
+        self.margin = 2 * screen_error(dim)  # screen within margin of the k-th best: possibly among the k nearest
+        self.searched_again = 0  # queries the screen could not settle, searched in float32 over every reference
 
     @property
     def ntotal(self) -> int:
         return len(self.data)
 
     def add(self, x: np.ndarray) -> None:
-        self.data = torch.cat([self.data, torch.from_numpy(x).to("cuda")])
+        x = torch.from_numpy(x).to(self.device)
+        self.data, self.screen = torch.cat([self.data, x]), torch.cat([self.screen, x.half()])
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact float32, like faiss's flat index
-        try:  # 1024 queries at a time: a (1024, ntotal) similarity block
-            parts = [(part @ self.data.T).topk(k, dim=1) for part in torch.from_numpy(q).to("cuda").split(1024)]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        return torch.cat([p.values for p in parts]).cpu().numpy(), torch.cat([p.indices for p in parts]).cpu().numpy()
+        with _float32_products():
+            parts = [self._search_block(part, k) for part in torch.from_numpy(q).to(self.device).split(QUERY_BLOCK)]
+        return torch.cat([s for s, _ in parts]).cpu().numpy(), torch.cat([i for _, i in parts]).cpu().numpy()
+
+    def _search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m = min(self.ntotal, k + self.extra)  # candidates a query keeps
+        screened, candidates = (q.half() @ self.screen.T).topk(m, dim=1)  # (b, m), descending
+        # a true k-nearest x has screen(x) >= true(x) - e >= (k-th true) - e >= (k-th screened) - 2e; a query is
+        # settled if its m-th candidate is below that, so no reference left out can be among its k nearest
+        settled = screened[:, -1].float() < screened[:, k - 1].float() - self.margin if m < self.ntotal else \
+            torch.ones(len(q), dtype=torch.bool, device=self.device)
+        exact = torch.bmm(self.data[candidates], q.unsqueeze(2)).squeeze(2)  # (b, m) float32 products
+        sims, best = exact.topk(k, dim=1)
+        ids = candidates.gather(1, best)
+        unsettled = (~settled).nonzero().squeeze(1)  # (dense near-ties at the k-th place)
+        self.searched_again += len(unsettled)
+        if len(unsettled):
+            sims[unsettled], ids[unsettled] = (q[unsettled] @ self.data.T).topk(k, dim=1)
+        return sims, ids
+
+
+@contextlib.contextmanager
+def _float32_products():
+    """Matrix products as faiss's flat index computes them: float32 without TF32, and float16 products summed in
+    float32 (no reduced-precision reductions), which ``screen_error`` assumes."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction = False, False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction = before
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:

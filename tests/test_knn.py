@@ -94,15 +94,16 @@ def test_feature_and_k_are_chosen_on_heldout_never_on_test(clusters):
     assert result["top1"] < max(r["test_top1"] for r in row.values()) - 20  # test would have picked "mean"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_search_without_faiss_gpu_returns_faiss_cpu_neighbours(clusters):
-    """The torch search used where faiss has no GPU support finds faiss's exact neighbours and similarities."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_torch_search_returns_faiss_neighbours(clusters, device):
+    """The torch search used where faiss has no GPU support (float16 screen, float32 scores) finds faiss's exact
+    neighbours and similarities; on well-separated neighbours the screen settles every query."""
     import faiss
 
-    from ssl_bench.knn import CudaFlatIP, _unit
+    from ssl_bench.knn import TorchFlatIP, _unit
 
     train, _, queries, _ = clusters
-    reference, ours = faiss.IndexFlatIP(train.shape[1]), CudaFlatIP(train.shape[1])
+    reference, ours = faiss.IndexFlatIP(train.shape[1]), TorchFlatIP(train.shape[1], device)
     for index in (reference, ours):
         index.add(_unit(train[:250]))
         index.add(_unit(train[250:]))  # added in two parts, like faiss allows
@@ -111,3 +112,46 @@ def test_gpu_search_without_faiss_gpu_returns_faiss_cpu_neighbours(clusters):
     assert ours.ntotal == reference.ntotal == len(train)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    assert ours.searched_again < len(queries) // 4  # most queries settled by the screen alone
+
+
+def test_torch_search_stays_exact_where_float16_cannot_rank_the_neighbours():
+    """Near-ties around the k-th place: each query's 300 nearest references lie within 1e-3 of similarity 0.01,
+    3.3e-6 apart, finer than the float16 screen's errors (~1e-5 there) but not its resolution, so the screen
+    ranks them wrongly without tying them. It must not settle on its own ranking: the k nearest are faiss's,
+    in faiss's order."""
+    import faiss
+
+    from ssl_bench.knn import TorchFlatIP, _unit
+
+    g = torch.Generator().manual_seed(0)
+    dim, k, nq, near = 64, 20, 8, 300
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))  # dense vectors, same inner products
+    queries = torch.eye(dim)[:nq]  # (nq, dim): query i is axis i, before the rotation
+    noise = torch.randn(nq, near, dim, generator=g)
+    noise[..., :nq] = 0  # orthogonal to every query
+    spaced = torch.linspace(0.01, 0.011, near)
+    target = spaced[torch.stack([torch.randperm(near, generator=g) for _ in range(nq)])].unsqueeze(2)  # (nq, near, 1)
+    train = target * queries.unsqueeze(1) + (1 - target**2).sqrt() * F.normalize(noise, dim=2)  # similarity target to its query, 0 to the others
+    train, queries = train.reshape(-1, dim) @ rotation, queries @ rotation
+    reference, ours = faiss.IndexFlatIP(dim), TorchFlatIP(dim, "cpu", extra=4)
+    for index in (reference, ours):
+        index.add(_unit(train))
+    want_sims, want_ids = reference.search(_unit(queries), k)
+    sims, ids = ours.search(_unit(queries), k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-6)
+    screened = (torch.from_numpy(_unit(queries)).half() @ torch.from_numpy(_unit(train)).half().T).topk(k, dim=1).indices
+    assert any(set(a.tolist()) != set(b.tolist()) for a, b in zip(screened, want_ids))  # the screen alone is wrong here
+
+
+def test_screen_error_bounds_the_float16_products():
+    """The bound the screen relies on holds for unit vectors, with room to spare (a bound, not an estimate)."""
+    from ssl_bench.knn import screen_error
+
+    g = torch.Generator().manual_seed(0)
+    for dim in (24, 768):
+        q, x = (F.normalize(torch.randn(n, dim, generator=g), dim=1) for n in (64, 4096))
+        x[:8] = q[:8]  # |s| = 1: the largest products
+        error = ((q.half() @ x.half().T).double() - q.double() @ x.double().T).abs().max().item()
+        assert 0 < error < screen_error(dim)
