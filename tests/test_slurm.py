@@ -27,10 +27,10 @@ from tests.test_cli import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slurm
 
-# MAE smoke, long enough (288 steps: a few seconds even on an idle machine) that a requeue at the
-# first checkpoint lands mid-run; with 96 steps an idle machine sometimes finished before the kill.
-REQUEUE_OVERRIDES = ["data.subset=3072", "train.epochs=3", "train.ckpt_every=2", "train.log_every=50", "train.progress=false"]
-STEPS = 3 * 3072 // 32
+# MAE smoke, long enough (960 steps: about 10 s on the fastest CPU machine seen, at 3,250 img/s) that a requeue
+# at the first checkpoint lands mid-run; 96 and then 288 steps each finished before the kill on a faster machine.
+REQUEUE_OVERRIDES = ["data.subset=3072", "train.epochs=10", "train.ckpt_every=2", "train.log_every=50", "train.progress=false"]
+STEPS = 10 * 3072 // 32
 
 
 def _slurm_reason() -> str | None:
