@@ -39,12 +39,12 @@ def test_batched_decode_with_fallbacks(folder, tmp_path, monkeypatch):
     """JPEGs in one batched call; a PNG, and a JPEG the batched decoder rejects, on the CPU."""
     from PIL import Image
 
-    from ssl_bench.data import device_decode
+    import torchvision.io
 
     png = tmp_path / "a.png"
     Image.fromarray(synthetic_image(np.random.default_rng(3), 40, 30)).save(png)
     records = _records([folder[0], str(png), folder[1]])
-    real, calls = device_decode.decode_jpeg, []
+    real, calls = torchvision.io.decode_jpeg, []
 
     def nvjpeg_rejecting_the_third(data, mode, device):  # stands in for a file nvjpeg cannot take
         calls.append(len(data) if isinstance(data, list) else 1)
@@ -52,7 +52,7 @@ def test_batched_decode_with_fallbacks(folder, tmp_path, monkeypatch):
             raise RuntimeError("nvjpeg: unsupported")
         return real(data, mode=mode, device=device)
 
-    monkeypatch.setattr(device_decode, "decode_jpeg", nvjpeg_rejecting_the_third)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", nvjpeg_rejecting_the_third)  # device_decode takes it from there at each batch
     images = decode_batch(records, 3, torch.device("cpu"))
     assert calls == [2, 1, 1]  # the batch of both JPEGs, then each alone
     assert [tuple(i.shape) for i in images] == [(3, 72, 96), (3, 30, 40), (3, 72, 96)]
@@ -123,6 +123,25 @@ def test_pretrain_on_device_path_names_a_corrupt_file(tmp_path, capsys):
                  "train.progress=false", "train.batch_size=16", "train.device=cpu"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-bench")]
     assert code == 2 and len(err) == 1 and "cannot read image" in err[0] and str(bad) in err[0]
+
+
+def test_a_torchvision_without_the_jpeg_decoder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """torchvision deprecated its image decoders in 0.29: where one drops decode_jpeg, data.decode=device says so
+    and names the fix, before the run starts; the CPU path does not need it."""
+    import torchvision.io
+
+    from ssl_bench_app.cli import main
+
+    write_jpeg_folder(tmp_path / "data", images=16, size=(48, 40), classes=2)
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    args = ["pretrain", "--method", "mae", "--data", "imagefolder", "--data-root", str(tmp_path / "data"), "--preset", "smoke",
+            "data.img_size=28", "data.subset=none", "data.num_workers=0", "train.progress=false", "train.batch_size=16",
+            "train.device=cpu", "train.max_steps=1"]
+    code = main([*args[:7], "--out", str(tmp_path / "device"), *args[7:], "data.decode=device"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ssl-bench")]
+    assert code == 2 and len(err) == 1 and "torchvision.io.decode_jpeg" in err[0] and "data.decode=cpu" in err[0]
+    assert not (tmp_path / "device" / "checkpoint.pt").exists()
+    assert main([*args[:7], "--out", str(tmp_path / "cpu"), *args[7:], "data.decode=cpu"]) == 0
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])

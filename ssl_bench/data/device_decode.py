@@ -23,10 +23,24 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_bench.data.batched import Decisions, _pick, after_crop
 from ssl_bench.data.cpu_views import JITTER_OPS, FolderViews, ViewDraw, decode, image_size, is_complete_jpeg, read_bytes
+from ssl_bench.errors import UserError
+
+
+def jpeg_decoder():
+    """torchvision's batched JPEG decoder (nvjpeg on CUDA) and its colour modes, or a one-line error where this
+    torchvision has none: torchvision deprecated its image decoders in 0.29 for TorchCodec's."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        import torchvision
+
+        raise UserError(f"data.decode=device needs torchvision.io.decode_jpeg, which torchvision {torchvision.__version__} "
+                        "no longer has; use data.decode=cpu, or a torchvision that has it (0.19 to 0.29 do)") from None
+    return decode_jpeg, ImageReadMode
+
 
 class EncodedFiles:
     """Per-sample transform of the device path, run in the loader workers: the file's bytes and its
@@ -65,7 +79,8 @@ def split_files(files: dict) -> list[dict]:
 def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> list[torch.Tensor]:
     """Every record's image as uint8 (C, H, W) on ``device``: complete JPEGs in one batched call, the rest
     (and any file the batched call rejects) one by one, on the CPU when the device cannot."""
-    mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
+    decode_jpeg, modes = jpeg_decoder()
+    mode = modes.GRAY if in_chans == 1 else modes.RGB
     images: list[torch.Tensor | None] = [None] * len(records)
     jpegs = [i for i, r in enumerate(records) if is_complete_jpeg(r["data"].numpy().tobytes())]
     if jpegs:

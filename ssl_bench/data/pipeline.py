@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssl_bench.data.batched import BatchedViews
 from ssl_bench.data.cpu_views import FolderViews, NormalisedBatches
-from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded
+from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded, jpeg_decoder
 from ssl_bench.data.datasets import ImageFileDataset, ImagePaths, TensorImageDataset, fixed_subset, load_dataset
 from ssl_bench.data.transforms import build_policy
 from ssl_bench.data.views import resolve_policy
@@ -205,6 +205,8 @@ def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: 
     policy = resolve_policy(spec.augmentation)
     indices = fixed_subset(len(base), data["subset"])
     on_device = isinstance(base, ImageFileDataset) and data.get("decode", "cpu") == "device"  # (runs from before the key: cpu)
+    if on_device:
+        jpeg_decoder()  # a torchvision without the batched decoder is one line before any work
     if isinstance(base, ImageFileDataset):  # files: read, decoded and augmented by the fast CPU path, or only read (device)
         folder_views = FolderViews(policy, img_size, info.in_chans, info.mean, info.std)
         base, transform = base.undecoded(), EncodedFiles(folder_views) if on_device else folder_views
