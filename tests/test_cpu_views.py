@@ -211,6 +211,23 @@ def test_grey_images_and_non_jpeg_files(tmp_path):
     assert cv.decode((tmp_path / "grey.jpg").read_bytes(), "grey.jpg", 3).shape == (30, 40, 3)
 
 
+@pytest.mark.parametrize("mode,progressive", [("CMYK", False), ("CMYK", True), ("L", False), ("RGB", True)])
+def test_cmyk_grey_and_progressive_jpegs_decode_as_pillows_rgb_on_both_paths(tmp_path, mode, progressive):
+    """Photo folders hold such files (ImageNet's train set has CMYK JPEGs): the CPU path (OpenCV) and the device
+    path's batched decoder give Pillow's RGB conversion, which the torchvision path used, to one grey level."""
+    from PIL import Image
+
+    from ssl_bench.data.device_decode import decode_batch
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(synthetic_image(np.random.default_rng(2), 48, 36)).convert(mode).save(path, quality=95, progressive=progressive)
+    want = np.asarray(Image.open(path).convert("RGB")).astype(int)  # (36, 48, 3)
+    cpu = cv.decode(path.read_bytes(), str(path), 3)
+    device = decode_batch([{"path": str(path), "data": torch.from_numpy(np.fromfile(path, np.uint8))}], 3, torch.device("cpu"))[0]
+    assert np.abs(cpu.astype(int) - want).max() <= 1
+    assert np.abs(device.permute(1, 2, 0).numpy().astype(int) - want).max() <= 1
+
+
 @pytest.mark.parametrize("content", [b"not an image", "truncated", b""])
 def test_unreadable_files_are_one_line_naming_the_file(tmp_path, content):
     from PIL import Image
