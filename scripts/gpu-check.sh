@@ -11,9 +11,10 @@
 # against 1M references on the GPU, (3) a short full-preset MAE pretraining on fashion_mnist and its
 # kNN / linear evaluation, (4) with --only folders (issue 16; not in the default set): a synthetic JPEG folder, its
 # loader table (CPU paths per core, and the device-decode path's rate) and ViT-B/16 MAE and MoCo v3 trained from
-# it with data.decode=device, beside their step alone. Options: --out DIR (default results/gpu), --python PY (default: python3, or
+# it with data.decode=device, beside their step alone, (5) the tests that need a CUDA GPU (pytest, skipped on a
+# CPU), each one's outcome in the report. Options: --out DIR (default results/gpu), --python PY (default: python3, or
 # the repo's .venv), --steps N (trainer steps per throughput row, default 30), --pretrain-steps N (MAE
-# pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae, folders: run those alone,
+# pretraining steps, default 2000), --only PARTS (comma-separated of throughput, vitb16, knn, mae, tests, folders: run those alone,
 # e.g. to split the check over calls with a time limit; on one H100 the parts took about 220, 200, 70 and 120 s),
 # --official-code DIR (local copies of facebookresearch/mae and moco-v3 at DIR/mae, DIR/moco-v3: the ViT-B/16 rows
 # also time the official step beside ours), --set KEY=VALUE (repeatable: a config override for every throughput row,
@@ -26,7 +27,7 @@ DRY=0
 OUT=results/gpu
 STEPS=30
 PRE_STEPS_ARG=""
-ONLY=throughput,vitb16,knn,mae
+ONLY=throughput,vitb16,knn,mae,tests
 OFFICIAL=()
 SETS=()
 PY=""
@@ -41,13 +42,13 @@ while [ $# -gt 0 ]; do
         --official-code) OFFICIAL=(--official-code "$2"); shift ;;
         --set) [[ "${2:-}" == *=* ]] || { echo "gpu-check: --set takes KEY=VALUE (e.g. train.compile_mode=reduce-overhead), got '${2:-}'" >&2; exit 2; }
                SETS+=("$2"); shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 for part in ${ONLY//,/ }; do
-    case "$part" in throughput|vitb16|knn|mae|folders) ;; *) echo "gpu-check: unknown part '$part' in --only; choose from throughput, vitb16, knn, mae, folders" >&2; exit 2 ;; esac
+    case "$part" in throughput|vitb16|knn|mae|tests|folders) ;; *) echo "gpu-check: unknown part '$part' in --only; choose from throughput, vitb16, knn, mae, tests, folders" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")/.."
 if [ -z "$PY" ]; then
@@ -59,7 +60,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - "$DRY" <<'EOF'
 import importlib, sys
 dry = sys.argv[1] == "1"
-missing = [m for m in ("torch", "torchvision", "timm", "faiss", "scipy", "tabulate") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("torch", "torchvision", "timm", "faiss", "scipy", "tabulate", "pytest") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu-check: missing Python packages: {', '.join(missing)}. This machine has no internet: on a connected "
              f"machine run `pip download -d wheels <packages>` for this Python and platform, copy wheels/ here and "
@@ -115,6 +116,11 @@ if run.get("status") == "finished":
     lines += ["## MAE, fashion_mnist, short pretraining", "",
               f"{run['steps']} steps, batch {run['effective_batch']}, {run['images_per_s']:.0f} images/s, "
               f"{run['wall_time_s']:.0f} s; loss {run['loss']['loss']['first']:.4f} -> {run['loss']['loss']['last']:.4f}.", ""]
+if (work / "cuda-tests.xml").is_file():  # pytest's JUnit record of the CUDA tests
+    import xml.etree.ElementTree as ET
+    cases = ET.parse(work / "cuda-tests.xml").getroot().iter("testcase")
+    outcome = lambda c: next((t for t in ("failure", "error", "skipped") if c.find(t) is not None), "passed")
+    lines += ["## Tests that need a CUDA GPU", ""] + [f"- `{c.get('classname')}::{c.get('name')}`: {outcome(c)}" for c in cases] + [""]
 for rec in sorted(glob.glob(str(work / "mae" / "evals" / "*.json")) + sorted(glob.glob(str(work / "mae" / "eval*.json")))):
     data = json.loads(Path(rec).read_text())
     score = {k: v for k, v in data.items() if isinstance(v, (int, float)) and ("top1" in k or "acc" in k)}
@@ -178,7 +184,13 @@ wanted knn && step "kNN, $KNN_N x 768 random features" knn_check
 wanted mae && step "MAE pretraining" "${CLI[@]}" pretrain --method mae "${PRE[@]}" --out "$WORK/mae" "train.max_steps=$PRE_STEPS" train.progress=lines
 wanted mae && step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}"
 
-# -- 5. image folders (only with --only folders) ----------------------------------------------------------
+# -- 5. the tests that need a CUDA GPU (the CPU test suite skips them) ------------------------------------
+cuda_tests() {
+"$PY" -m pytest -q -p no:cacheprovider -k cuda --junitxml="$WORK/cuda-tests.xml" tests/test_knn.py tests/test_device_decode.py
+}
+wanted tests && step "tests that need a CUDA GPU" cuda_tests
+
+# -- 6. image folders (only with --only folders) ----------------------------------------------------------
 wanted folders && step "JPEG folder" "${CLI[@]}" make-jpeg-folder --out "$WORK/jpegs" "${JPEGS[@]}"
 wanted folders && step "throughput, JPEG folder, device decode" "${CLI[@]}" throughput --data imagefolder --data-root "$WORK/jpegs" \
     --methods mae,mocov3 --policies mim,byol "${FOLDER[@]}" "${TP_EXTRA[@]}" --out "$WORK/tp" "${FOLDER_SET[@]}" data.decode=device "${SETS[@]}"

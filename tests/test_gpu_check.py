@@ -30,10 +30,19 @@ def test_dry_run_of_chosen_parts_writes_their_report_sections(tmp_path):
     assert again.returncode == 0 and len(list(tmp_path.glob("*.md"))) == 2  # a second check never overwrites the first
 
 
+def test_the_tests_part_records_each_cuda_test_and_its_outcome(tmp_path):
+    """--only tests runs the tests that need a GPU and lists each with its outcome (skipped on this CPU)."""
+    text = dry_run_report("tests", tmp_path)
+    section = text.split("## Tests that need a CUDA GPU", 1)[1]
+    assert "test_cuda_decode_never_writes_memory_the_training_stream_still_reads`: skipped" in section
+    assert "test_torch_search_returns_faiss_neighbours[cuda]`: skipped" in section
+    assert "Failed steps" not in text
+
+
 def test_an_unknown_part_is_one_line_naming_the_choices(tmp_path):
     done = gpu_check("--dry-run", "--only", "knn,warp", "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and not (tmp_path / "out").exists()
-    assert done.stderr.strip() == "gpu-check: unknown part 'warp' in --only; choose from throughput, vitb16, knn, mae, folders"
+    assert done.stderr.strip() == "gpu-check: unknown part 'warp' in --only; choose from throughput, vitb16, knn, mae, tests, folders"
 
 
 def test_set_without_a_value_is_one_line(tmp_path):
