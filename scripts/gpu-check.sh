@@ -60,7 +60,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - "$DRY" <<'EOF'
 import importlib, sys
 dry = sys.argv[1] == "1"
-missing = [m for m in ("torch", "torchvision", "timm", "faiss", "scipy", "tabulate", "pytest") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("torch", "torchvision", "timm", "faiss", "scipy", "tabulate") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu-check: missing Python packages: {', '.join(missing)}. This machine has no internet: on a connected "
              f"machine run `pip download -d wheels <packages>` for this Python and platform, copy wheels/ here and "
@@ -185,7 +185,8 @@ wanted mae && step "MAE pretraining" "${CLI[@]}" pretrain --method mae "${PRE[@]
 wanted mae && step "MAE evaluation" "${CLI[@]}" eval --run "$WORK/mae" "${EVAL[@]}"
 
 # -- 5. the tests that need a CUDA GPU (the CPU test suite skips them) ------------------------------------
-cuda_tests() {
+cuda_tests() {  # without pytest only this step fails, naming what to bring
+"$PY" -c "import pytest" 2>/dev/null || { echo "gpu-check: the tests part needs pytest: bring its wheel (README, 'GPU check')" >&2; return 1; }
 "$PY" -m pytest -q -p no:cacheprovider -k cuda --junitxml="$WORK/cuda-tests.xml" tests/test_knn.py tests/test_device_decode.py
 }
 wanted tests && step "tests that need a CUDA GPU" cuda_tests
