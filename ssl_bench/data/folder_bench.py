@@ -137,7 +137,7 @@ def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60,
         return "-" if v is None else f"{v:.0f}"
 
     headers = ["policy", "views", "torchvision path, img/s per core (before)", "fast path, img/s per core (after)", "×",
-               "its read + decode alone, img/s per core", "decode's share of a sample",
+               "its read + decode alone, img/s per core", "read + decode, share of a sample",
                f"loader, {workers} worker(s), img/s wall", "loader img/s per worker CPU s"]
     table = [[r["policy"], r["views"], fmt(r["torchvision_per_core"]), fmt(r["fast_per_core"]), f"{r['speedup']:.1f}",
               fmt(r["decode_per_core"]), f"{r['decode_share']:.0%}",
