@@ -109,6 +109,11 @@ def _heldout_batches(cfg: dict, img_size: int, info, batch_size: int = 256):
         yield torch.stack([tf(test[int(j)][0]) for j in idx[i : i + batch_size]])
 
 
+def new_tokenizer(cfg: dict, info, img_size: int) -> Tokenizer:
+    """The untrained network of a tokenizer config (``tokenizer_config``) for a data set (``DatasetInfo``)."""
+    return Tokenizer(img_size, cfg["model"]["patch_size"], info.in_chans, data=info.name, mean=info.mean, std=info.std, **cfg["tokenizer"])
+
+
 def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "quick", overrides=()) -> dict:
     """Train a tokenizer on ``data``'s pretraining images (no labels); write ``out_dir/tokenizer.pt`` and the
     record ``out_dir/tokenizer.json``; return the record."""
@@ -141,7 +146,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg["data"]["num_workers"],
                                          drop_last=True, generator=torch.Generator())
 
-    tokenizer = Tokenizer(img_size, cfg["model"]["patch_size"], info.in_chans, data=info.name, mean=info.mean, std=info.std, **tcfg).to(device)
+    tokenizer = new_tokenizer(cfg, info, img_size).to(device)
     before = evaluate_tokenizer(tokenizer.eval(), _heldout_batches(cfg, img_size, info))
     optimizer = build_optimizer([{"params": list(tokenizer.parameters()), "weight_decay": train["weight_decay"]}], "adamw", train["lr"])
     steps = train["steps"]
@@ -239,15 +244,34 @@ def ensure_tokenizer(cfg: dict, run_dir) -> str:
     out = Path(run_dir) / "tokenizer"
     if (out / TOKENIZER_FILE).exists():
         return str((out / TOKENIZER_FILE).resolve())  # resumed run: reuse
+    train_tokenizer(data["name"], data["root"], out, *auto_tokenizer_settings(cfg))
+    return str((out / TOKENIZER_FILE).resolve())
+
+
+def auto_tokenizer_settings(cfg: dict) -> tuple[str, list[str]]:
+    """The tokenizer preset and overrides ``method.tokenizer=auto`` trains with for a pretraining run config:
+    the run's preset (quick for one without a tokenizer preset), patch grid, images, seed and device."""
+    data, model, train = cfg["data"], cfg["model"], cfg.get("train", {})
     preset = cfg.get("preset") or "quick"
     overrides = [
         f"model.patch_size={model['patch_size']}",
         f"data.img_size={data['img_size']}",
         f"data.subset={data['subset']}",  # the same images the method pretrains on, no more
         f"seed={cfg.get('seed', 0)}",
-        f"train.device={cfg.get('train', {}).get('device', 'auto')}",
-        f"train.progress={cfg.get('train', {}).get('progress', True)}",
+        f"train.device={train.get('device', 'auto')}",
+        f"train.progress={train.get('progress', True)}",
     ]
-    train_tokenizer(data["name"], data["root"], out, preset if preset in TOKENIZER_PRESETS else "quick", overrides)
-    return str((out / TOKENIZER_FILE).resolve())
+    return (preset if preset in TOKENIZER_PRESETS else "quick"), overrides
+
+
+def untrained_auto_tokenizer(cfg: dict) -> Tokenizer:
+    """The network ``method.tokenizer=auto`` would train for a pretraining run config, untrained: what costs
+    the same FLOPs as the trained one, for counting them without the training."""
+    from ssl_bench.data.datasets import load_dataset
+
+    preset, overrides = auto_tokenizer_settings(cfg)
+    data = cfg["data"]
+    tcfg = tokenizer_config(preset, [f"data.name={data['name']}", *([f"data.root={data['root']}"] if data["root"] else []), *overrides])
+    _, info = load_dataset(tcfg["data"]["name"], tcfg["data"]["root"], "pretrain", img_size=tcfg["data"]["img_size"])
+    return new_tokenizer(tcfg, info, tcfg["data"]["img_size"] or info.img_size)
 

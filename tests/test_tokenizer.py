@@ -117,6 +117,9 @@ def test_ensure_tokenizer_validates_paths_and_trains_auto_once(trained, tmp_path
     assert first == again == str((tmp_path / "run" / "tokenizer" / tk.TOKENIZER_FILE).resolve()) and len(calls) == 1
     record = read_json(tmp_path / "run" / "tokenizer" / tk.RECORD_FILE)
     assert record["config"]["data"]["subset"] == 200 and load_tokenizer(first).patch_size == 4
+    # the untrained stand-in scripts/count_flops.py counts with is that network: the same config, so the same FLOPs
+    assert tt.untrained_auto_tokenizer(cfg).config() == load_tokenizer(first).config()
+    assert tt.untrained_auto_tokenizer(smoke_config("beit", "model.patch_size=7")).config() != load_tokenizer(first).config()
 
 
 def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
