@@ -113,15 +113,15 @@ class TorchFlatIP:
     def _search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = min(self.ntotal, k + self.extra)  # candidates a query keeps
         screened, candidates = (q.half() @ self.screen.T).topk(m, dim=1)  # (b, m), descending
-        # a true k-nearest x has screen(x) >= true(x) - e >= (k-th true) - e >= (k-th screened) - 2e; a query is
-        # settled if its m-th candidate is below that, so no reference left out can be among its k nearest
-        settled = screened[:, -1].float() < screened[:, k - 1].float() - self.margin if m < self.ntotal else \
-            torch.ones(len(q), dtype=torch.bool, device=self.device)
         exact = torch.bmm(self.data[candidates], q.unsqueeze(2)).squeeze(2)  # (b, m) float32 products
         sims, best = exact.topk(k, dim=1)
         ids = candidates.gather(1, best)
-        unsettled = (~settled).nonzero().squeeze(1)  # (dense near-ties at the k-th place)
-        self.searched_again += len(unsettled)
+        if m == self.ntotal:  # every reference was a candidate
+            return sims, ids
+        # a true k-nearest x has screen(x) >= true(x) - e >= (k-th true) - e >= (k-th screened) - 2e; a query is
+        # settled if its m-th candidate is below that, so no reference left out can be among its k nearest
+        unsettled = (screened[:, -1].float() >= screened[:, k - 1].float() - self.margin).nonzero().squeeze(1)
+        self.searched_again += len(unsettled)  # (dense near-ties at the k-th place)
         if len(unsettled):
             sims[unsettled], ids[unsettled] = (q[unsettled] @ self.data.T).topk(k, dim=1)
         return sims, ids
