@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 POLICIES = ("mim", "simsiam", "byol")
+LOADER_BATCH, LOADER_BATCHES = 32, 24  # the DataLoader timed: enough batches that its worker's start is a small share
 
 
 def _cpu_time(fn, items) -> float:
@@ -113,7 +114,7 @@ def folder_samples(root: str) -> list[tuple[str, int]]:
     return base.samples
 
 
-def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60, batch_size: int = 32, batches: int = 24,
+def folder_report(root: str, img_size: int = 224, workers: int = 1, n: int = 60, batch_size: int = LOADER_BATCH, batches: int = LOADER_BATCHES,
                   policies=POLICIES, device_batch_size: int | None = None) -> tuple[list[dict], str]:
     """Every measurement above for each policy -> (rows, markdown table); the device path in batches of
     ``device_batch_size`` (default ``batch_size``): a batched decode's rate depends on its batch."""
@@ -166,7 +167,7 @@ def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES)
     for name in policies:
         resolve_policy(name)  # an unknown name is one line before anything is measured
     img_size, workers = int(options.get("data.img_size", 224)), int(options.get("data.num_workers", 1))
-    batch = int(options.get("train.batch_size", 32))  # the training batch: the device path's
+    batch = int(options.get("train.batch_size", LOADER_BATCH))  # the training batch: the device path's
     load_before = os.getloadavg()[0]
     rows, table = folder_report(root, img_size=img_size, workers=workers, policies=policies, device_batch_size=batch)
     hw, load_after = hardware(), os.getloadavg()[0]
@@ -177,7 +178,7 @@ def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES)
                f"Per core: one thread's CPU time per sample, torchvision path (before) and fast path (after) in "
                f"alternating rounds, and the fast path's file read and decode alone (at the DCT scale its views allow): the "
                f"fast path's ceiling with this JPEG decoder. Loader: the fast path in a DataLoader with {workers} worker process(es), wall-clock "
-               f"images/s and images per CPU second of the workers (their start included), 24 batches of 32"
+               f"images/s and images per CPU second of the workers (their start included), {LOADER_BATCHES} batches of {LOADER_BATCH}"
                f"{f'; the device path in batches of {batch}' if torch.cuda.is_available() else ''}.\n\n{table}\n")
     print(section)
     path = write_json_new(Path(out), f"loader-imagefolder-{img_size}px", {
