@@ -109,6 +109,11 @@ def _heldout_batches(cfg: dict, img_size: int, info, batch_size: int = 256):
         yield torch.stack([tf(test[int(j)][0]) for j in idx[i : i + batch_size]])
 
 
+def _run_config(data: str, data_root: str | None, preset: str, overrides) -> dict:
+    """``tokenizer_config`` for training on ``data`` (at ``data_root``, if given)."""
+    return tokenizer_config(preset, [f"data.name={data}", *([f"data.root={data_root}"] if data_root else []), *overrides])
+
+
 def new_tokenizer(cfg: dict, info, img_size: int) -> Tokenizer:
     """The untrained network of a tokenizer config (``tokenizer_config``) for a data set (``DatasetInfo``)."""
     return Tokenizer(img_size, cfg["model"]["patch_size"], info.in_chans, data=info.name, mean=info.mean, std=info.std, **cfg["tokenizer"])
@@ -125,13 +130,12 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     from ssl_bench.records import git_commit, hardware, now_iso, write_json_atomic
     from ssl_bench.runtime import seed_everything
 
-    extra = [f"data.name={data}"] + ([f"data.root={data_root}"] if data_root else [])
-    cfg = tokenizer_config(preset, [*extra, *overrides])
+    cfg = _run_config(data, data_root, preset, overrides)
     out = Path(out_dir)
     if (out / TOKENIZER_FILE).exists():
         raise UserError(f"{out} already holds a tokenizer ({TOKENIZER_FILE}); choose a new --out or use it as it is")
     # out/ is created only when the tokenizer is saved: a failed run leaves nothing behind
-    train, tcfg = cfg["train"], cfg["tokenizer"]
+    train = cfg["train"]
     device = resolve_device(train["device"])
     seed_everything(cfg["seed"])
 
@@ -269,9 +273,7 @@ def untrained_auto_tokenizer(cfg: dict) -> Tokenizer:
     the same FLOPs as the trained one, for counting them without the training."""
     from ssl_bench.data.datasets import load_dataset
 
-    preset, overrides = auto_tokenizer_settings(cfg)
-    data = cfg["data"]
-    tcfg = tokenizer_config(preset, [f"data.name={data['name']}", *([f"data.root={data['root']}"] if data["root"] else []), *overrides])
+    tcfg = _run_config(cfg["data"]["name"], cfg["data"]["root"], *auto_tokenizer_settings(cfg))
     _, info = load_dataset(tcfg["data"]["name"], tcfg["data"]["root"], "pretrain", img_size=tcfg["data"]["img_size"])
     return new_tokenizer(tcfg, info, tcfg["data"]["img_size"] or info.img_size)
 
