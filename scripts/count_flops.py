@@ -47,7 +47,8 @@ def main() -> int:
         for name, cfg in configs:
             if cfg["method"].get("tokenizer") == "auto":
                 path = save_tokenizer(untrained_auto_tokenizer(cfg), Path(tmp) / f"{name}.pt")
-                cfg, stand_ins = {**cfg, "method": {**cfg["method"], "tokenizer": str(path)}}, [*stand_ins, name]
+                cfg = {**cfg, "method": {**cfg["method"], "tokenizer": str(path)}}
+                stand_ins.append(name)
             method, device = build_on_device(cfg)
             method.train()
             batch = held_batch(cfg, method, device)
