@@ -33,3 +33,18 @@ def mae_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fashion_info():
     return load_dataset("fashion_mnist", None, "pretrain")[1]
+
+
+@pytest.fixture
+def dynamo_tracing_only(monkeypatch):
+    """torch.compile as Dynamo's tracing alone (backend "eager"): graph capture, recompiles and graph breaks are
+    checked at no compiler cost, and the compiled code computes exactly what the eager code does. Dynamo's
+    caches and counters are cleared before and after."""
+    import functools
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield
+    torch._dynamo.reset()

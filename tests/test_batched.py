@@ -228,29 +228,20 @@ def test_resampling_table_holds_the_matrices_a_crop_would_compute(monkeypatch):
     assert torch.equal(B.Resampler(28, 16, "cpu")(top, h), B.resample_matrix(top, h, 28, 16))
 
 
-def test_compiled_views_equal_the_eager_ones_and_compile_once_per_group_of_views(monkeypatch):
+def test_compiled_views_equal_the_eager_ones_and_compile_once_per_group_of_views(dynamo_tracing_only):
     """``compile=True`` (on with train.compile) traces each group of views once: a new epoch reuses it
     (the stream keys are an input). Dynamo's own tracing (backend
     "eager") checks this at no compiler cost; with it the views are the eager ones, bit for bit."""
-    import functools
-
-    import torch._dynamo
-
     from ssl_bench.data.views import resolve_policy
 
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
     policy = resolve_policy("simsiam")  # two views with the same parameters
     eager = B.BatchedViews(images, policy, 28, (0.5,), (0.25,), seed=0, device="cpu")
     compiled = B.BatchedViews(images, policy, 28, (0.5,), (0.25,), seed=0, device="cpu", compile=True)
     index = torch.randperm(64)[:32]
     first = compiled(index, 0)
-    try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            later = [compiled(index, epoch) for epoch in (1, 2)]
-    finally:
-        torch._dynamo.reset()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        later = [compiled(index, epoch) for epoch in (1, 2)]
     assert all(torch.equal(a, b) for a, b in zip(first, eager(index, 0)))
     assert all(torch.equal(a, b) for epoch, views in zip((1, 2), later) for a, b in zip(views, eager(index, epoch)))
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], later[0][0])

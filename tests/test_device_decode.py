@@ -317,13 +317,10 @@ def test_one_ahead_yields_the_same_batches_raises_their_errors_and_stops_when_cl
     assert threading.active_count() == before
 
 
-def test_compiled_finishing_stage_traces_and_equals_the_eager_one(tmp_path, monkeypatch):
+def test_compiled_finishing_stage_traces_and_equals_the_eager_one(tmp_path, dynamo_tracing_only):
     """Where the run's views are compiled, the folder path's finishing stage (colour, blur, solarize, flip,
     normalise) goes through torch.compile: Dynamo traces it whole (backend "eager": no compiler cost, no
     fallback) and its views are the eager ones, bit for bit."""
-    import functools
-
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from ssl_bench.data.views import resolve_policy
@@ -331,14 +328,9 @@ def test_compiled_finishing_stage_traces_and_equals_the_eager_one(tmp_path, monk
     write_jpeg_folder(tmp_path / "data", images=16, size=(48, 40), classes=2)
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.jpg"))
     views = cv.FolderViews(resolve_policy("byol"), 24, 3, (0.5,) * 3, (0.25,) * 3)
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    try:
-        eager, compiled = DeviceFolderBatches(None, views, "cpu"), DeviceFolderBatches(None, views, "cpu", compile=True)
-        for first in (0, 8):
-            records = [EncodedFiles(views)(path, seed=first + i) for i, path in enumerate(paths[first:first + 8])]
-            assert all(torch.equal(a, b) for a, b in zip(compiled.make_views(records), eager.make_views(records)))
-        assert not compiled._finish.fell_back
-        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # traced, and whole
-    finally:
-        torch._dynamo.reset()
+    eager, compiled = DeviceFolderBatches(None, views, "cpu"), DeviceFolderBatches(None, views, "cpu", compile=True)
+    for first in (0, 8):
+        records = [EncodedFiles(views)(path, seed=first + i) for i, path in enumerate(paths[first:first + 8])]
+        assert all(torch.equal(a, b) for a, b in zip(compiled.make_views(records), eager.make_views(records)))
+    assert not compiled._finish.fell_back
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # traced, and whole

@@ -110,11 +110,16 @@ def test_step_flops_counts_forward_and_backward():
     assert per_image[1] - per_image[0] == 3 * linear + 3.5 * attention
 
 
-def test_count_flops_script_names_a_bad_method_in_one_line():
+def count_flops(*args: str):
+    """scripts/count_flops.py run as a user runs it."""
     import subprocess
 
     script = Path(__file__).parents[1] / "scripts" / "count_flops.py"
-    done = subprocess.run([sys.executable, str(script), "mae,nope", "--preset", "smoke"], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+
+def test_count_flops_script_names_a_bad_method_in_one_line():
+    done = count_flops("mae,nope", "--preset", "smoke")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().startswith("count_flops: error: unknown method 'nope'") and done.stderr.count("\n") == 1
 
@@ -122,10 +127,7 @@ def test_count_flops_script_names_a_bad_method_in_one_line():
 def test_count_flops_script_counts_a_method_whose_tokenizer_is_trained_at_pretraining():
     """BEiT's method.tokenizer=auto is trained when pretraining starts; the script counts it with that network
     untrained (same architecture: tests/test_tokenizer.py) and says so, with no training and no error."""
-    import subprocess
-
-    script = Path(__file__).parents[1] / "scripts" / "count_flops.py"
-    done = subprocess.run([sys.executable, str(script), "beit", "--preset", "smoke"], capture_output=True, text=True)
+    done = count_flops("beit", "--preset", "smoke")
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| beit |"))
     assert float(row.split("|")[2]) > 0
