@@ -41,8 +41,7 @@ def main() -> int:
         overrides = [f"data.name={args.data}", *(vitb16_overrides(method_cls, args.preset) if args.vitb16 else []),
                      *args.overrides, "train.batch_size=2", "train.device=cpu", "data.num_workers=0"]
         configs.append((name, resolve_config(method_cls, args.preset, overrides)))
-    print("| method | GFLOPs per image (one step: forward + backward) |\n|---|---|")
-    stand_ins = []
+    rows, stand_ins = [], []  # the table is printed whole: a data error on any method is one line, not half a table
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in configs:
             if cfg["method"].get("tokenizer") == "auto":
@@ -53,7 +52,8 @@ def main() -> int:
             method.train()
             batch = held_batch(cfg, method, device)
             flops = step_flops(method, batch, device, "none")  # fp32: autocast does not change the count
-            print(f"| {name} | {flops / len(batch['views'][0]) / 1e9:.2f} |", flush=True)
+            rows.append(f"| {name} | {flops / len(batch['views'][0]) / 1e9:.2f} |")
+    print("| method | GFLOPs per image (one step: forward + backward) |\n|---|---|", *rows, sep="\n")
     if stand_ins:
         print(f"\n{', '.join(stand_ins)}: counted with the untrained network of the tokenizer method.tokenizer=auto trains (the same FLOPs)")
     return 0

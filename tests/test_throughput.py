@@ -124,6 +124,14 @@ def test_count_flops_script_names_a_bad_method_in_one_line():
     assert done.stderr.strip().startswith("count_flops: error: unknown method 'nope'") and done.stderr.count("\n") == 1
 
 
+def test_count_flops_script_names_missing_data_in_one_line_with_no_half_table(tmp_path):
+    """A missing data set shows only when a method is built, after the configs resolve: still nothing on
+    stdout (no table header), and one line on stderr naming the data set."""
+    done = count_flops("mae,simsiam", "--preset", "smoke", "--data", "cifar10", f"data.root={tmp_path / 'absent'}")
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr.startswith("count_flops: error: ") and "cifar" in done.stderr.lower() and done.stderr.count("\n") == 1
+
+
 def test_count_flops_script_counts_a_method_whose_tokenizer_is_trained_at_pretraining():
     """BEiT's method.tokenizer=auto is trained when pretraining starts; the script counts it with that network
     untrained (same architecture: tests/test_tokenizer.py) and says so, with no training and no error."""
