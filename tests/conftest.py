@@ -13,6 +13,10 @@ torch.set_num_threads(2)
 
 TINY_VIT = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]  # a 1-block, 32-wide ViT
 
+# The device parameter of a test that needs a CUDA GPU (parametrize("device", ["cpu", ON_CUDA])): skipped
+# without one, and what `scripts/gpu-check.sh --only tests` selects (pytest -m cuda) on a machine that has one.
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
 
 def smoke_config(method: str, *overrides: str) -> dict:
     """The smoke preset of ``method``, quiet, with ``overrides`` applied."""

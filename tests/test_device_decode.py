@@ -13,6 +13,7 @@ from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, coll
 from ssl_bench.data.jpeg_folder import synthetic_image, write_jpeg_folder
 from ssl_bench.data.views import View, resolve_policy
 from ssl_bench.errors import UserError
+from tests.conftest import ON_CUDA
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -262,14 +263,14 @@ def test_device_path_brightness_factors_read_back_match_colorjitter(tmp_path):
     assert stats.ks_2samp(factor[applied], ref * 1.05).pvalue < 1e-4  # control: 5% off is told apart
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_decode_never_writes_memory_the_training_stream_still_reads(tmp_path):
+@pytest.mark.parametrize("device", [ON_CUDA])
+def test_cuda_decode_never_writes_memory_the_training_stream_still_reads(tmp_path, device):
     """nvJPEG may write its outputs before the caller's queued kernels run (pytorch/vision#9606). Tensors
     freed while reductions over them are still queued behind a long kernel must keep their values through
     decode_batch: the decoder's outputs come from another stream's memory."""
     write_jpeg_folder(tmp_path, images=16, size=(500, 375), classes=1, seed=3)
     records = _records(sorted(str(p) for p in tmp_path.rglob("*.jpg")))
-    device = torch.device("cuda")
+    device = torch.device(device)
     bad = 0
     for trial in range(20):
         tensors = [torch.full((3 * 500 * 375,), float(i + 1), device=device) for i in range(16)]

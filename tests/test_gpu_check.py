@@ -34,8 +34,9 @@ def test_the_tests_part_records_each_cuda_test_and_its_outcome(tmp_path):
     """--only tests runs the tests that need a GPU and lists each with its outcome (skipped on this CPU)."""
     text = dry_run_report("tests", tmp_path)
     section = text.split("## Tests that need a CUDA GPU", 1)[1]
-    assert "test_cuda_decode_never_writes_memory_the_training_stream_still_reads`: skipped" in section
+    assert "test_cuda_decode_never_writes_memory_the_training_stream_still_reads[cuda]`: skipped" in section
     assert "test_torch_search_returns_faiss_neighbours[cuda]`: skipped" in section
+    assert "[cpu]" not in section  # only the tests marked cuda
     assert "Failed steps" not in text
 
 

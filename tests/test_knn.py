@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from evals.features import Features
 from evals.knn import KNNClassifier, knn_protocol
 from ssl_bench.errors import UserError
+from tests.conftest import ON_CUDA
 
 KS = (1, 5, 20, 100)
 
@@ -94,7 +95,7 @@ def test_feature_and_k_are_chosen_on_heldout_never_on_test(clusters):
     assert result["top1"] < max(r["test_top1"] for r in row.values()) - 20  # test would have picked "mean"
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 def test_torch_search_returns_faiss_neighbours(clusters, device):
     """The torch search used where faiss has no GPU support (float16 screen, float32 scores) finds faiss's exact
     neighbours and similarities; on well-separated neighbours the screen settles every query."""
