@@ -99,6 +99,7 @@ class BEiT(Method):
         if init not in INITS:
             raise UserError(f"unknown method.init '{init}'; choose one of: {', '.join(INITS)}")
         self.mask_ratio = mask_ratio
+        self.mask_generator = BlockMaskGenerator(backbone.grid_size, mask_ratio)
         if isinstance(tokenizer, str):
             if tokenizer == "auto":
                 raise UserError(
@@ -128,7 +129,7 @@ class BEiT(Method):
         # DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) on every image, RandomResizedCrop scale 0.08-1, flip
         return DataSpec(
             augmentation=views.mim(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0),
-            mask=BlockMaskGenerator(self.backbone.grid_size, self.mask_ratio),
+            mask=self.mask_generator,
         )
 
     def no_weight_decay(self) -> set[str]:
@@ -145,7 +146,16 @@ class BEiT(Method):
         tokens = self.backbone.embed_patches(images)  # (B, N, D)
         tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)  # [MASK] in, before pos-embed
         x = self.backbone.forward_tokens(tokens)[:, 1:]  # (B, N, D): all N positions, cls dropped
-        logits = self.head(x[mask])  # (M, vocab): masked positions only, M = B * N_mask
-        target = targets[mask]  # (M,)
-        self.log("token_acc", (logits.detach().argmax(-1) == target).float().mean())
-        return {"loss_mim": F.cross_entropy(logits.float(), target)}
+        # The head reads K = the generator's target count of positions per sample, masked ones first: a
+        # BEiT mask never exceeds K, and one that ends short pads with visible positions the loss weights
+        # out. Shapes stay fixed, so nothing is read back to the host (a boolean index would read the
+        # count) and the step compiles to one graph; the loss is still the mean over the masked positions.
+        K = self.mask_generator.num_masked
+        torch._assert_async((mask.sum(1) <= K).all(), "BEiT: a mask holds more positions than its generator's target")
+        picked = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]  # (B, K)
+        masked = mask.gather(1, picked).flatten().float()  # (B K,) 1: a masked position, 0: padding
+        logits = self.head(x.gather(1, picked.unsqueeze(-1).expand(-1, -1, x.shape[-1])))  # (B, K, vocab)
+        logits, target = logits.flatten(0, 1), targets.gather(1, picked).flatten()  # (B K, vocab), (B K,)
+        count = masked.sum()
+        self.log("token_acc", ((logits.detach().argmax(-1) == target).float() * masked).sum() / count)
+        return {"loss_mim": (F.cross_entropy(logits.float(), target, reduction="none") * masked).sum() / count}

@@ -71,6 +71,29 @@ def test_loss_covers_masked_positions_only(beit_and_batch, monkeypatch):
     handle.remove()
 
 
+def test_loss_is_the_mean_over_masked_positions_whatever_each_mask_counts(beit_and_batch):
+    """The official loss: cross-entropy over the flat set of the batch's masked positions (a boolean index).
+    The step reads the head at a fixed number of positions per sample instead (no host sync), so a mask
+    short of the target must count only its masked positions, and a mask above the target is refused."""
+    method, batch = beit_and_batch
+    method.eval()
+    mask = batch["mask"].clone()
+    for i in range(0, len(mask), 2):  # every other sample loses i % 5 + 1 of its masked positions
+        mask[i, mask[i].nonzero()[: i % 5 + 1, 0]] = False
+    assert len(set(mask.sum(1).tolist())) > 3
+    features = []
+    handle = method.backbone.vit.norm.register_forward_hook(lambda m, i, out: features.append(out[:, 1:]))
+    loss = method.training_step({**batch, "mask": mask})["loss_mim"]
+    handle.remove()
+    targets = method.tokenizer.tokenize(batch["views"][0])
+    official = torch.nn.functional.cross_entropy(method.head(features[0][mask]).float(), targets[mask])
+    torch.testing.assert_close(loss, official, rtol=1e-6, atol=0)
+
+    mask[0] = True  # more masked positions than the generator ever draws
+    with pytest.raises(RuntimeError, match="more positions than its generator's target"):
+        method.training_step({**batch, "mask": mask})
+
+
 def test_mask_embedding_replaces_masked_patches_and_learns(beit_and_batch):
     method, batch = beit_and_batch
     images, mask = batch["views"][0], batch["mask"]

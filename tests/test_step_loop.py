@@ -66,8 +66,11 @@ def test_compiled_step_compiles_once_and_never_recompiles(tmp_path, monkeypatch,
     """Values that change every step (momentum, teacher temperature) must reach the compiled step as
     tensors: a Python float read there recompiles it at every step (MoCo v3 fell from 7.5k to 83 img/s
     on an H100). Dynamo's own tracing (backend "eager") checks this without the compiler's cost: after
-    the first step any recompilation raises, and the trainer would fall back to eager and say so."""
+    the first step any recompilation raises, and the trainer would fall back to eager and say so.
+    Nor may the step break its graph: a break is where a value is read back to the host (a boolean
+    index, ``.item()``), which on a GPU stops the host until the device catches up, every step."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     real_compile = torch.compile
 
@@ -86,10 +89,13 @@ def test_compiled_step_compiles_once_and_never_recompiles(tmp_path, monkeypatch,
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", compile_then_forbid_recompiling)
     cfg = smoke_config(method, "train.max_steps=4", "train.compile=true")
+    counters.clear()
     try:
         record = pretrain(cfg, tmp_path / "run")
+        breaks = dict(counters["graph_break"])
     finally:
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
     assert record["status"] == "finished" and record["steps"] == 4
+    assert not breaks, f"{method}'s step breaks its graph: {list(breaks)[:3]}"
     assert "torch.compile failed" not in capsys.readouterr().err

@@ -16,7 +16,6 @@ import torch
 
 from methods.beit import BEiT
 from ssl_bench.backbone import ViTBackbone
-from ssl_bench.masking import BlockMaskGenerator
 from tests.reference.reference_case import check_against_fixture, export, official_state, renamed, tiny_tokenizer, token_case
 from tests.reference.tiny import TINY_VIT, fill_deterministic_, grad_norms
 
@@ -40,11 +39,10 @@ def official_name(key: str) -> str:
 
 def build_case(tmp_dir: Path):
     backbone = ViTBackbone(**TINY_VIT, layer_scale=CONFIG["layer_scale"], rel_pos_bias="shared")
-    method = BEiT(backbone, tokenizer=tiny_tokenizer(CONFIG, tmp_dir))
+    method = BEiT(backbone, tokenizer=tiny_tokenizer(CONFIG, tmp_dir), mask_ratio=0.6)
     fill_deterministic_(method, seed=0)
     method.double().train()
-    grid = CONFIG["img_size"] // CONFIG["patch_size"]
-    batch, tokens = token_case(method, CONFIG, BlockMaskGenerator(grid, 0.6), mask_seed=7)  # BEiT's generator, 10 of 16: one mask ends short (9)
+    batch, tokens = token_case(method, CONFIG, method.mask_generator, mask_seed=7)  # BEiT's generator, 10 of 16: one mask ends short (9)
     return method, batch, tokens
 
 
