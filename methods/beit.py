@@ -98,7 +98,6 @@ class BEiT(Method):
         super().__init__(backbone)
         if init not in INITS:
             raise UserError(f"unknown method.init '{init}'; choose one of: {', '.join(INITS)}")
-        self.mask_ratio = mask_ratio
         self.mask_generator = BlockMaskGenerator(backbone.grid_size, mask_ratio)
         if isinstance(tokenizer, str):
             if tokenizer == "auto":
