@@ -52,12 +52,14 @@ class MetricLogger:
         if enabled:
             self._bar = StepProgress(total=total, initial=initial, mode=progress)
 
-    def step(self, step: int, epoch: int, lr: float, losses: dict, metrics: dict, images_per_s: float) -> None:
+    def step(self, step: int, epoch: int, lr: float, losses: dict, metrics: dict, images_per_s: float, data_share: float) -> None:
+        """One optimizer step's row. ``images_per_s`` and ``data_share`` (the share of the wall time spent
+        waiting for the loader's batches) are over the logged window the step belongs to."""
         if not self.enabled:
             return
-        row = {"step": step, "epoch": epoch, "lr": lr, **losses, **metrics, "images_per_s": images_per_s}
+        row = {"step": step, "epoch": epoch, "lr": lr, **losses, **metrics, "images_per_s": images_per_s, "data_share": data_share}
         if self._bar is not None:
-            self._bar.update(1, loss=f"{losses.get('loss', float('nan')):.4f}", img_s=f"{images_per_s:.0f}")
+            self._bar.update(1, loss=f"{losses.get('loss', float('nan')):.4f}", img_s=f"{images_per_s:.0f}", data=f"{data_share:.0%}")
         if step % self.log_every and step != 1:
             return
         self._jsonl.write(json.dumps(row) + "\n")
@@ -88,6 +90,11 @@ class MetricLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log({"epoch": epoch, **values}, step=step)
+
+    def note(self, text: str) -> None:
+        """A one-off line for the user (stderr), written around the progress bar."""
+        if self.enabled:
+            self._bar.write(text)
 
     def close(self) -> None:
         for f in (self._jsonl, self._csv_file):

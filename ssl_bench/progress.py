@@ -64,6 +64,13 @@ class StepProgress:
                 self._last_line = now
                 self._print_line(now)
 
+    def write(self, text: str) -> None:
+        """A line of its own on the progress stream; a bar is redrawn below it."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def line(self, now: float | None = None) -> str:
         """'  step 120/312 (38%)  loss 0.5123  img_s 312  elapsed 1.2 min, ~2.0 min left'."""
         now = time.perf_counter() if now is None else now

@@ -21,7 +21,7 @@ import torch
 from ssl_bench.atomic import WriteFailed, remove_stale_temps
 from ssl_bench.build import build_method
 from ssl_bench.checkpoint import check_signature, load_checkpoint, save_checkpoint
-from ssl_bench.data.pipeline import build_pretrain_loader
+from ssl_bench.data.pipeline import build_pretrain_loader, loader_advice
 from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
 from ssl_bench.logging import MetricLogger, require_wandb
@@ -31,6 +31,8 @@ from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_js
 from ssl_bench.registry import get_method
 from ssl_bench.runtime import autocast, compiled_step, rng_state, seed_everything, set_rng_state
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
+
+LOADER_BOUND_SHARE = 0.25  # a logged window that waits for data longer than this share of its time gets one note
 
 
 def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
@@ -164,7 +166,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     if monitor is not None and monitor_state:
         monitor.load_state_dict(monitor_state)
     images_per_step = effective_batch
-    timed_steps, timed_seconds = 0, 0.0
+    timed_steps, timed_seconds, timed_data_seconds = 0, 0.0, 0.0
 
     def checkpoint() -> None:
         rng = rng_state()
@@ -185,8 +187,9 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         record.update(status=status, steps=step, finished=now_iso(), wall_time_s=elapsed, loss=_loss_summary(history), **extra)
         record["metrics"] = _loss_summary(logged)  # e.g. SimSiam's collapse monitor z_std
         ips = images_per_step * timed_steps / timed_seconds if timed_seconds > 0 else None
+        data_share = timed_data_seconds / timed_seconds if timed_seconds > 0 else None
         n_gpus = dist_info.world_size if device.type == "cuda" else 0
-        record.update(images_per_s=ips, gpu_hours=elapsed * n_gpus / 3600.0)
+        record.update(images_per_s=ips, data_share=data_share, gpu_hours=elapsed * n_gpus / 3600.0)
         if monitor is not None:
             record["monitor"] = monitor.summary()
         if dist_info.is_main:
@@ -202,10 +205,10 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     # Losses stay on the device; they are read (one sync) every log_every steps and before each
     # checkpoint, where the NaN/inf guard runs: a checkpoint never holds weights after a bad step.
     pending: list[tuple[int, int, float, dict, dict]] = []  # (step index, epoch, lr, losses, logged)
-    window_start = time.perf_counter()
+    window_start, window_data_seconds, windows, said_loader_bound = time.perf_counter(), 0.0, 0, False
 
     def flush() -> None:
-        nonlocal window_start
+        nonlocal window_start, window_data_seconds, windows, said_loader_bound
         if not pending:
             return
         tensors = [v for *_, losses, metrics in pending for v in (*losses.values(), *metrics.values()) if isinstance(v, torch.Tensor)]
@@ -218,7 +221,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         pending.clear()
         now = time.perf_counter()
         rate = images_per_step * len(rows) / max(now - window_start, 1e-9)
-        window_start = now
+        data_share = min(1.0, window_data_seconds / max(now - window_start, 1e-9))
+        window_start, window_data_seconds, windows = now, 0.0, windows + 1
         for index, epoch, lr, losses, metrics in rows:
             if not math.isfinite(losses["loss"]):
                 parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items() if k != "loss")
@@ -230,7 +234,13 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 history.setdefault(k, []).append((index + 1, v))
             for k, v in metrics.items():
                 logged.setdefault(k, []).append((index + 1, v))
-            logger.step(index + 1, epoch, lr, losses, metrics, rate)
+            logger.step(index + 1, epoch, lr, losses, metrics, rate, data_share)
+        # a process's first window pays for compilation and the first batches; a later one that waits this long says so, once
+        if data_share > LOADER_BOUND_SHARE and windows > 1 and len(rows) >= 5 and not said_loader_bound:
+            said_loader_bound = True
+            first, last = rows[0][0] + 1, rows[-1][0] + 1
+            logger.note(f"ssl-bench: steps {first}-{last} spent {data_share:.0%} of their time waiting for data "
+                        f"(data_share in metrics.jsonl): the loader, not the step, sets the pace; {loader_advice(cfg, device)}")
 
     method.train()
     try:
@@ -247,8 +257,11 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                     set_weight_decay(optimizer, cosine_with_warmup(step, total_steps, 0, train["weight_decay"], train["weight_decay_end"]))
                 method.on_step_start(step, total_steps)
                 totals: dict[str, torch.Tensor] = {}
+                data_seconds = 0.0
                 for micro in range(accum):
+                    t_data = time.perf_counter()
                     batch = batch_to_device(next(batches), device)
+                    data_seconds += time.perf_counter() - t_data
                     sync = micro == accum - 1 or dist_info.world_size == 1
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, train["amp"]):
                         losses = model(batch)
@@ -256,6 +269,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                     (loss / accum).backward()
                     for k, v in {**losses, "loss": loss}.items():
                         totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
+                window_data_seconds += data_seconds
                 if train["clip_grad"]:
                     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(method.parameters(), train["clip_grad"])
                 optimizer.step()
@@ -273,7 +287,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 if step > 2 or stop_step <= 2:  # the first steps pay for allocation/compilation
-                    timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+                    timed_steps, timed_seconds, timed_data_seconds = timed_steps + 1, timed_seconds + dt, timed_data_seconds + data_seconds
                 if monitor is not None and step % steps_per_epoch == 0:  # before the checkpoint, which keeps its result
                     monitor.on_epoch_end(epoch)
                 if step % train["ckpt_every"] == 0 or step == stop_step:

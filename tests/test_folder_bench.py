@@ -45,7 +45,7 @@ def test_vitb16_configuration_applies_to_a_folder(tmp_path, monkeypatch):
 
     def pretrain(cfg, out_dir):
         trained.append(cfg)
-        return {"images_per_s": 1.0, "config": cfg, "steps": 3, "effective_batch": cfg["train"]["batch_size"]}
+        return {"images_per_s": 1.0, "data_share": 0.5, "config": cfg, "steps": 3, "effective_batch": cfg["train"]["batch_size"]}
 
     monkeypatch.setattr(ssl_bench.trainer, "pretrain", pretrain)
     assert main(["make-jpeg-folder", "--out", str(tmp_path / "data"), "--images", "8", "--size", "48x40"]) == 0

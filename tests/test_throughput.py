@@ -27,8 +27,9 @@ def test_compare_paths_table(tmp_path, capsys):
         ratios = [t / s for t, s in zip(r["trainer_images_per_s_rounds"], r["step_images_per_s_rounds"])]
         assert r["trainer_over_step"] == sorted(ratios)[1]
         assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no MFU or GPU memory
+        assert r["data_share"] == sorted(r["data_share_rounds"])[1] and all(0 <= w <= 1 for w in r["data_share_rounds"])
     md = (tmp_path / "throughput-fashion_mnist-smoke.md").read_text()
-    assert "trainer / step" in md and "loader alone img/s (1 core)" in md
+    assert "trainer / step" in md and "loader alone img/s (1 core)" in md and "waiting for data" in md
     assert "Loader alone, batched / per-sample (same core): mae " in md and "--compare-paths" in md
     assert "CPU:" in md  # names the hardware
 

@@ -1,5 +1,6 @@
 """The common trainer: exact resume, divergence guard, records that are never overwritten."""
 import json
+import time
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from methods.mae import MAE
 from ssl_bench.errors import TrainingDiverged, UserError
 from ssl_bench.records import write_json_new
 from ssl_bench.trainer import pretrain
-from tests.conftest import smoke_config
+from tests.conftest import TINY_VIT, smoke_config
 
 
 def interrupt_after(monkeypatch, cls, n_steps):
@@ -120,6 +121,50 @@ def test_run_record_contents(tmp_path):
     assert on_disk["hardware"]["torch"] == torch.__version__ and on_disk["hardware"]["timm"]
     assert record["images_per_s"] > 0 and record["loss"]["loss"]["last"] > 0
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == record["steps"]
+
+
+def slow_loader(monkeypatch, seconds: float) -> None:
+    """Make every pretraining loader wait ``seconds`` before each batch, like workers that cannot keep up."""
+    import ssl_bench.trainer
+
+    original = ssl_bench.trainer.build_pretrain_loader
+
+    class Slow:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(seconds)
+                yield batch
+
+    def build(*args, **kwargs):
+        loader, *rest = original(*args, **kwargs)
+        return (Slow(loader), *rest)
+
+    monkeypatch.setattr(ssl_bench.trainer, "build_pretrain_loader", build)
+
+
+@pytest.mark.parametrize("wait,device_augment", [(0.0, True), (0.05, False)])
+def test_the_run_says_how_long_it_waited_for_data(tmp_path, monkeypatch, capsys, wait, device_augment):
+    """Every logged row and the record carry the share of the time spent waiting for batches; a run whose loader
+    sets its pace says so once, naming what to change, and one whose step does says nothing. (The tiny model's
+    step is quicker than its per-sample views, so the quiet run makes them in batches.)"""
+    slow_loader(monkeypatch, wait)
+    cfg = smoke_config("mae", *TINY_VIT, "train.epochs=2", "train.log_every=6", "train.ckpt_every=100",
+                       "data.num_workers=0", f"data.device_augment={device_augment}")  # 16 steps, logged at 1, 6, 12
+    record = pretrain(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 6, 12] and all(0 <= row["data_share"] <= 1 for row in rows)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "waiting for data" in line]
+    if wait:  # a tiny step takes a few ms: the 50 ms wait is most of the time
+        assert record["data_share"] > 0.6 and min(row["data_share"] for row in rows[1:]) > 0.6
+        assert len(notes) == 1 and "steps 2-6" in notes[0] and "data.num_workers (now 0" in notes[0]
+    else:
+        assert record["data_share"] < 0.25 and notes == []
 
 
 def test_weight_decay_schedule_rises_on_decayed_groups_only(tmp_path):

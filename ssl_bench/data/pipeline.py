@@ -16,6 +16,8 @@ The sampler hands each worker ``(epoch, index)``, so persistent workers need no 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -191,6 +193,21 @@ def compile_views(cfg: dict, device: torch.device) -> bool:
     from before the key) follows the step's ``train.compile``."""
     setting = cfg["data"].get("compile_views", "auto")
     return use_compile(cfg["train"]["compile"] if setting == "auto" else setting, cfg.get("preset"), device)
+
+
+def loader_advice(cfg: dict, device: torch.device) -> str:
+    """What to change when ``cfg``'s loader, not its step, sets a run's pace (one clause, for a note)."""
+    data = cfg["data"]
+    folder = data["name"] == "imagefolder"
+    batched = not folder and data.get("device_augment", False)
+    if batched:  # views made on the training device in batches: no workers to add
+        return f"the views are already made in batches on {device.type}; data.compile_views=true compiles them"
+    advice = f"raise data.num_workers (now {data['num_workers']}, {os.cpu_count()} cores here)"
+    if folder and device.type == "cuda" and data.get("decode", "cpu") != "device":
+        advice += ", or decode JPEGs on the GPU: data.decode=device"
+    elif not folder:
+        advice += ", or make the views in batches on the device: data.device_augment=true"
+    return advice
 
 
 def build_pretrain_loader(cfg: dict, spec: DataSpec, rank: int = 0, world_size: int = 1, device=None):

@@ -93,13 +93,14 @@ def run(args) -> int:
                 continue  # the batched row's views are eager already
             path_name = path_name or _path_name(cfg, args.data)
             # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
-            trainer, steps, totals, official = [], [], [], []
+            trainer, waits, steps, totals, official = [], [], [], [], []
             with tempfile.TemporaryDirectory() as tmp:
                 for r in range(args.rounds):
                     t0 = time.perf_counter()
                     record = pretrain(cfg, Path(tmp) / f"run{r}")
                     totals.append(time.perf_counter() - t0)
                     trainer.append(record["images_per_s"])
+                    waits.append(record["data_share"])
                     cfg = record["config"]  # prepare() may have written files (a tokenizer) later rounds and the step reuse
                     if not args.no_limits:
                         steps.append(step_alone(cfg, args.limit_steps))
@@ -107,7 +108,7 @@ def run(args) -> int:
                             official.append(official_step_alone(cfg, args.official_code, args.limit_steps))
                 limits = {"loader_images_per_s": loader_alone(cfg, args.limit_steps)} if not args.no_limits else {}
             row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds, "vitb16_overrides": vitb16,
-                   "trainer_images_per_s_rounds": trainer, "steps": record["steps"], "batch": record["effective_batch"],
+                   "trainer_images_per_s_rounds": trainer, "data_share": median(waits), "data_share_rounds": waits, "steps": record["steps"], "batch": record["effective_batch"],
                    "setup_and_run_s": totals[0], **limits}
             if steps:
                 step_rates = [s["step_images_per_s"] for s in steps]
@@ -158,7 +159,8 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
                         *args.overrides])
     text = (f"# Training throughput, preset `{args.preset}`, data `{args.data}`\n\nHardware: {hw['summary']}; "
             f"torch {hw['torch']}, timm {hw['timm']}.\nCommand: `{command}`\n\n{_vitb16_note(rows)}"
-            f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two. Step alone: the method's step "
+            f"Trainer: the whole loop (data, step, bookkeeping), steps after the first two; waiting for data: the share of "
+            f"its time spent in the loader's next() (views, masks, copies to the device). Step alone: the method's step "
             f"on one batch held in memory. Trainer and step alone alternate for {args.rounds} rounds: images/s are medians, "
             f"trainer / step the median of the rounds' ratios. Loader alone: the pretraining loader on one core "
             f"(no workers, one thread).\n\n"
@@ -205,13 +207,13 @@ def _table(rows: list[dict], tabulate) -> str:
         return "" if v is None else format(v, fmt)
 
     gpu = any(r.get("mfu") is not None or r.get("peak_mem_gib") is not None for r in rows)
-    head = ["method", "data path", "trainer img/s", "step alone img/s", "trainer / step", "loader alone img/s (1 core)"]
+    head = ["method", "data path", "trainer img/s", "waiting for data", "step alone img/s", "trainer / step", "loader alone img/s (1 core)"]
     head += ["MFU", "peak GiB"] if gpu else []
     official = any(r.get("official_step_images_per_s") for r in rows)
     head += ["official step img/s", "step / official", "trainer / official"] if official else []
     body = []
     for r in rows:
-        line = [r["method"], r["data_path"], num(r["images_per_s"], ".1f"), num(r.get("step_images_per_s"), ".1f"),
+        line = [r["method"], r["data_path"], num(r["images_per_s"], ".1f"), num(r.get("data_share"), ".0%"), num(r.get("step_images_per_s"), ".1f"),
                 num(r.get("trainer_over_step"), ".2f"), num(r.get("loader_images_per_s"), ".0f")]
         line += [num(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else ""), num(r.get("peak_mem_gib"), ".1f")] if gpu else []
         line += [num(r.get("official_step_images_per_s"), ".1f"), num(r.get("step_over_official"), ".2f"),
