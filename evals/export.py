@@ -20,7 +20,7 @@ import hashlib
 from pathlib import Path
 
 from ssl_bench.backbone import ARCHS
-from ssl_bench.atomic import atomic_write
+from ssl_bench.atomic import atomic_write, make_folder
 from ssl_bench.errors import UserError
 from ssl_bench.records import json_bytes, now_iso
 from ssl_bench.safe_load import load_torch_file
@@ -166,7 +166,7 @@ def export_encoder(run_dir: str | Path, out: str | Path) -> Path:
     if not info.get("mean") or not info.get("std"):
         raise UserError(f"run {run_dir} records no input normalization (run.json data_info mean/std); it was not written by ssl-bench pretrain")
     config = timm_config(model_name, kwargs, info["mean"], info["std"], source)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     _write_new(out / WEIGHTS_FILE, weights)
     _write_new(out / CONFIG_FILE, json_bytes(config))  # last: a folder with config.json is complete
     return out

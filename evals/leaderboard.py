@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evals.registry import protocol_order
-from ssl_bench.atomic import atomic_write
+from ssl_bench.atomic import atomic_write, make_folder
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY, file_sha256
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, eval_records, record_rank
@@ -427,8 +427,7 @@ def write_leaderboard(results_dir: str | Path, formats=("md", "csv", "latex"), o
     import matplotlib.pyplot as plt
 
     lb = collect(results_dir)
-    out = Path(out_dir or results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir or results_dir, "--out")
     render = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
     written = []
     for fmt in parse_formats(list(formats)):

@@ -29,6 +29,18 @@ class WriteFailed(UserError):
     """A file could not be written (disk full, ...); the previous version, if any, is untouched."""
 
 
+def make_folder(path: str | Path, option: str | None = None) -> Path:
+    """``path`` and its missing parents; a folder the file system refuses (no permission, a read-only mount, a
+    file in the way) is one line naming it, and ``option``, the command-line option that chose it, if any."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fix = f"pass {option} a folder you can write to" if option else "check that you can write to its parent"
+        raise WriteFailed(f"cannot create folder {path}: {exc.strerror or exc}; {fix}") from None
+    return path
+
+
 def fsync_dir(directory: str | Path) -> None:
     """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory's data)."""
     fd = os.open(directory, os.O_RDONLY)
@@ -93,7 +105,7 @@ def staged(path: str | Path, new_names: Iterable[Path] | None = None) -> Iterato
     instead linked to the first of them that does not exist yet (never replacing a file). ``.path`` then
     names the file written. On any error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     stage = Staged(path)
     try:
         yield stage

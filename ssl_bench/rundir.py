@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ssl_bench.atomic import make_folder
 from ssl_bench.errors import UserError
 from ssl_bench.records import read_json
 
@@ -72,8 +73,7 @@ def prepare_run_dir(out_dir: str | Path, resume: bool) -> Path:
             f"{out} already holds {'a run' if holds_run(out) else 'files'}; choose a new --out, "
             f"or pass --resume to continue an interrupted run there"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_folder(out, "--out")
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -155,7 +155,7 @@ def locked(run_dir: str | Path, what: str, name: str = LOCK_PREFIX) -> Iterator[
     if key in _HELD:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ssl_bench.atomic import WriteFailed, remove_stale_temps
+from ssl_bench.atomic import WriteFailed, make_folder, remove_stale_temps
 from ssl_bench.build import build_method
 from ssl_bench.checkpoint import check_signature, load_checkpoint, save_checkpoint
 from ssl_bench.data.pipeline import build_pretrain_loader, loader_advice
@@ -58,6 +58,7 @@ def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False) -> dict:
     run directory waits, then finds the run finished or resumes it."""
     if int(os.environ.get("RANK", 0)) != 0:
         return _pretrain(cfg, out_dir, resume)
+    make_folder(out_dir, "--out")  # one that cannot be made is one line before any work
     with locked(out_dir, "pretraining this run"):
         return _pretrain(cfg, out_dir, resume)
 

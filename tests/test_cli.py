@@ -130,3 +130,25 @@ def test_resume_takes_method_and_config_from_the_run(capsys, tmp_path, monkeypat
     assert_one_line_error(code, err, "keeps the config it started with", "train.epochs=3")
     code, out_text, _ = run_cli(capsys, "pretrain", "--resume", "--out", out)  # as the README writes it
     assert code == 0 and "mae: finished after 5 steps" in out_text
+
+
+@pytest.mark.parametrize("command", [
+    ["pretrain", "--method", "mae", "--preset", "smoke"],
+    ["throughput", "--preset", "smoke", "--methods", "mae", "--steps", "3", "--rounds", "1", "--no-limits"],
+    ["make-jpeg-folder", "--images", "2", "--size", "16x16"],
+    ["export", "--run", "MAE_RUN"],
+    ["leaderboard", "--results", "MAE_RUN"],
+])
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(capsys, tmp_path, monkeypatch, mae_run, command):
+    """--out under a regular file (as a read-only or mistyped path would be): one line naming the folder and --out,
+    before anything is trained or measured."""
+    import ssl_bench.trainer
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command started its work before making its --out folder")
+
+    monkeypatch.setattr(ssl_bench.trainer, "_pretrain", work)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"
+    code, _, err = run_cli(capsys, *[str(mae_run) if a == "MAE_RUN" else a for a in command], "--out", str(out))
+    assert_one_line_error(code, err, f"cannot create folder {out}", "--out")

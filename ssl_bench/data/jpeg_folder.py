@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_bench.atomic import atomic_write
+from ssl_bench.atomic import atomic_write, make_folder
 from ssl_bench.errors import UserError
 
 
@@ -54,7 +54,7 @@ def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int], class
     total = 0
     for i in range(images):
         folder = out / "train" / f"class_{i % classes:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, "--out")
         path = folder / f"img_{i:07d}.jpg"
         pixels = synthetic_image(np.random.default_rng([seed, i]), width, height)
         atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="JPEG", quality=quality))

@@ -74,7 +74,6 @@ def resumed_config(args) -> dict:
 
 
 def run(args) -> int:
-    from ssl_bench.errors import UserError
     from ssl_bench.trainer import pretrain
 
     cfg = resumed_config(args) if args.resume else resolve(args)

@@ -54,6 +54,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from tabulate import tabulate
 
+    from ssl_bench.atomic import make_folder
     from ssl_bench.config import resolve_config
     from ssl_bench.data.folder_bench import folder_section
     from ssl_bench.data.pipeline import compile_views
@@ -67,6 +68,7 @@ def run(args) -> int:
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    make_folder(args.out, "--out")  # before any measurement, not after the first
     if args.synthetic_vitb16:
         args.data, args.vitb16 = "synthetic", True
     data_overrides = [*VITB16, *args.overrides] if args.vitb16 else args.overrides
@@ -145,7 +147,6 @@ def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> 
               "created": now_iso(), "finished": finished}
     if getattr(args, "_json_path", None) is None:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         stem = f"throughput-{args.data}{'-vitb16' if args.vitb16 else ''}-{args.preset}"
         args._json_path = write_json_new(out, stem, record)
     else:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import submitit
 
+from ssl_bench.atomic import make_folder
 from ssl_bench.errors import UserError, one_line
 from ssl_bench_app.launch.profiles import ClusterSettings, cluster_from_args, time_minutes
 from ssl_bench_app.launch.slurm_state import INDEX_NAME, job_entry, job_failure_message, outcome_path, read_outcome, record_jobs, wait_for
@@ -84,8 +85,7 @@ def _record_outcome(env: submitit.JobEnvironment, record: dict) -> None:
 # -- executors ------------------------------------------------------------------------------------
 def make_executor(kind: str, folder: str | Path, cluster: ClusterSettings | None, name: str, sbatch: dict | None = None):
     """A submitit executor for ``kind`` ("slurm" or "debug") writing its files into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     if kind == "slurm":
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cluster["max_requeue"] if cluster else 3)
