@@ -5,13 +5,16 @@ from ssl_bench_app.cli import main
 
 
 def test_make_jpeg_folder_is_deterministic_and_never_overwrites(tmp_path, capsys):
+    """The same files from one process and from several (images are written in parallel), and never twice."""
     args = ["make-jpeg-folder", "--images", "5", "--size", "40x30", "--classes", "2"]
-    assert main([*args, "--out", str(tmp_path / "a")]) == 0 and main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert main([*args, "--out", str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
     assert len(files) == 5 and len({f.parent for f in files}) == 2
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert "wrote 5 JPEGs of 40x30" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert main([*args, "--out", str(tmp_path / "c"), "--workers", "0"]) == 2 and not (tmp_path / "c").exists()
     assert "already holds files" in capsys.readouterr().err
     assert main(["make-jpeg-folder", "--out", str(tmp_path / "c"), "--size", "40"]) == 2
 

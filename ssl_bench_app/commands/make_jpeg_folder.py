@@ -3,6 +3,8 @@ layout of ImageNet) to benchmark the folder loader: deterministic random images 
 1/f spectrum, so decoding costs about what it costs on photographs."""
 from __future__ import annotations
 
+import os
+
 
 def register(sub) -> None:
     p = sub.add_parser("make-jpeg-folder", help="write a synthetic JPEG image folder (loader benchmarks)", description=__doc__)
@@ -12,13 +14,16 @@ def register(sub) -> None:
     p.add_argument("--classes", type=int, default=10, help="class sub-folders (default: 10)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes writing images (default: this machine's cores); the files do not depend on it")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ssl_bench.data.jpeg_folder import parse_size, write_jpeg_folder
 
-    summary = write_jpeg_folder(args.out, args.images, parse_size(args.size), args.classes, seed=args.seed, quality=args.quality)
+    summary = write_jpeg_folder(args.out, args.images, parse_size(args.size), args.classes, seed=args.seed, quality=args.quality,
+                                workers=args.workers)
     print(f"wrote {summary['images']} JPEGs of {summary['width']}x{summary['height']} in {summary['classes']} classes under "
           f"{summary['root']}/train ({summary['bytes'] / 2**20:.1f} MiB, {summary['bytes_per_pixel']:.2f} bytes per pixel)")
     return 0
