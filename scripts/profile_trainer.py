@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ssl_bench.trainer as trainer  # noqa: E402
+from ssl_bench.atomic import make_folder  # noqa: E402
 from ssl_bench.config import resolve_config  # noqa: E402
 from ssl_bench.errors import UserError, one_line  # noqa: E402
 from ssl_bench.registry import get_method  # noqa: E402
@@ -96,8 +97,7 @@ def main() -> int:
         if e.key in SYNC_OPS:
             print(f"  {e.key:32s} {e.count / args.steps:6.1f} calls, {e.self_cpu_time_total / 1000 / args.steps:8.2f} ms host")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_folder(args.out, "--out")
         trace = out / f"trace-{args.method}-{args.preset}{'-vitb16' if args.vitb16 else ''}.json"
         prof.export_chrome_trace(str(trace))
         with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
