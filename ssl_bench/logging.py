@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,30 @@ def init_wandb(run_dir: Path, project: str, config: dict):
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
+
+
+class LogWindow:
+    """The steps between two logged rows: their images/s and the share of their wall time spent waiting for the
+    loader's batches, and whether this window should say that the loader sets the pace. It says so once per
+    process, never in the process's first window (which pays for compilation and the first batches), and only
+    from ``min_steps`` steps, so a short window's one slow batch does not speak for a run."""
+
+    def __init__(self, images_per_step: int, loader_bound_share: float, min_steps: int = 5):
+        self.images_per_step, self.loader_bound_share, self.min_steps = images_per_step, loader_bound_share, min_steps
+        self.start, self.data_seconds, self.closed, self.said = time.perf_counter(), 0.0, 0, False
+
+    def waited(self, seconds: float) -> None:
+        """Time spent in the loader's ``next()`` during this window."""
+        self.data_seconds += seconds
+
+    def close(self, steps: int) -> tuple[float, float, bool]:
+        """End the window after ``steps`` steps -> (images/s, data share, whether to say the loader sets the pace)."""
+        now = time.perf_counter()
+        wall = max(now - self.start, 1e-9)
+        rate, share = self.images_per_step * steps / wall, min(1.0, self.data_seconds / wall)
+        say = share > self.loader_bound_share and self.closed > 0 and steps >= self.min_steps and not self.said
+        self.start, self.data_seconds, self.closed, self.said = now, 0.0, self.closed + 1, self.said or say
+        return rate, share, say
 
 
 class MetricLogger:

@@ -24,7 +24,7 @@ from ssl_bench.checkpoint import check_signature, load_checkpoint, save_checkpoi
 from ssl_bench.data.pipeline import build_pretrain_loader, loader_advice
 from ssl_bench.distributed import init_distributed, resolve_device
 from ssl_bench.errors import TrainingDiverged, UserError
-from ssl_bench.logging import MetricLogger, require_wandb
+from ssl_bench.logging import LogWindow, MetricLogger, require_wandb
 from ssl_bench.monitor import build_monitor
 from ssl_bench.optim import build_optimizer, cosine_with_warmup, scaled_lr, set_lr, set_weight_decay
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
@@ -32,7 +32,7 @@ from ssl_bench.registry import get_method
 from ssl_bench.runtime import autocast, compiled_step, rng_state, seed_everything, set_rng_state
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
 
-LOADER_BOUND_SHARE = 0.25  # a logged window that waits for data longer than this share of its time gets one note
+LOADER_BOUND_SHARE = 0.25  # a logged window that waits for data longer than this share of its time may say so (LogWindow)
 
 
 def _loss_summary(history: dict[str, list[tuple[int, float]]]) -> dict:
@@ -206,10 +206,9 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     # Losses stay on the device; they are read (one sync) every log_every steps and before each
     # checkpoint, where the NaN/inf guard runs: a checkpoint never holds weights after a bad step.
     pending: list[tuple[int, int, float, dict, dict]] = []  # (step index, epoch, lr, losses, logged)
-    window_start, window_data_seconds, windows, said_loader_bound = time.perf_counter(), 0.0, 0, False
+    window = LogWindow(images_per_step, LOADER_BOUND_SHARE)
 
     def flush() -> None:
-        nonlocal window_start, window_data_seconds, windows, said_loader_bound
         if not pending:
             return
         tensors = [v for *_, losses, metrics in pending for v in (*losses.values(), *metrics.values()) if isinstance(v, torch.Tensor)]
@@ -220,10 +219,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
 
         rows = [(index, epoch, lr, read(losses), read(metrics)) for index, epoch, lr, losses, metrics in pending]
         pending.clear()
-        now = time.perf_counter()
-        rate = images_per_step * len(rows) / max(now - window_start, 1e-9)
-        data_share = min(1.0, window_data_seconds / max(now - window_start, 1e-9))
-        window_start, window_data_seconds, windows = now, 0.0, windows + 1
+        rate, data_share, loader_bound = window.close(len(rows))
         for index, epoch, lr, losses, metrics in rows:
             if not math.isfinite(losses["loss"]):
                 parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items() if k != "loss")
@@ -236,9 +232,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
             for k, v in metrics.items():
                 logged.setdefault(k, []).append((index + 1, v))
             logger.step(index + 1, epoch, lr, losses, metrics, rate, data_share)
-        # a process's first window pays for compilation and the first batches; a later one that waits this long says so, once
-        if data_share > LOADER_BOUND_SHARE and windows > 1 and len(rows) >= 5 and not said_loader_bound:
-            said_loader_bound = True
+        if loader_bound:
             first, last = rows[0][0] + 1, rows[-1][0] + 1
             logger.note(f"ssl-bench: steps {first}-{last} spent {data_share:.0%} of their time waiting for data "
                         f"(data_share in metrics.jsonl): the loader, not the step, sets the pace; {loader_advice(cfg, device)}")
@@ -270,7 +264,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
                     (loss / accum).backward()
                     for k, v in {**losses, "loss": loss}.items():
                         totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
-                window_data_seconds += data_seconds
+                window.waited(data_seconds)
                 if train["clip_grad"]:
                     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(method.parameters(), train["clip_grad"])
                 optimizer.step()

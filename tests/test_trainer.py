@@ -167,6 +167,20 @@ def test_the_run_says_how_long_it_waited_for_data(tmp_path, monkeypatch, capsys,
         assert record["data_share"] < 0.25 and notes == []
 
 
+def test_a_log_window_says_the_loader_sets_the_pace_once_never_first_nor_from_a_few_steps():
+    from ssl_bench.logging import LogWindow
+
+    window = LogWindow(images_per_step=32, loader_bound_share=0.25, min_steps=5)
+    said = []
+    for steps, waited in [(10, 1e3), (4, 1e3), (10, 0.0), (10, 1e3), (10, 1e3)]:  # seconds far beyond the window's
+        window.waited(waited)
+        rate, share, say = window.close(steps)
+        assert rate > 0 and share == (1.0 if waited else 0.0)
+        said.append(say)
+    # the first window pays for compilation, the second is too short, the third does not wait; then once only
+    assert said == [False, False, False, True, False]
+
+
 def test_weight_decay_schedule_rises_on_decayed_groups_only(tmp_path):
     """train.weight_decay_end: half-cosine from weight_decay to it over training (DINO's 0.04 -> 0.4)."""
     from ssl_bench.optim import cosine_with_warmup
