@@ -14,8 +14,9 @@ def test_make_jpeg_folder_is_deterministic_and_never_overwrites(tmp_path, capsys
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert "wrote 5 JPEGs of 40x30" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
-    assert main([*args, "--out", str(tmp_path / "c"), "--workers", "0"]) == 2 and not (tmp_path / "c").exists()
     assert "already holds files" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c"), "--workers", "0"]) == 2 and not (tmp_path / "c").exists()
+    assert "--workers must be at least 1" in capsys.readouterr().err
     assert main(["make-jpeg-folder", "--out", str(tmp_path / "c"), "--size", "40"]) == 2
 
 
