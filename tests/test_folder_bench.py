@@ -20,6 +20,22 @@ def test_make_jpeg_folder_is_deterministic_and_never_overwrites(tmp_path, capsys
     assert main(["make-jpeg-folder", "--out", str(tmp_path / "c"), "--size", "40"]) == 2
 
 
+def test_make_jpeg_folder_refuses_bad_options_in_one_line(tmp_path, capsys):
+    """Out-of-range options are named before anything is written, never a traceback or a memory error."""
+    (tmp_path / "file").write_text("x")
+    cases = {("--size", "100000x100000"): "from 8 to 4096", ("--quality", "0"): "--quality is a JPEG quality from 1 to 100",
+             ("--quality", "101"): "--quality is a JPEG quality", ("--seed", "-1"): "--seed must be at least 0",
+             ("--out", str(tmp_path / "file")): "is a file, not a folder"}
+    for (option, value), message in cases.items():
+        out = ["--out", str(tmp_path / "new")] if option != "--out" else []
+        assert main(["make-jpeg-folder", "--images", "2", "--size", "16x16", *out, option, value]) == 2, option
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not (tmp_path / "new").exists()
+    assert main(["make-jpeg-folder", "--images", "3", "--classes", "10", "--size", "16x16", "--out", str(tmp_path / "few")]) == 0
+    assert "3 JPEGs of 16x16 in 3 classes" in capsys.readouterr().out
+
+
 def test_throughput_loader_table_for_a_folder(tmp_path, capsys):
     assert main(["make-jpeg-folder", "--out", str(tmp_path / "data"), "--images", "70", "--size", "48x40"]) == 0
     code = main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--loader-only",

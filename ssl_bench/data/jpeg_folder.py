@@ -14,14 +14,17 @@ from ssl_bench.atomic import atomic_write, make_folder
 from ssl_bench.errors import UserError
 
 
+MAX_SIDE = 4096  # an image is made as float64 planes in one worker: 2.4 GB of memory at 4096 x 4096
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'500x375' -> (500, 375) (width, height)."""
     try:
         width, height = (int(v) for v in text.lower().split("x"))
-        if width < 8 or height < 8:
+        if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
             raise ValueError
     except ValueError:
-        raise UserError(f"image size {text!r} is not WIDTHxHEIGHT with both at least 8, e.g. 500x375") from None
+        raise UserError(f"image size {text!r} is not WIDTHxHEIGHT with both from 8 to {MAX_SIDE}, e.g. 500x375") from None
     return width, height
 
 
@@ -50,6 +53,12 @@ def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int], class
         raise UserError(f"need at least one image and one class; got --images {images} --classes {classes}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality is a JPEG quality from 1 to 100, got {quality}")
+    if seed < 0:
+        raise UserError(f"--seed must be at least 0, got {seed}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already holds files; give a new or empty folder (nothing is overwritten)")
     for c in range(min(classes, images)):
@@ -65,7 +74,7 @@ def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int], class
             sizes = list(pool.map(_write_image, jobs, chunksize=8))
     width, height = size
     total = sum(sizes)
-    return {"root": str(out), "images": images, "classes": classes, "width": width, "height": height,
+    return {"root": str(out), "images": images, "classes": min(classes, images), "width": width, "height": height,
             "quality": quality, "seed": seed, "bytes": total, "bytes_per_pixel": total / (images * width * height)}
 
 

@@ -10,9 +10,9 @@ def register(sub) -> None:
     p = sub.add_parser("make-jpeg-folder", help="write a synthetic JPEG image folder (loader benchmarks)", description=__doc__)
     p.add_argument("--out", required=True, help="new or empty folder to write")
     p.add_argument("--images", type=int, default=2000, help="number of images (default: 2000)")
-    p.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of every image (default: 500x375, ImageNet's most common)")
+    p.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of every image, 8 to 4096 px a side (default: 500x375, ImageNet's most common)")
     p.add_argument("--classes", type=int, default=10, help="class sub-folders (default: 10)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality, 1 to 100 (default: 90)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes writing images (default: this machine's cores); the files do not depend on it")
