@@ -36,6 +36,7 @@ from pathlib import Path
 
 from evals.registry import protocol_order
 from ssl_bench.atomic import atomic_write, make_folder
+from ssl_bench.config import comma_list
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY, file_sha256
 from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, eval_records, record_rank
@@ -414,8 +415,7 @@ def make_figure(lb: Leaderboard):
 
 # -- writing ---------------------------------------------------------------------------------------
 def parse_formats(text: str | list[str]) -> list[str]:
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    names = ["latex" if n == "tex" else n for n in names]
+    names = comma_list(["latex" if n.strip() == "tex" else n for n in comma_list(text)])
     bad = [n for n in names if n not in FORMATS]
     if bad:
         raise UserError(f"unknown leaderboard format(s) {', '.join(bad)}; choose from: {', '.join(FORMATS)} (comma-separated)")

@@ -30,6 +30,7 @@ from evals.selection import wilson_interval
 from ssl_bench.atomic import remove_stale_temps
 from ssl_bench.backbone import ViTBackbone
 from ssl_bench.checkpoint import load_encoder
+from ssl_bench.config import comma_list
 from ssl_bench.data.datasets import DatasetInfo, TransformedSubset, fixed_subset, load_dataset
 from ssl_bench.data.transforms import eval_transform
 from ssl_bench.distributed import resolve_device
@@ -178,8 +179,7 @@ class EvalContext:
 
 def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
     """"knn,linear" or ["knn", "linear"] -> validated list; unknown or unavailable names: UserError."""
-    given = protocols.split(",") if isinstance(protocols, str) else protocols
-    names = list(dict.fromkeys(p.strip() for p in given if p.strip()))  # in order, once each
+    names = comma_list(protocols)
     if not names:
         raise UserError(f"no protocol given; choose from {', '.join(protocol_names())}")
     for name in names:
@@ -220,8 +220,7 @@ def parse_modes(modes: str | Sequence[str] | None) -> list[str] | None:
     """"fast,official" -> ["fast", "official"]; None: each protocol's preset mode."""
     if modes is None:
         return None
-    given = modes.split(",") if isinstance(modes, str) else modes
-    names = list(dict.fromkeys(m.strip() for m in given if m.strip()))
+    names = comma_list(modes)
     bad = [m for m in names if m not in MODES]
     if bad or not names:
         raise UserError(f"unknown mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)} (comma-separated)")

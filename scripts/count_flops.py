@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssl_bench.config import resolve_config  # noqa: E402
+from ssl_bench.config import comma_list, resolve_config  # noqa: E402
 from ssl_bench.errors import UserError, one_line  # noqa: E402
 from ssl_bench.registry import get_method  # noqa: E402
 from ssl_bench.throughput import build_on_device, held_batch, step_flops  # noqa: E402
@@ -36,7 +36,7 @@ def main() -> int:
     args = p.parse_intermixed_args()
 
     configs = []  # all resolved first: a bad name or key=value is one line before any output
-    for name in args.methods.split(","):
+    for name in comma_list(args.methods):
         method_cls = get_method(name)
         overrides = [f"data.name={args.data}", *(vitb16_overrides(method_cls, args.preset) if args.vitb16 else []),
                      *args.overrides, "train.batch_size=2", "train.device=cpu", "data.num_workers=0"]

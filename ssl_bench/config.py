@@ -253,6 +253,12 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def comma_list(names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """"a, b,,a" (or a sequence of names) -> ["a", "b"]: stripped, empty items dropped, each name once, in order."""
+    given = names.split(",") if isinstance(names, str) else names
+    return list(dict.fromkeys(n.strip() for n in given if n.strip()))
+
+
 def parse_value(text: str) -> Any:
     """'1e-3' -> 0.001, 'true' -> True, 'none' -> None, '(0.9,0.95)' -> tuple, otherwise the string."""
     lowered = text.strip().lower()

@@ -122,3 +122,11 @@ def test_a_malformed_randaugment_spec_is_one_line():
     assert resolve_eval_config("smoke", ["finetune.randaug=rand-m7-n2"])["finetune"]["randaug"] == "rand-m7-n2"
     with pytest.raises(UserError, match="'finetune.randaug' takes a timm RandAugment spec"):
         resolve_eval_config("smoke", ["finetune.randaug=xyz"])
+
+
+def test_comma_lists_are_stripped_and_name_each_item_once_in_order():
+    from ssl_bench.config import comma_list
+
+    assert comma_list(" mae, simsiam,,mae ,") == ["mae", "simsiam"]
+    assert comma_list(["knn", " knn", "linear"]) == ["knn", "linear"]
+    assert comma_list(" , ") == []
