@@ -52,6 +52,11 @@ def test_throughput_loader_table_for_a_folder(tmp_path, capsys):
     assert main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--loader-only", "--policies", "nope",
                  "--out", str(tmp_path / "out2")]) == 2
     assert "unknown augmentation policy 'nope'" in capsys.readouterr().err
+    for bad, named in (("data.num_workers=x", "'data.num_workers' takes an integer >= 0"), ("data.img_size=0", "'data.img_size' takes")):
+        assert main(["throughput", "--data", "imagefolder", "--root", str(tmp_path / "data"), "--loader-only", "--out", str(tmp_path / "out3"), bad]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out3").exists() or not list((tmp_path / "out3").iterdir())
 
 
 def test_vitb16_configuration_applies_to_a_folder(tmp_path, monkeypatch):

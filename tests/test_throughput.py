@@ -12,7 +12,7 @@ from tests.conftest import TINY_VIT
 
 
 def test_compare_paths_table(tmp_path, capsys):
-    code = main(["throughput", "--preset", "smoke", "--methods", "mae", "--steps", "3", "--limit-steps", "2",
+    code = main(["throughput", "--preset", "smoke", "--methods", "mae, mae", "--steps", "3", "--limit-steps", "2",
                  "--rounds", "3", "--compare-paths", "--out", str(tmp_path)])
     assert code == 0
     record = json.loads((tmp_path / "throughput-fashion_mnist-smoke.json").read_text())
@@ -38,6 +38,12 @@ def test_rounds_below_one_is_a_one_line_error(tmp_path, capsys):
     code = main(["throughput", "--preset", "smoke", "--methods", "mae", "--rounds", "0", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "--rounds must be at least 1" in err
+
+
+def test_a_method_list_naming_nothing_is_a_one_line_error(tmp_path, capsys):
+    code = main(["throughput", "--preset", "smoke", "--methods", " , ,", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "names no method" in err and not list(tmp_path.iterdir())
 
 
 STANDIN = Path(__file__).parent / "fixtures" / "official_standin"  # the official repositories' entry points, tiny

@@ -157,17 +157,23 @@ def folder_section(root: str, out: str, overrides: list[str], policies=POLICIES)
     the workers (1) and the device path's batch (32; the CPU loader's stays 32)."""
     from pathlib import Path
 
-    from ssl_bench.data.views import resolve_policy
-
     from ssl_bench.atomic import atomic_write
+    from ssl_bench.config import CHECKS, check_config, parse_value
+    from ssl_bench.data.views import resolve_policy
+    from ssl_bench.errors import UserError
     from ssl_bench.records import hardware, now_iso, write_json_new
 
     options = dict(o.split("=", 1) for o in overrides if "=" in o)
     policies = list(policies)
+    if not policies:
+        raise UserError("--policies names no augmentation policy; give a comma-separated list, e.g. mim,byol")
     for name in policies:
         resolve_policy(name)  # an unknown name is one line before anything is measured
-    img_size, workers = int(options.get("data.img_size", 224)), int(options.get("data.num_workers", 1))
-    batch = int(options.get("train.batch_size", LOADER_BATCH))  # the training batch: the device path's
+    given = {key: parse_value(options[key]) for key in ("data.img_size", "data.num_workers", "train.batch_size") if key in options}
+    check_config(given, CHECKS)  # a bad value is one line, as it is for training
+    img_size = given.get("data.img_size") or 224
+    workers = given.get("data.num_workers", 1)
+    batch = given.get("train.batch_size", LOADER_BATCH)  # the training batch: the device path's
     load_before = os.getloadavg()[0]
     rows, table = folder_report(root, img_size=img_size, workers=workers, policies=policies, device_batch_size=batch)
     hw, load_after = hardware(), os.getloadavg()[0]

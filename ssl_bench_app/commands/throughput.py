@@ -55,15 +55,13 @@ def run(args) -> int:
     from tabulate import tabulate
 
     from ssl_bench.atomic import make_folder
-    from ssl_bench.config import resolve_config
+    from ssl_bench.config import comma_list, resolve_config
     from ssl_bench.data.folder_bench import folder_section
     from ssl_bench.data.pipeline import compile_views
     from ssl_bench.distributed import resolve_device
     from ssl_bench.errors import UserError
     from ssl_bench.registry import available_methods, get_method
-    from ssl_bench.throughput import loader_alone, step_alone
-    from ssl_bench.trainer import pretrain
-    from ssl_bench_app.official_speed import check_official_code, has_official, official_step_alone
+    from ssl_bench_app.official_speed import check_official_code
 
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
@@ -72,12 +70,13 @@ def run(args) -> int:
     if args.synthetic_vitb16:
         args.data, args.vitb16 = "synthetic", True
     data_overrides = [*VITB16, *args.overrides] if args.vitb16 else args.overrides
-    folder_md = folder_section(args.data_root, args.out, data_overrides, args.policies.split(",")) if args.data == "imagefolder" else ""
-    if args.loader_only:
-        return 0
-    names = list(available_methods()) if args.methods == "all" else args.methods.split(",")
+    names = list(available_methods()) if args.methods == "all" else comma_list(args.methods)
+    if not names:
+        raise UserError(f"--methods {args.methods!r} names no method; give a comma-separated list, or 'all'")
     names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
-    if args.official_code:
+    if not names and not args.loader_only:
+        raise UserError(f"--methods {args.methods} names only controls, which have no training loop to time; name a method that pretrains")
+    if args.official_code and not args.loader_only:
         check_official_code(args.official_code, names)
     common = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false",
               *([f"data.root={args.data_root}"] if args.data_root else [])]
@@ -85,52 +84,69 @@ def run(args) -> int:
     # where the batched views would be compiled (a compiled step), also the same path with eager views
     eager_views = ("batched device, eager views", "data.device_augment=true data.compile_views=false")
     paths = paths + [eager_views] if args.compare_paths else [(None, None)]
-    rows = []
-    for name in names:
+    plan = []  # (method, its ViT-B/16 overrides, data path, config): all resolved first, so a bad value is one line before any measurement
+    for name in names if not args.loader_only else []:
         vitb16 = vitb16_overrides(get_method(name), args.preset) if args.vitb16 else []
         for path_name, path_override in paths:
             cfg = resolve_config(get_method(name), args.preset,
                                  [*common, *vitb16, *args.overrides, *(path_override.split() if path_override else [])])
             if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
                 continue  # the batched row's views are eager already
-            path_name = path_name or _path_name(cfg, args.data)
-            # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
-            trainer, waits, steps, totals, official = [], [], [], [], []
-            with tempfile.TemporaryDirectory() as tmp:
-                for r in range(args.rounds):
-                    t0 = time.perf_counter()
-                    record = pretrain(cfg, Path(tmp) / f"run{r}")
-                    totals.append(time.perf_counter() - t0)
-                    trainer.append(record["images_per_s"])
-                    waits.append(record["data_share"])
-                    cfg = record["config"]  # prepare() may have written files (a tokenizer) later rounds and the step reuse
-                    if not args.no_limits:
-                        steps.append(step_alone(cfg, args.limit_steps))
-                        if args.official_code and has_official(name):
-                            official.append(official_step_alone(cfg, args.official_code, args.limit_steps))
-                limits = {"loader_images_per_s": loader_alone(cfg, args.limit_steps)} if not args.no_limits else {}
-            row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds, "vitb16_overrides": vitb16,
-                   "trainer_images_per_s_rounds": trainer, "data_share": median(waits), "data_share_rounds": waits, "steps": record["steps"], "batch": record["effective_batch"],
-                   "setup_and_run_s": totals[0], **limits}
-            if steps:
-                step_rates = [s["step_images_per_s"] for s in steps]
-                row.update({k: v for k, v in steps[-1].items() if k != "step_images_per_s"}, step_images_per_s=median(step_rates),
-                           step_images_per_s_rounds=step_rates,
-                           trainer_over_step=median([t / s for t, s in zip(trainer, step_rates)]))
-                if row.get("flops_per_step"):  # MFU at the median step rate
-                    row["mfu"] = median([s["mfu"] for s in steps])
-                if official:
-                    rates = [o["images_per_s"] for o in official]
-                    row.update(official_step_images_per_s=median(rates), official_step_images_per_s_rounds=rates,
-                               official_step_compiled=official[-1]["compiled"],
-                               step_over_official=median([s / o for s, o in zip(step_rates, rates)]),
-                               trainer_over_official=median([t / o for t, o in zip(trainer, rates)]))
-            rows.append(row)
-            _write(args, rows, folder_md, tabulate, finished=False)  # a cut-short run still leaves its rows
-            print(f"{name} [{path_name}]: {record['images_per_s']:.1f} images/s"
-                  + (f", step alone {row['step_images_per_s']:.1f}, loader alone {row['loader_images_per_s']:.0f}" if limits else ""), flush=True)
+            plan.append((name, vitb16, path_name or _path_name(cfg, args.data), cfg))
+    folder_md = folder_section(args.data_root, args.out, data_overrides, comma_list(args.policies)) if args.data == "imagefolder" else ""
+    if args.loader_only:
+        return 0
+    rows = []
+    for name, vitb16, path_name, cfg in plan:
+        rows.append(_measure(args, name, vitb16, path_name, cfg))
+        _write(args, rows, folder_md, tabulate, finished=False)  # a cut-short run still leaves its rows
+        row = rows[-1]
+        print(f"{name} [{path_name}]: {row['images_per_s']:.1f} images/s"
+              + (f", step alone {row['step_images_per_s']:.1f}, loader alone {row['loader_images_per_s']:.0f}" if "step_images_per_s" in row else ""),
+              flush=True)
     print(_write(args, rows, folder_md, tabulate, finished=True))
     return 0
+
+
+def _measure(args, name: str, vitb16: list[str], path_name: str, cfg: dict) -> dict:
+    """One row of the table: ``args.rounds`` alternating rounds of the trainer and the step alone (and the
+    official step, where asked), then the loader alone; medians over the rounds."""
+    from ssl_bench.throughput import loader_alone, step_alone
+    from ssl_bench.trainer import pretrain
+    from ssl_bench_app.official_speed import has_official, official_step_alone
+
+    # images/s covers the training loop only; one-off set-up (e.g. a tokenizer in prepare()) is in setup_and_run_s
+    trainer, waits, steps, totals, official = [], [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            t0 = time.perf_counter()
+            record = pretrain(cfg, Path(tmp) / f"run{r}")
+            totals.append(time.perf_counter() - t0)
+            trainer.append(record["images_per_s"])
+            waits.append(record["data_share"])
+            cfg = record["config"]  # prepare() may have written files (a tokenizer) later rounds and the step reuse
+            if not args.no_limits:
+                steps.append(step_alone(cfg, args.limit_steps))
+                if args.official_code and has_official(name):
+                    official.append(official_step_alone(cfg, args.official_code, args.limit_steps))
+        limits = {"loader_images_per_s": loader_alone(cfg, args.limit_steps)} if not args.no_limits else {}
+    row = {"method": name, "data_path": path_name, "images_per_s": median(trainer), "rounds": args.rounds, "vitb16_overrides": vitb16,
+           "trainer_images_per_s_rounds": trainer, "data_share": median(waits), "data_share_rounds": waits, "steps": record["steps"], "batch": record["effective_batch"],
+           "setup_and_run_s": totals[0], **limits}
+    if steps:
+        step_rates = [s["step_images_per_s"] for s in steps]
+        row.update({k: v for k, v in steps[-1].items() if k != "step_images_per_s"}, step_images_per_s=median(step_rates),
+                   step_images_per_s_rounds=step_rates,
+                   trainer_over_step=median([t / s for t, s in zip(trainer, step_rates)]))
+        if row.get("flops_per_step"):  # MFU at the median step rate
+            row["mfu"] = median([s["mfu"] for s in steps])
+        if official:
+            rates = [o["images_per_s"] for o in official]
+            row.update(official_step_images_per_s=median(rates), official_step_images_per_s_rounds=rates,
+                       official_step_compiled=official[-1]["compiled"],
+                       step_over_official=median([s / o for s, o in zip(step_rates, rates)]),
+                       trainer_over_official=median([t / o for t, o in zip(trainer, rates)]))
+    return row
 
 
 def _write(args, rows: list[dict], folder_md: str, tabulate, finished: bool) -> str:
@@ -196,7 +212,7 @@ def vitb16_overrides(method_cls: type, preset: str) -> list[str]:
     """The official codes' ViT-B/16 configuration for one method: ``VITB16``, and the method's options back at
     their defaults (the published ViT-B values) wherever ``preset``'s recipe scales them down for a small
     backbone (MAE's decoder is 256 wide x 4 blocks at ``full``, 512 x 8 in the official figures)."""
-    from ssl_bench.config import resolve_config
+    from ssl_bench.config import comma_list, resolve_config
 
     defaults = method_cls.option_defaults()
     scaled = resolve_config(method_cls, preset)["method"]
