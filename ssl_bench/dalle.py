@@ -11,7 +11,9 @@ per 16 x 16 patch. Nothing is downloaded: a user who has the file passes
 sidecar, ``RUN_DIR/tokenizer/dalle.json``, naming the file, its sha256 and the run's image geometry and
 normalization, and the run's config becomes ``method.tokenizer=dalle:SIDECAR``. This is the one file the suite
 unpickles (a pickled module can run code when loaded), so it loads only through the ``dalle:`` prefix, and
-only while the file still has the sha256 it had when the run started. The adapter generalises the half-resolution rule to
+only while the file still has the sha256 it had when the run started. ``ssl-bench pretrain`` unpickles it only
+where its own command line names the file: ``method.tokenizer=dalle:FILE`` for a new run, ``--trust-pickle FILE``
+where the value comes from a config file or a resumed run (a run folder from elsewhere must not run code). The adapter generalises the half-resolution rule to
 any patch grid: the image is resized to (grid x 8) pixels, so the encoder's token grid is the ViT's.
 """
 from __future__ import annotations
@@ -104,6 +106,19 @@ def is_sidecar(path: str | Path) -> bool:
         return json.loads(path.read_text()).get("format") == SIDECAR_FORMAT
     except (OSError, ValueError):
         return False
+
+
+def pickled_encoder(tokenizer_choice) -> Path | None:
+    """The file a ``method.tokenizer`` value would unpickle: the encoder of ``dalle:ENCODER`` or the one a
+    ``dalle:SIDECAR`` names (the sidecar itself is JSON, read without running anything); None for any other value."""
+    from ssl_bench.tokenizer import DALLE_PREFIX
+
+    if not str(tokenizer_choice or "").startswith(DALLE_PREFIX):
+        return None
+    target = Path(str(tokenizer_choice)[len(DALLE_PREFIX):]).expanduser()
+    if is_sidecar(target):
+        target = Path(str(json.loads(target.read_text()).get("encoder", "")))
+    return target.resolve()
 
 
 def load_sidecar(path: str | Path) -> DalleTokenizer:

@@ -87,3 +87,31 @@ def test_bad_dalle_files_are_one_line_errors(tmp_path):
         del sys.modules["absent_dalle_package"]
     with pytest.raises(UserError, match="pip install DALL-E"):
         dalle.load_encoder_file(tmp_path / "foreign.pkl")
+
+
+def test_a_pickle_named_only_by_a_file_is_never_unpickled(tmp_path, capsys):
+    """A run folder or config file from elsewhere cannot make pretrain unpickle: a dalle: tokenizer that this
+    command line does not name (a resumed run's sidecar, a --config file's value) is refused in one line
+    before anything loads, and --trust-pickle naming that very file allows it."""
+    from ssl_bench_app.cli import main
+
+    loaded = tmp_path / "LOADED"
+
+    class Marker:  # unpickling it writes a file: the stand-in for code a pickle runs
+        def __reduce__(self):
+            return (open, (str(loaded), "w"))
+
+    torch.save(Marker(), tmp_path / "encoder.pkl")
+    sidecar = tmp_path / "dalle.json"
+    sidecar.write_text(json.dumps({"format": dalle.SIDECAR_FORMAT, "encoder": str(tmp_path / "encoder.pkl"), "img_size": 28,
+                                   "patch_size": 7, "in_chans": 1, "mean": [0.5], "std": [0.5], "data": "fashion_mnist"}))
+    (tmp_path / "cfg.toml").write_text(f'method_name = "beit"\n[method]\ntokenizer = "dalle:{sidecar}"\n')
+    common = ["pretrain", "--preset", "smoke", "--out", str(tmp_path / "run"), "train.max_steps=1", "train.progress=false"]
+    assert main([*common, "--config", str(tmp_path / "cfg.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "asks to unpickle the DALL-E encoder" in err and f"--trust-pickle {tmp_path / 'encoder.pkl'}" in err and err.count("\n") == 1
+    assert main([*common, "--config", str(tmp_path / "cfg.toml"), "--trust-pickle", str(tmp_path / "other.pkl")]) == 2
+    assert not loaded.exists() and not (tmp_path / "run").exists()
+    # named on the command line: it is unpickled (and, not being a module, refused after)
+    assert main([*common, "--config", str(tmp_path / "cfg.toml"), "--trust-pickle", str(tmp_path / "encoder.pkl")]) != 0
+    assert loaded.exists()

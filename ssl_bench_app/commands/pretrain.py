@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<method>-<data>-<preset>-<time>)")
     p.add_argument("--seed", type=int, default=None, help="shorthand for seed=N")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
+    p.add_argument("--trust-pickle", default=None, metavar="FILE",
+                   help="allow unpickling this DALL-E encoder where a config file or the resumed run names it "
+                        "(unpickling runs any code the file holds: only for OpenAI's own file)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5 model.arch=vit_small")
     add_launcher_args(p)
     p.set_defaults(func=run)
@@ -73,10 +76,31 @@ def resumed_config(args) -> dict:
     return cfg
 
 
+def check_pickle_trusted(cfg: dict, args) -> None:
+    """A DALL-E tokenizer unpickles its encoder, which runs any code the file holds: it loads only where this
+    command line names that file, by a ``method.tokenizer=dalle:`` override or by ``--trust-pickle``, never
+    because a config file or a run's run.json (perhaps from someone else) asks for it."""
+    from ssl_bench.dalle import pickled_encoder
+    from ssl_bench.errors import UserError
+
+    encoder = pickled_encoder(cfg["method"].get("tokenizer"))
+    if encoder is None:
+        return
+    named = [o.split("=", 1)[1] for o in args.overrides if o.split("=", 1)[0].strip() == "method.tokenizer"]
+    if named and pickled_encoder(named[-1]) == encoder:
+        return
+    if args.trust_pickle and Path(args.trust_pickle).expanduser().resolve() == encoder:
+        return
+    source = f"the run in {args.out}" if args.resume else f"--config {args.config}"
+    raise UserError(f"{source} asks to unpickle the DALL-E encoder {encoder}, and unpickling runs any code the file holds; "
+                    f"if it is OpenAI's file and you trust it, add --trust-pickle {encoder}")
+
+
 def run(args) -> int:
     from ssl_bench.trainer import pretrain
 
     cfg = resumed_config(args) if args.resume else resolve(args)
+    check_pickle_trusted(cfg, args)
     method = cfg["method_name"]
     out = Path(args.out or f"runs/{method}-{cfg['data']['name']}-{cfg['preset']}-{time.strftime('%Y%m%d-%H%M%S')}")
     record = run_job(args, pretrain, cfg, out, resume=args.resume, name=f"pretrain-{method}", log_dir=str(out), run_dir=out, resumable=True)
