@@ -41,6 +41,18 @@ def make_folder(path: str | Path, option: str | None = None) -> Path:
     return path
 
 
+def check_can_make(path: str | Path, option: str | None = None) -> None:
+    """Whether ``make_folder(path)`` would succeed, without making anything: for a command that writes its
+    folder only at the end, so that a bad one is one line before the work, not after it."""
+    path = Path(path).absolute()
+    fix = f"pass {option} a folder you can write to" if option else "check that you can write to its parent"
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise WriteFailed(f"cannot create folder {path}: {ancestor} is a file; {fix}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WriteFailed(f"cannot create folder {path}: no permission to write to {ancestor}; {fix}")
+
+
 def fsync_dir(directory: str | Path) -> None:
     """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory's data)."""
     fd = os.open(directory, os.O_RDONLY)

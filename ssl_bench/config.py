@@ -186,7 +186,7 @@ AMP_CHOICES = ("auto", "bf16", "none")  # ssl_bench.runtime.autocast
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
 # The allowed values of the common config keys (a method adds its own with ``Method.option_checks``).
 CHECKS: dict[str, Check] = {
-    "seed": Check(0, integer=True),
+    "seed": Check(0, 2**31 - 1, integer=True),  # seeds torch, numpy and Python alike (numpy's limit is 2**32)
     "data.subset": Check(1, integer=True, none_ok=True),
     "data.img_size": Check(1, integer=True, none_ok=True),
     "data.num_workers": Check(0, integer=True),
@@ -318,6 +318,8 @@ def read_config_file(path: str | Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}; pass an existing .toml, .yaml or .json file (or a run's run.json)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8 (.toml, .yaml or .json)") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ssl_bench.atomic import check_can_make
+from ssl_bench.config import CHECKS, Check
 from ssl_bench.errors import UserError
 from ssl_bench.progress import StepProgress
 from ssl_bench.tokenizer import (
@@ -54,7 +56,7 @@ TOKENIZER_PRESETS: dict = {
 
 def tokenizer_config(preset: str = "quick", overrides=()) -> dict:
     """Defaults < the pretraining preset's data/model keys < the tokenizer preset < overrides."""
-    from ssl_bench.config import CHECKS, PRESETS, apply_overrides, check_config, deep_merge
+    from ssl_bench.config import PRESETS, apply_overrides, check_config, deep_merge
 
     if preset not in TOKENIZER_PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(TOKENIZER_PRESETS)}")
@@ -65,8 +67,22 @@ def tokenizer_config(preset: str = "quick", overrides=()) -> dict:
     cfg = deep_merge(deep_merge(TOKENIZER_DEFAULTS, shared), TOKENIZER_PRESETS[preset])
     cfg["preset"] = preset
     cfg = apply_overrides(cfg, list(overrides))
-    check_config(cfg, {"train.progress": CHECKS["train.progress"]})
+    check_config(cfg, TOKENIZER_CHECKS | {key: CHECKS[key] for key in SHARED_CHECKS})
     return cfg
+
+
+# what a tokenizer config may hold: the keys it shares with pretraining are checked as pretraining checks them
+SHARED_CHECKS = ("seed", "data.subset", "data.img_size", "data.num_workers", "model.patch_size", "train.batch_size",
+                 "train.weight_decay", "train.log_every", "train.progress", "train.device")
+
+
+TOKENIZER_CHECKS = {
+    "tokenizer.vocab_size": Check(2, integer=True), "tokenizer.hidden_dim": Check(1, integer=True),
+    "tokenizer.code_dim": Check(1, integer=True), "tokenizer.num_res_blocks": Check(0, integer=True),
+    "tokenizer.ema_decay": Check(0, 1, hi_open=True), "tokenizer.restart_threshold": Check(0),
+    "train.steps": Check(1, integer=True), "train.lr": Check(0, lo_open=True), "train.commitment": Check(0),
+    "train.holdout": Check(1, integer=True),
+}
 
 
 @torch.no_grad()
@@ -134,7 +150,7 @@ def train_tokenizer(data: str, data_root: str | None, out_dir, preset: str = "qu
     out = Path(out_dir)
     if (out / TOKENIZER_FILE).exists():
         raise UserError(f"{out} already holds a tokenizer ({TOKENIZER_FILE}); choose a new --out or use it as it is")
-    # out/ is created only when the tokenizer is saved: a failed run leaves nothing behind
+    check_can_make(out, "--out")  # out/ is created only when the tokenizer is saved: a failed run leaves nothing behind
     train = cfg["train"]
     device = resolve_device(train["device"])
     seed_everything(cfg["seed"])

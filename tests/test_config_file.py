@@ -90,3 +90,6 @@ def test_missing_or_unsupported_config_file(capsys, tmp_path):
     (tmp_path / "cfg.ini").write_text("[train]\n")
     code, _, err = run_cli(capsys, "pretrain", "--config", str(tmp_path / "cfg.ini"))
     assert_one_line_error(code, err, "must end in .toml, .yaml, .yml or .json")
+    (tmp_path / "latin1.toml").write_bytes('method_name = "mae"  # caf\xe9\n'.encode("latin-1"))
+    code, _, err = run_cli(capsys, "pretrain", "--config", str(tmp_path / "latin1.toml"))
+    assert_one_line_error(code, err, "is not UTF-8 text")

@@ -59,6 +59,9 @@ def test_bad_profiles_are_one_line(tmp_path):
         launch.load_cluster("local", ["nodes=two"])
     with pytest.raises(UserError, match="time='soon'"):
         launch.load_cluster("local", ["time=soon"])
+    bad.write_bytes(b"partition = '\xa1gpu'\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        launch.load_cluster(str(bad))
 
 
 def test_unknown_cluster_on_the_command_line(capsys, tmp_path):

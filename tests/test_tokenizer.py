@@ -1,4 +1,6 @@
 """The discrete tokenizer: one token per ViT patch, learnt without labels, saved and loaded exactly."""
+import re
+
 import pytest
 import torch
 
@@ -130,6 +132,23 @@ def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'tokenizer.vocab'" in err and "vocab_size" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("tokenizer.vocab_size=0", "an integer >= 2"), ("train.batch_size=0", "an integer >= 1"), ("data.subset=0", "an integer >= 1"),
+    ("train.holdout=0", "an integer >= 1"), ("train.steps=0", "an integer >= 1"), ("train.steps=1e9", "an integer >= 1"),
+    ("seed=99999999999999999999", "an integer in [0, 2147483647]"), ("tokenizer.ema_decay=1", "a number in [0, 1)"),
+])
+def test_tokenizer_values_out_of_range_are_one_line_before_training(override, allowed):
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=re.escape(f"config key '{key}' takes {allowed}")):
+        tt.tokenizer_config("smoke", [override])
+
+
+def test_an_unusable_out_is_one_line_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "file" / "t"), "--preset", "smoke", "train.steps=100000"]) == 2
+    assert "is a file; pass --out a folder you can write to" in capsys.readouterr().err
 
 
 def test_tokenizer_takes_the_trainers_progress_modes(tmp_path, capsys):

@@ -149,6 +149,8 @@ def load_cluster(name: str | None = None, overrides: list[str] | tuple[str, ...]
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"cluster profile {path} is not valid TOML ({exc}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"cluster profile {path} is not UTF-8 text; save it as UTF-8 TOML") from None
     values = {k: (list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d) for k, (_, d, _) in PROFILE_KEYS.items()}
     for key, value in raw.items():
         values[key] = _coerce(key, value, str(path))
