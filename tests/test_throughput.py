@@ -44,6 +44,8 @@ def test_a_method_list_naming_nothing_is_a_one_line_error(tmp_path, capsys):
     code = main(["throughput", "--preset", "smoke", "--methods", " , ,", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "names no method" in err and not list(tmp_path.iterdir())
+    assert main(["throughput", "--preset", "smoke", "--loader-only", "--out", str(tmp_path / "x")]) == 2
+    assert "--loader-only is the image folder's loader table" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 STANDIN = Path(__file__).parent / "fixtures" / "official_standin"  # the official repositories' entry points, tiny

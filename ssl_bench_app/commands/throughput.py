@@ -66,6 +66,9 @@ def run(args) -> int:
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.loader_only and args.data != "imagefolder":
+        raise UserError("--loader-only is the image folder's loader table: add --data imagefolder --root DIR "
+                        "(for an in-memory data set, the main table has a loader column)")
     make_folder(args.out, "--out")  # before any measurement, not after the first
     if args.synthetic_vitb16:
         args.data, args.vitb16 = "synthetic", True
