@@ -91,6 +91,7 @@ class BEiT(Method):
             "model": {**ENCODER, "drop_path": 0.1},
         },
     }
+    prepare_rewrites = ("method.tokenizer",)  # prepare() trains or sets up the tokenizer "auto" / "dalle:" names
 
     def __init__(
         self, backbone: ViTBackbone, tokenizer: str | Tokenizer = "auto", mask_ratio: float = 75 / 196, init: str = "beit"
@@ -118,6 +119,7 @@ class BEiT(Method):
             nn.init.trunc_normal_(self.mask_token, std=0.02)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
 
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:

@@ -165,6 +165,7 @@ class CAE(Method):
             "model": {"drop_path": 0.1, "layer_scale": 0.1},
         },
     }
+    prepare_rewrites = ("method.tokenizer",)  # prepare() trains or sets up the tokenizer "auto" / "dalle:" names
 
     def __init__(
         self,
@@ -225,6 +226,7 @@ class CAE(Method):
         return set()  # the official optimizer exempts biases and norms only (1-D parameters)
 
     # -- targets -----------------------------------------------------------------------------------
+
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:
         """Token targets need a tokenizer: ``method.tokenizer="auto"`` trains one into ``run_dir/tokenizer/``

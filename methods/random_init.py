@@ -30,10 +30,12 @@ class RandomInit(Method):
     family = CONTROL_FAMILY
     pretrains = False
     option_checks = {"init": Check(choices=INIT_SCHEMES)}
+    prepare_rewrites = ("train.max_steps",)  # prepare() sets no training steps
 
     def __init__(self, backbone: ViTBackbone, init: str = "mae"):
         super().__init__(backbone)
         backbone.init_weights(init)
+
 
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:

@@ -50,6 +50,9 @@ class Method(nn.Module):
     # option name -> allowed values, checked where the config is resolved: ``(lo, hi)`` for a number in
     # [lo, hi], or a ``ssl_bench.config.Check`` (open ends, integers, choices), e.g. {"mask_ratio": (0.0, 1.0)}
     option_checks: ClassVar[dict[str, Any]] = {}
+    # config keys ("section.key") that ``prepare`` may rewrite (a tokenizer path for "auto"): compared with an
+    # earlier run's requested config, not with the config it ran (``ssl_bench.rundir.config_conflicts``)
+    prepare_rewrites: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: ViTBackbone):
         super().__init__()

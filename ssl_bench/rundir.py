@@ -104,6 +104,35 @@ def saved_config(run_dir: str | Path) -> dict:
                     f"pass the --out directory of an interrupted `ssl-bench pretrain`")
 
 
+# Keys that change how a run is watched or where it reads from, not what it computes.
+NOT_COMPARED = ("data.root", "data.num_workers", "train.progress", "train.log_every", "train.ckpt_every", "train.device",
+                "train.wandb", "train.wandb_project")
+
+
+def config_conflicts(run_dir: str | Path, cfg: dict, prepare_rewrites=()) -> list[str]:
+    """How the run in ``run_dir`` was configured otherwise than ``cfg`` asks: "key: run value -> asked value"
+    for each difference, compared with the run's requested config (before ``prepare``; for runs from before that
+    record, its resolved config without the keys in ``prepare_rewrites``). Keys one of the two configs lacks (a
+    key added since) and ``NOT_COMPARED`` are left out. Empty when nothing is recorded yet."""
+    import json
+
+    record = read_json(Path(run_dir) / RECORD_NAME) if (Path(run_dir) / RECORD_NAME).exists() else {}
+    saved = record.get("requested_config") or record.get("config")
+    if not isinstance(saved, dict):
+        return []
+    skip = set(NOT_COMPARED) | (set() if record.get("requested_config") else set(prepare_rewrites))
+    ran, asked = _flat(saved), _flat(json.loads(json.dumps(cfg)))  # tuples as lists, as stored
+    keys = sorted(asked, key=lambda k: "." in k)  # top-level ones first (the preset, the seed), then in config order
+    return [f"{key}: {ran[key]!r} -> {asked[key]!r}" for key in keys if key in ran and key not in skip and ran[key] != asked[key]]
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 # -- evaluation records ---------------------------------------------------------------------------
 def eval_stem(protocol: str, data: str, preset: str, mode: str | None = None) -> str:
     """``<protocol>-<data>-<preset>``, plus ``-fast`` for a fast-mode probe (modes never share a record name):

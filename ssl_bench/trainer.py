@@ -68,12 +68,14 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
     run_dir = prepare_run_dir(out_dir, resume) if dist_info.is_main else Path(out_dir)
     if resume and dist_info.is_main:
         remove_stale_temps(run_dir)  # what a killed run was writing when it died
+    requested = cfg  # as asked for, before prepare(): what a later sweep on this directory must ask for again
     if resume and (run_dir / RECORD_NAME).exists():
         previous = read_json(run_dir / RECORD_NAME)
         if previous.get("status") == "finished":
             return previous  # e.g. a requeued job whose run had already completed
         if previous.get("config") is not None:
             cfg = previous["config"]  # a resumed run continues with the config it started with
+            requested = previous.get("requested_config")  # (none in runs from before the key)
     if dist_info.world_size > 1:
         torch.distributed.barrier()
 
@@ -152,6 +154,7 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         "world_size": dist_info.world_size,
         "num_params": sum(p.numel() for p in method.parameters()),
         "config": cfg,
+        "requested_config": requested,
         "hardware": hardware(),
         "git_commit": git_commit(),
         "started": now_iso(),

@@ -113,7 +113,7 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
     from ssl_bench.config import resolve_config
     from ssl_bench.data.datasets import DATASETS
     from ssl_bench.registry import get_method
-    from ssl_bench.rundir import run_state
+    from ssl_bench.rundir import config_conflicts, run_state
 
     method_names = split_list(methods, "methods")
     seeds = seeds if seeds is not None else DEFAULT_SEEDS.get(preset, "0")
@@ -134,6 +134,11 @@ def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | N
             cfg = resolve_config(cls, preset, [*base, *overrides, f"seed={seed}"])
             run_dir = out / f"{name}-s{seed}"
             spec = RunSpec(name, seed, cfg, run_dir, run_state(run_dir))
+            conflicts = config_conflicts(run_dir, cfg, cls.prepare_rewrites) if spec.state in ("finished", "resumable") else []
+            if conflicts:  # reusing it would put another configuration's numbers under this one's name
+                shown = "; ".join(conflicts[:3]) + (f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+                raise UserError(f"{run_dir} holds a run made with other settings ({shown}); pass a new --out, "
+                                f"or the settings it was made with to reuse it")
             spec.evals = [
                 EvalSpec(p, f"eval/{run_dir.name}/{p}", spec.state == "finished" and eval_done(run_dir, p, data, preset, eval_cfg[p]))
                 for p in protocol_list if cls.protocols is None or p in cls.protocols

@@ -59,6 +59,7 @@ def test_beit_pretrains_on_a_dalle_encoder_file(tmp_path):
     assert record["status"] == "finished"
     sidecar = out / "tokenizer" / "dalle.json"
     assert record["config"]["method"]["tokenizer"] == f"dalle:{sidecar.resolve()}"  # the explicit prefix is kept
+    assert record["requested_config"]["method"]["tokenizer"] == f"dalle:{tmp_path / 'encoder.pkl'}"  # as asked, before prepare()
     tok = load_tokenizer(f"dalle:{sidecar}")
     assert isinstance(tok, dalle.DalleTokenizer) and tok.vocab_size == 600 and tok.num_patches == 16
     assert json.loads(sidecar.read_text())["mean"] == [pytest.approx(0.286, abs=1e-3)]  # Fashion-MNIST's normalization

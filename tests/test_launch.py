@@ -271,6 +271,35 @@ def test_sweep_skip_rules(tmp_path):
     assert [e.done for e in sweep.runs[0].evals] == [True]
 
 
+def test_a_sweep_never_reuses_a_run_made_with_other_settings(tmp_path):
+    """A finished or resumable run is reused only if it was asked for with the settings the sweep asks for now
+    (another preset or override is refused in one line, naming the difference); keys that change how a run is
+    watched, not what it computes, may differ. Runs from before requested configs were recorded compare their
+    resolved config without the keys their method's prepare() rewrites (BEiT's tokenizer path for "auto")."""
+    from ssl_bench.config import resolve_config
+    from ssl_bench.registry import get_method
+    from ssl_bench_app.sweep import plan
+
+    def finished_run(name, overrides, requested=True, ran=None):
+        cfg = resolve_config(get_method(name), "smoke", ["data.name=fashion_mnist", *overrides, "seed=0"])
+        record = {"status": "finished", "config": ran or cfg, **({"requested_config": cfg} if requested else {})}
+        (tmp_path / f"{name}-s0").mkdir(exist_ok=True)
+        (tmp_path / f"{name}-s0" / "run.json").write_text(json.dumps(record))
+
+    finished_run("mae", ["train.max_steps=2"])
+    assert plan("mae", "0", "knn", "fashion_mnist", None, "smoke", tmp_path, ["train.max_steps=2", "train.progress=off"]).runs[0].state == "finished"
+    with pytest.raises(UserError, match=r"mae-s0 holds a run made with other settings \(train.max_steps: 2 -> 3\); pass a new --out"):
+        plan("mae", "0", "knn", "fashion_mnist", None, "smoke", tmp_path, ["train.max_steps=3"])
+    with pytest.raises(UserError, match=r"preset: 'smoke' -> 'quick'"):
+        plan("mae", "0", "knn", "fashion_mnist", None, "quick", tmp_path, ["train.max_steps=2"])
+    auto = resolve_config(get_method("beit"), "smoke", ["data.name=fashion_mnist", "seed=0"])
+    ran = {**auto, "method": {**auto["method"], "tokenizer": str(tmp_path / "beit-s0" / "tokenizer" / "tokenizer.pt")}}
+    finished_run("beit", [], requested=False, ran=ran)  # a record from before requested_config
+    assert plan("beit", "0", "knn", "fashion_mnist", None, "smoke", tmp_path).runs[0].state == "finished"
+    with pytest.raises(UserError, match="method.mask_ratio"):
+        plan("beit", "0", "knn", "fashion_mnist", None, "smoke", tmp_path, ["method.mask_ratio=0.5"])
+
+
 def test_local_sweep_runs_then_skips_what_is_done(capsys, tmp_path):
     out = tmp_path / "sweep"
     argv = ["sweep", "--launcher", "local", "--methods", "mae", "--seeds", "0", "--protocols", "knn", "--preset", "smoke",
