@@ -34,7 +34,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"checkpoint {path} not found; has the run saved one yet (train.ckpt_every)?")
     ckpt = load_torch_file(path, "checkpoint", "rerun or resume from an intact copy", allow=LEGACY_NUMPY_GLOBALS,
                            unsafe_hint=f"; if it is an ssl-bench checkpoint you trust: ssl-bench convert-checkpoint --trust {path}")
-    if isinstance(ckpt, dict) and ckpt.get("rng") is not None:
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not an ssl-bench checkpoint; rerun or resume from an intact copy")
+    if ckpt.get("rng") is not None:
         ckpt["rng"] = rng_state_to_plain(ckpt["rng"])  # an earlier version's numpy/python tuples
     return ckpt
 
@@ -151,11 +153,21 @@ def load_encoder(run_dir: str | Path) -> tuple[ViTBackbone, dict]:
     record = read_run(run_dir)
     path = Path(run_dir) / CHECKPOINT_NAME
     ckpt = load_checkpoint(path)
-    sig = ckpt.get("signature")
-    if not sig or "encoder" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("signature"), dict) or not isinstance(ckpt.get("encoder"), dict):
         raise UserError(f"checkpoint {path} has no encoder weights; it was not written by ssl-bench pretrain")
-    encoder = build_encoder(sig)
-    encoder.load_state_dict(ckpt["encoder"])
+    if ckpt.get("method") != record.get("method"):
+        raise UserError(f"checkpoint {path} is of a {ckpt.get('method')} run, but {RECORD_NAME} beside it records {record.get('method')}; "
+                        f"the run directory mixes two runs: put back its own checkpoint")
+    if isinstance(record.get("arch"), dict):
+        check_signature(ckpt["signature"], record["arch"], path)
+    try:
+        encoder = build_encoder(ckpt["signature"])
+        encoder.load_state_dict(ckpt["encoder"])
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # a signature or weights that do not describe an encoder
+        raise UserError(f"checkpoint {path} is corrupt: its encoder weights do not fit its own description ({exc.__class__.__name__}); "
+                        f"rerun or resume from an intact copy") from None
     return encoder.eval(), record
 
 

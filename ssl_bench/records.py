@@ -55,14 +55,20 @@ def write_json_new(directory: str | Path, stem: str, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> dict:
+    """A record (a JSON object) written by this suite; one line for a missing, unreadable or malformed file."""
     path = Path(path)
     try:
         with open(path) as f:
-            return json.load(f)
+            record = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} not found; is this a run directory written by `ssl-bench pretrain`?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is corrupt ({exc.__class__.__name__}: {exc}); rerun the step that wrote it") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}; is this a run directory written by `ssl-bench pretrain`?") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is corrupt (a JSON {type(record).__name__}, not a record); rerun the step that wrote it")
+    return record
 
 
 def git_commit() -> str | None:

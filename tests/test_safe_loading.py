@@ -185,3 +185,33 @@ def test_convert_checkpoint_unpickles_only_when_trusted(run_copy, tmp_path, caps
     planted = path.read_bytes()
     assert main(["convert-checkpoint", str(path)]) == 2 and not marker.exists()
     assert "posix.system" in capsys.readouterr().err and path.read_bytes() == planted
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("list", "holds a list, not an ssl-bench checkpoint"),
+    ("other_method", "is of a simsiam run, but run.json beside it records mae"),
+    ("other_architecture", "is from another architecture (embed_dim: checkpoint 16 vs this run 32"),
+    ("weights_not_signature", "its encoder weights do not fit its own description"),
+    ("signature_word", "has no encoder weights"),
+])
+def test_a_checkpoint_that_does_not_fit_its_run_is_one_line(run_copy, tmp_path, capsys, damage, message):
+    """eval and export read the encoder only from the checkpoint its run.json describes: a swapped or malformed
+    checkpoint is one line naming the mismatch, never a traceback nor a record filed under the wrong method."""
+    path = run_copy / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    if damage == "list":
+        ckpt = [1, 2]
+    elif damage == "other_method":
+        ckpt["method"] = "simsiam"
+    elif damage == "other_architecture":
+        ckpt["signature"] = {**ckpt["signature"], "embed_dim": 16}
+    elif damage == "weights_not_signature":
+        ckpt["encoder"] = {k: v[..., :1] if v.ndim else v for k, v in ckpt["encoder"].items()}
+    else:
+        ckpt["signature"] = "hello"
+    torch.save(ckpt, path)
+    for command in (["eval", "--run", str(run_copy), "--protocol", "knn", *KNN], ["export", "--run", str(run_copy), "--out", str(tmp_path / "x")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (run_copy / "evals").exists() and not (tmp_path / "x").exists()
