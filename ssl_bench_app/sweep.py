@@ -176,13 +176,19 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
              for run in sweep.runs}
     clock = StageClock([kind for run in sweep.runs for kind in steps[id(run)]])
     failed = []
+
+    def report(key: str, exc: Exception) -> None:
+        print(f"{key}: failed: {exc}", flush=True)
+        failed.append(f"{key}: {exc}")
+        clock.finish()
+
     for run in sweep.runs:
         left = steps[id(run)]  # this run's stages not started yet
-        try:
-            # Each step runs under its lock and re-checks what is done once it holds it, so a second
-            # process on the same directory (two benches started by mistake) waits and then skips it.
-            if run.state != "finished":
-                clock.start(left.pop(0), f"{run.key}: pretraining")
+        # Each step runs under its lock and re-checks what is done once it holds it, so a second
+        # process on the same directory (two benches started by mistake) waits and then skips it.
+        if run.state != "finished":
+            clock.start(left.pop(0), f"{run.key}: pretraining")
+            try:
                 with locked(run.run_dir, "pretraining this run"):
                     run.state = state = run_state(run.run_dir)  # partial is refused here, under the lock
                     refuse_partial(run)
@@ -190,20 +196,23 @@ def run_inline(sweep: Sweep, launcher: str) -> list[str]:
                         print(f"{run.key}: finished meanwhile by another process; skipped", flush=True)
                     else:
                         call(pretrain, (run.cfg, run.run_dir), {"resume": state == RESUMABLE}, run.key, resume_dir=run.run_dir)
-            for ev in run.evals:
-                if not ev.done:
-                    clock.start(left.pop(0), f"{ev.key}: evaluating")
-                    stem = eval_stem(ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol].get("mode"))
-                    with locked(run.run_dir, f"evaluating {ev.protocol}", eval_lock_name(stem)):
-                        if eval_done(run.run_dir, ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol]):
-                            print(f"{ev.key}: recorded meanwhile by another process; skipped", flush=True)
-                        else:
-                            call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
-        except (UserError, TrainingDiverged) as exc:
-            print(f"{run.key}: failed: {exc}", flush=True)
-            failed.append(f"{run.key}: {exc}")
-            clock.finish()
-            clock.skip(left)
+            except (UserError, TrainingDiverged) as exc:
+                report(run.key, exc)
+                clock.skip(left)  # no evaluation without its pretraining
+                continue
+        for ev in run.evals:
+            if ev.done:
+                continue
+            clock.start(left.pop(0), f"{ev.key}: evaluating")
+            stem = eval_stem(ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol].get("mode"))
+            try:
+                with locked(run.run_dir, f"evaluating {ev.protocol}", eval_lock_name(stem)):
+                    if eval_done(run.run_dir, ev.protocol, sweep.data, sweep.preset, eval_cfg[ev.protocol]):
+                        print(f"{ev.key}: recorded meanwhile by another process; skipped", flush=True)
+                    else:
+                        call(evaluate, _eval_args(sweep, run, ev), {}, ev.key)
+            except (UserError, TrainingDiverged) as exc:  # the run's other evaluations go on
+                report(ev.key, exc)
     clock.finish()
     return failed
 
@@ -309,7 +318,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         failed = run_inline(sweep, args.launcher)
         if failed:
             more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-            raise UserError(f"{len(failed)} run(s) failed; first: {failed[0]}{more}; fix it and rerun the sweep: finished steps are skipped")
+            raise UserError(f"{len(failed)} step(s) failed; first: {failed[0]}{more}; fix it and rerun the sweep: finished steps are skipped")
     else:
         cluster = cluster_from_args(args)
         submitted = submit(sweep, cluster)

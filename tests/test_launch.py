@@ -316,3 +316,7 @@ def test_local_sweep_runs_then_skips_what_is_done(capsys, tmp_path):
     assert "1 runs and 1 evaluations already done" in text
     assert (out / "mae-s0" / "checkpoint.pt").stat().st_mtime_ns == stamp  # not trained again
     assert len(list((out / "mae-s0" / "evals").glob("knn-*.json"))) == 1  # not evaluated again
+    # a failed evaluation is named as such, and the run's other evaluations go on
+    code, text, err = run_cli(capsys, *argv[:-1], "--protocols", "knn,linear", "train.max_steps=2", "--eval-override", "knn.ks=(999999,)")
+    assert code == 2 and "eval/mae-s0/knn: failed: kNN asks for k=999999" in text and "pretrain/mae-s0: failed" not in text
+    assert "1 step(s) failed; first: eval/mae-s0/knn" in err and list((out / "mae-s0" / "evals").glob("linear-*.json"))
