@@ -320,3 +320,11 @@ def test_local_sweep_runs_then_skips_what_is_done(capsys, tmp_path):
     code, text, err = run_cli(capsys, *argv[:-1], "--protocols", "knn,linear", "train.max_steps=2", "--eval-override", "knn.ks=(999999,)")
     assert code == 2 and "eval/mae-s0/knn: failed: kNN asks for k=999999" in text and "pretrain/mae-s0: failed" not in text
     assert "1 step(s) failed; first: eval/mae-s0/knn" in err and list((out / "mae-s0" / "evals").glob("linear-*.json"))
+
+
+@pytest.mark.parametrize("content", ['{"jobs": 5}', '{"jobs": [1]}', '{"jobs": {"x": 5}}', '{"jobs": {"x": {"job_id": "1"}}}',
+                                     '{"jobs": {"x": {"job_id": "1", "folder": "f", "run_dir": 5}}}', '[1]'])
+def test_a_jobs_index_of_another_shape_is_one_line(capsys, tmp_path, content):
+    (tmp_path / "jobs.json").write_text(content)
+    code, _, err = run_cli(capsys, "status", "--results", str(tmp_path))
+    assert_one_line_error(code, err, "jobs.json is corrupt; delete it")

@@ -188,12 +188,23 @@ def record_jobs(index: Path, entries: dict[str, dict]) -> None:
 
 
 def read_index(index: Path) -> dict[str, dict]:
+    """``key -> entry`` of the index (``job_entry``'s fields); one line for a file not of that shape."""
     try:
-        return json.loads(Path(index).read_text()).get("jobs", {})
+        jobs = json.loads(Path(index).read_text()).get("jobs", {})
     except FileNotFoundError:
         return {}
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{index} is corrupt; delete it (the jobs themselves are unaffected) and resubmit") from None
+        jobs = None
+    if not isinstance(jobs, dict) or not all(_entry_ok(entry) for entry in jobs.values()):
+        raise UserError(f"{index} is corrupt; delete it (the jobs themselves are unaffected) and resubmit")
+    return jobs
+
+
+def _entry_ok(entry) -> bool:
+    texts = ("kind", "job_id", "launcher", "folder", "log", "err", "run_dir", "cluster", "submitted")
+    return (isinstance(entry, dict) and all(isinstance(entry.get(k), (str, type(None))) for k in texts)
+            and (entry.get("job_id") is None or isinstance(entry.get("folder"), str))
+            and all(isinstance(j, str) for j in entry.get("previous", [])))
 
 
 def job_entry(job, kind: str, cluster: ClusterSettings | None, **extra: Any) -> dict:
