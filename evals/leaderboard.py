@@ -118,8 +118,8 @@ def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, 
     for path in eval_records(run_dir):
         ev = _read(path)
         top1 = ev.get("top1") if ev else None
-        if not isinstance(top1, (int, float)) or not ev.get("protocol") or not math.isfinite(top1):
-            notes.append(f"skipped eval record {rel(path)}: unreadable or without a numeric top1")
+        if not _is_top1(top1) or not _texts(ev, ("protocol",), ("data", "preset", "mode")):
+            notes.append(f"skipped eval record {rel(path)}: unreadable, or without a top-1 in [0, 100] and its protocol")
             continue
         if ev.get("checkpoint_sha256") and checkpoint.is_file():
             current = current or file_sha256(checkpoint)
@@ -132,6 +132,27 @@ def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, 
         if col not in latest or rank > latest[col][0]:
             latest[col] = (rank, (float(top1), ev))
     return {col: v for col, (_, v) in latest.items()}
+
+
+def _is_top1(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 100
+
+
+def _texts(record: dict, required: tuple[str, ...], optional: tuple[str, ...]) -> bool:
+    """``required`` keys hold non-empty strings, ``optional`` ones a string or nothing."""
+    return (all(isinstance(record.get(k), str) and record[k] for k in required)
+            and all(isinstance(record.get(k), (str, type(None))) for k in optional))
+
+
+def _seed(record: dict):
+    """The run's seed (run.json's, else its config's): an int, a string (hand-written records), or None."""
+    config = record.get("config")
+    return record.get("seed", config.get("seed") if isinstance(config, dict) else None)
+
+
+def _seed_ok(record: dict) -> bool:
+    seed = _seed(record)
+    return seed is None or isinstance(seed, (int, str)) and not isinstance(seed, bool)
 
 
 def collect(results_dir: str | Path) -> Leaderboard:
@@ -148,13 +169,13 @@ def collect(results_dir: str | Path) -> Leaderboard:
     for path in sorted(root.rglob(RECORD_NAME)):
         run_dir = path.parent
         record = _read(path)
-        if record is None or not record.get("method") or not record.get("data"):
+        if record is None or not _texts(record, ("method", "data"), ("preset", "family")) or not _seed_ok(record):
             notes.append(f"skipped {rel(run_dir)}: run.json unreadable or incomplete")
             continue
         if record.get("status") != "finished":
             notes.append(f"skipped {rel(run_dir)}: status '{record.get('status')}', not finished")
             continue
-        seed = record.get("seed", (record.get("config") or {}).get("seed"))
+        seed = _seed(record)
         key = (record["data"], str(record.get("preset")), record["method"], seed)
         entry = (str(record.get("finished", "")), rel(run_dir), record, run_dir)
         if key in latest_per_seed:
@@ -187,7 +208,8 @@ def collect(results_dir: str | Path) -> Leaderboard:
                 if getattr(row, attr) is None:
                     setattr(row, attr, Stat([]))
                 getattr(row, attr).values.append(float(value))
-        summary = (record.get("hardware") or {}).get("summary")
+        hardware = record.get("hardware")
+        summary = hardware.get("summary") if isinstance(hardware, dict) and isinstance(hardware.get("summary"), str) else None
         if summary and summary not in row.hardware:
             row.hardware.append(summary)
 

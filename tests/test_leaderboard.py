@@ -184,3 +184,26 @@ def test_against_the_controls_needs_the_whole_spread_above(tmp_path):
     }
     text = (tmp_path / "leaderboard.md").read_text()
     assert "## Against the controls (random_init, raw_pixels)" in text and "| clear    | all         | none     | all        |" in text
+
+
+@pytest.mark.parametrize("run_fields, eval_fields", [
+    ({}, {"top1": True}), ({}, {"top1": -50}), ({}, {"top1": 1e308}), ({}, {"mode": ["x"]}), ({}, {"data": 7}),
+    ({"seed": [1]}, {}), ({"hardware": 5}, {}), ({"config": "x"}, {}), ({"preset": 3}, {}),
+])
+def test_records_with_wrongly_typed_fields_are_skipped_with_a_note(tmp_path, run_fields, eval_fields):
+    """Hand-edited or foreign records never crash the table nor enter it as numbers they are not."""
+    _scored_run(tmp_path, "mae", 0, "mim", {"knn": 80})
+    _scored_run(tmp_path, "odd", 0, "mim", {"knn": 70})
+    run = tmp_path / "odd-s0"
+    (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()), **run_fields}))
+    ev = run / "evals/knn-fashion_mnist-quick.json"
+    ev.write_text(json.dumps({**json.loads(ev.read_text()), **eval_fields}))
+    lb = collect(tmp_path)
+    odd = [r for r in lb.rows if r.method == "odd"]
+    assert [r.method for r in lb.rows if r.method == "mae"] == ["mae"]
+    if run_fields.keys() & {"seed", "preset"}:
+        assert not odd and any("skipped odd-s0" in n for n in lb.notes)
+    elif eval_fields:
+        assert not odd or not odd[0].top1 and any("skipped eval record odd-s0" in n for n in lb.notes)
+    else:
+        assert odd[0].top1["knn"].values == [70.0] and odd[0].hardware == []  # fields the table does not use
