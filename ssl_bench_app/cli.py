@@ -20,9 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a command's ``key=value`` overrides may also come after its options
+    (``--out DIR a=1 --seed 0 b=2``: argparse alone stops at the first option), and an option given an empty
+    value is refused rather than taken as "not given"."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    for name, value in vars(args).items():
+        if value == "" or isinstance(value, list) and "" in value:
+            what = "an override" if name == "overrides" else f"--{name.replace('_', '-')}"
+            parser.error(f"{what} is empty; give it a value or leave it out")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         return int(args.func(args) or 0)
     except (UserError, TrainingDiverged) as exc:

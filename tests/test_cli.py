@@ -152,3 +152,20 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(capsys
     out = tmp_path / "a-file" / "out"
     code, _, err = run_cli(capsys, *[str(mae_run) if a == "MAE_RUN" else a for a in command], "--out", str(out))
     assert_one_line_error(code, err, f"cannot create folder {out}", "--out")
+
+
+def test_overrides_may_follow_options_and_empty_values_are_refused(capsys, tmp_path):
+    """argparse alone rejects a key=value placed after an option, and takes --preset "" as no preset at all."""
+    code, text, err = run_cli(capsys, "pretrain", "--method", "mae", "--preset", "smoke", "train.max_steps=1", "--out",
+                              str(tmp_path / "r"), "train.progress=false", "data.subset=64")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["data"]["subset"] == 64
+    for argv, named in ((["pretrain", "--method", "mae", "--preset", ""], "--preset is empty"),
+                        (["pretrain", "--method", "mae", "--data-root", ""], "--data-root is empty"),
+                        (["sweep", "--methods", "mae", "--protocols", ""], "--protocols is empty"),
+                        (["pretrain", "--method", "mae", ""], "an override is empty"),
+                        (["pretrain", "--method", "mae", "--out", str(tmp_path / "s"), "--bogus"], "unrecognized arguments: --bogus")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
