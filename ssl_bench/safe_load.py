@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,12 +37,14 @@ def load_torch_file(path: str | Path, what: str, fix: str, allow: Sequence = (),
     """
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it in one line
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         names = unsafe_globals(path) or re.findall(r"Unsupported global: GLOBAL (\S+)", str(exc))[:1]
         if not names:  # not a pickle that names objects: garbage, truncated, or an opcode weights_only rejects
-            raise UserError(f"{what} {path} is corrupt or unreadable (UnpicklingError); {fix}") from None
+            raise UserError(f"{what} {path} is corrupt, or in an older pickle format that cannot be read without running it "
+                            f"(UnpicklingError); {fix}") from None
         raise UnsafeFileError(
             f"{what} {path} refused: loading it would unpickle Python objects ({', '.join(names[:5])}"
             f"{', ...' if len(names) > 5 else ''}), which can run code; only tensors and plain values are read{unsafe_hint}",

@@ -215,3 +215,14 @@ def test_a_checkpoint_that_does_not_fit_its_run_is_one_line(run_copy, tmp_path, 
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (run_copy / "evals").exists() and not (tmp_path / "x").exists()
+
+
+def test_an_older_pickle_format_is_one_line_and_never_unpickled(run_copy, tmp_path, capsys):
+    """torch's legacy (non-zip) format at pickle protocol 4 cannot be read safely: one line, no torch warning,
+    and a planted callable in it never runs."""
+    marker = tmp_path / "ran"
+    torch.save({"encoder": Planted(marker)}, run_copy / "checkpoint.pt", _use_new_zipfile_serialization=False, pickle_protocol=4)
+    assert main(["export", "--run", str(run_copy), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "in an older pickle format that cannot be read without running it" in err and err.count("\n") == 1, err
+    assert not marker.exists()
