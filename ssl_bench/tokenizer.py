@@ -220,9 +220,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"no tokenizer at {path}; {TRAIN_HINT}")
     fix = f"delete it and {TRAIN_HINT}"
     blob = load_torch_file(file, "tokenizer file", fix)  # tensors and plain values only: opening it runs no code
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:  # readable, but something else (a checkpoint?)
+        raise UserError(f"{file} is not an ssl-bench tokenizer file (another torch file); {TRAIN_HINT}")
     try:
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise ValueError("not an ssl-bench tokenizer file")
         tokenizer = Tokenizer(**blob["config"])
         tokenizer.load_state_dict(blob["state_dict"])
     except UserError:
