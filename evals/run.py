@@ -195,8 +195,11 @@ def make_context(run_dir: str | Path, data: str | None, data_root: str | None, p
     if not ckpt.is_file():
         raise UserError(f"checkpoint {ckpt} not found; the run directory is incomplete, rerun `ssl-bench pretrain`")
     f = cfg["features"]
+    run_data = record.get("data") or record["config"]["data"]["name"]
+    if data_root is None and (data or run_data) == run_data:  # the run's own data set: where the run read it
+        data_root = (record.get("config") or {}).get("data", {}).get("root")
     ctx = EvalContext(
-        run_dir=run_dir, record=record, data=data or record.get("data") or record["config"]["data"]["name"],
+        run_dir=run_dir, record=record, data=data or run_data,
         data_root=data_root, preset=preset, params={}, device=resolve_device(f["device"], "features.device"),
         checkpoint_sha256=file_sha256(ckpt), feature_cfg=f,
         cache_dir=Path(f["cache_dir"]) if f.get("cache_dir") else run_dir / FEATURES_DIR,

@@ -80,8 +80,13 @@ def read_run(run_dir: str | Path) -> dict:
     """The run record of a finished run directory; one clear error for anything else."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass the --out directory of `ssl-bench pretrain`")
+        state = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise UserError(f"run directory {run_dir} {state}; pass the --out directory of `ssl-bench pretrain`")
     record = read_json(run_dir / RECORD_NAME)
+    for key, kind in (("method", str), ("arch", dict), ("data_info", dict), ("config", dict)):
+        if key in record and not isinstance(record[key], kind):
+            raise UserError(f"{run_dir / RECORD_NAME} is corrupt: its '{key}' is a {type(record[key]).__name__}, not a "
+                            f"{'string' if kind is str else 'table'}; restore the run's own record or rerun it")
     if record.get("status") != "finished":
         raise UserError(f"run {run_dir} has status '{record.get('status')}', not finished; resume it with `ssl-bench pretrain --resume --out {run_dir}`")
     return record

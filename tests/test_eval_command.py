@@ -165,6 +165,11 @@ def test_missing_or_corrupt_runs_give_one_clear_line(tmp_path, fresh_run, capsys
 
     (empty / "run.json").write_text('{"status": "fini')
     assert "corrupt" in one_line_error(capsys, ["eval", "--run", str(empty), "--preset", "smoke"])
+    (empty / "run.json").write_text('[1, 2]')
+    assert "is corrupt (a JSON list, not a record)" in one_line_error(capsys, ["eval", "--run", str(empty), "--preset", "smoke"])
+    (empty / "run.json").write_text('{"status": "finished", "method": "mae", "arch": "x"}')
+    assert "its 'arch' is a str, not a table" in one_line_error(capsys, ["eval", "--run", str(empty), "--preset", "smoke"])
+    assert "is a file, not a directory" in one_line_error(capsys, ["eval", "--run", str(empty / "run.json"), "--preset", "smoke"])
 
     (fresh_run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert "corrupt" in one_line_error(capsys, ["eval", "--run", str(fresh_run), "--preset", "smoke", "--protocol", "knn"])
@@ -180,3 +185,19 @@ def test_bad_protocol_preset_or_override_gives_one_clear_line(mae_run, capsys):
     assert "unknown eval preset" in one_line_error(capsys, [*base, "--preset", "huge"])
     assert "knn.kk" in one_line_error(capsys, [*base, "--preset", "smoke", "knn.kk=3"])
     assert "takes a number, got 'bad'" in one_line_error(capsys, [*base, "--preset", "smoke", "finetune.probe_epochs=bad"])
+
+
+def test_a_folder_run_is_evaluated_on_its_own_folder_without_naming_it_again(tmp_path, capsys):
+    """eval reads the run's own data set where the run read it: an image-folder run needs no --data-root."""
+    from ssl_bench.data.jpeg_folder import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "data", images=40, size=(40, 32), classes=2)
+    (tmp_path / "data" / "val").mkdir()
+    shutil.copytree(tmp_path / "data" / "train" / "class_0000", tmp_path / "data" / "val" / "class_0000")
+    shutil.copytree(tmp_path / "data" / "train" / "class_0001", tmp_path / "data" / "val" / "class_0001")
+    assert main(["pretrain", "--method", "mae", "--preset", "smoke", "--data", "imagefolder", "--data-root", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run"), "data.img_size=28", "train.max_steps=1", "train.progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--protocol", "knn", "--preset", "smoke", "knn.ks=(3,)",
+                 "knn.train_size=20", "knn.heldout_size=10", "knn.test_size=10"]) == 0, capsys.readouterr().err
+    assert json.loads(next((tmp_path / "run" / "evals").glob("knn-*.json")).read_text())["data"] == "imagefolder"
