@@ -124,13 +124,19 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("method") != method_cls.name:
             raise UserError(f"checkpoint {ckpt_path} is from method '{ckpt.get('method')}', not '{method_cls.name}'; use another --out")
-        check_signature(ckpt["signature"], method.encoder.signature(), ckpt_path)
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, elapsed, history = ckpt["step"], ckpt["elapsed_s"], ckpt["history"]
-        logged = ckpt.get("logged", {})
-        monitor_state = ckpt.get("monitor")
-        set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        try:
+            check_signature(ckpt["signature"], method.encoder.signature(), ckpt_path)
+            method.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step, elapsed, history = int(ckpt["step"]), float(ckpt["elapsed_s"]), dict(ckpt["history"])
+            logged = ckpt.get("logged", {})
+            monitor_state = ckpt.get("monitor")
+            set_rng_state(ckpt["rng"][dist_info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as exc:  # a part missing or of another shape
+            raise UserError(f"checkpoint {ckpt_path} is corrupt: it does not hold what a run of this config saves "
+                            f"({exc.__class__.__name__}); resume from an intact copy, or start a new run with another --out") from None
 
     model = method
     if dist_info.world_size > 1:

@@ -77,6 +77,27 @@ def test_resume_from_a_planted_checkpoint_is_refused(run_copy, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["no_optimizer", "signature_word", "model_number", "step_list"])
+def test_resume_from_a_checkpoint_of_another_shape_is_one_line(run_copy, damage):
+    import json
+
+    record = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    ckpt = load_checkpoint(run_copy / "checkpoint.pt")
+    if damage == "no_optimizer":
+        del ckpt["optimizer"]
+    elif damage == "signature_word":
+        ckpt["signature"] = "hello"
+    elif damage == "model_number":
+        ckpt["model"] = 5
+    else:
+        ckpt["step"] = [1]
+    torch.save(ckpt, run_copy / "checkpoint.pt")
+    with pytest.raises(UserError, match="is corrupt: it does not hold what a run of this config saves") as err:
+        pretrain(record["config"], run_copy, resume=True)
+    assert "\n" not in str(err.value)
+
+
 def test_tokenizer_file_with_a_pickled_callable_is_refused(tmp_path):
     marker = tmp_path / "ran"
     tok = Tokenizer(img_size=28, patch_size=7, in_chans=1, vocab_size=8, hidden_dim=8, code_dim=4, num_res_blocks=1)
