@@ -159,7 +159,8 @@ def collect(results_dir: str | Path) -> Leaderboard:
     """Walk ``results_dir`` (any depth) for run directories and aggregate them."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise UserError(f"results directory {root} {'is a file' if root.exists() else 'does not exist'}; pass --results DIR holding run directories (e.g. results/)")
+        state = "is a file" if root.exists() else "does not exist"
+        raise UserError(f"results directory {root} {state}; pass --results DIR holding run directories (e.g. results/)")
 
     def rel(p: Path) -> str:
         return str(p.relative_to(root))

@@ -13,8 +13,10 @@ normalization, and the run's config becomes ``method.tokenizer=dalle:SIDECAR``. 
 unpickles (a pickled module can run code when loaded), so it loads only through the ``dalle:`` prefix, and
 only while the file still has the sha256 it had when the run started. ``ssl-bench pretrain`` unpickles it only
 where its own command line names the file: ``method.tokenizer=dalle:FILE`` for a new run, ``--trust-pickle FILE``
-where the value comes from a config file or a resumed run (a run folder from elsewhere must not run code). The adapter generalises the half-resolution rule to
-any patch grid: the image is resized to (grid x 8) pixels, so the encoder's token grid is the ViT's.
+where the value comes from a config file or a resumed run (a run folder from elsewhere must not run code).
+
+The adapter generalises the half-resolution rule to any patch grid: the image is resized to (grid x 8) pixels, so
+the encoder's token grid is the ViT's.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def find_indexes(root: Path) -> list[Path]:
     if root.is_file() and root.name == INDEX_NAME:
         return [root]
     if not root.is_dir():
-        raise UserError(f"{root} {'is a file' if root.exists() else 'does not exist'}; pass --results DIR, the directory of a sweep or of submitted runs")
+        state = "is a file" if root.exists() else "does not exist"
+        raise UserError(f"{root} {state}; pass --results DIR, the directory of a sweep or of submitted runs")
     found = sorted(root.rglob(INDEX_NAME))
     if not found:
         raise UserError(f"no {INDEX_NAME} under {root}: nothing was submitted there with `ssl-bench sweep` or `--launcher slurm`")
