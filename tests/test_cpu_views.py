@@ -7,6 +7,7 @@ that the wrong distribution fails (each was broken once by hand: e.g. a uniform 
 aspect ratio, a flip rate 15% low, a fixed jitter order, hue without wrap-around, no centre-crop fallback,
 replicated instead of reflected blur borders, bilinear instead of bicubic resizing)."""
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -270,3 +271,27 @@ def test_imagefolder_pretraining_batches_come_from_the_fast_path(tmp_path):
     path, _ = dataset.base[first]
     view = dataset.transform(path, sample_seed(cfg["seed"], 0, first))[1]  # the sample's seed; uint8 until normalised
     assert view.dtype == torch.uint8 and torch.equal(a["views"][1][0], dataset.transform.normaliser()(view[None])[0])
+
+
+def test_an_image_folder_test_split_is_its_own_folder_with_the_training_labels(tmp_path):
+    """The test split is val/ (or test/), never the training images; its labels are the training classes' (a
+    val/ lacking a class shifts no label); a class only val/ has, no val/ at all, or a FIFO among the images is
+    refused or skipped, never read as data."""
+    import os
+
+    from ssl_bench.data.datasets import imagefolder
+
+    write_jpeg_folder(tmp_path / "data", images=6, size=(16, 16), classes=3)
+    with pytest.raises(UserError, match="has no val/ \\(or test/\\) folder"):
+        imagefolder(str(tmp_path / "data"), "test")
+    with pytest.raises(UserError, match="has no val/"):
+        imagefolder(str(tmp_path / "data" / "train"), "test")  # root/<class> layout: pretraining only
+    (tmp_path / "data" / "val").mkdir()
+    shutil.copytree(tmp_path / "data" / "train" / "class_0002", tmp_path / "data" / "val" / "class_0002")
+    os.mkfifo(tmp_path / "data" / "val" / "class_0002" / "pipe.jpg")
+    test, info = imagefolder(str(tmp_path / "data"), "test")
+    assert info.num_classes == 3 and sorted(label for _, label in test.samples) == [2, 2]
+    assert all("/val/" in path for path, _ in test.samples)
+    (tmp_path / "data" / "val" / "class_0009").mkdir()
+    with pytest.raises(UserError, match="has classes the training images lack \\(class_0009\\)"):
+        imagefolder(str(tmp_path / "data"), "test")

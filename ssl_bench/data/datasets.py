@@ -176,21 +176,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 
 def imagefolder(root: str | None, split: str):
-    """``root/<split>/<class>/<image>`` (e.g. ImageNet's train/ and val/), or ``root/<class>/<image>``."""
+    """``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (ImageNet's layout; ``test/`` for ``val/``),
+    or ``root/<class>/<image>`` for pretraining alone. Labels follow the training classes' sorted names in every
+    split; the test split must be its own folder, never the training images."""
     if root is None or not os.path.isdir(root):
         raise UserError(f"imagefolder needs --data-root DIR with one sub-folder per class; got {root!r}")
     base = Path(root)
-    split_dir = {"pretrain": "train", "train": "train", "test": "val"}[split]
-    candidates = [split_dir, "test"] if split_dir == "val" else [split_dir]
-    folder = next((base / d for d in candidates if (base / d).is_dir()), base)
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    train = base / "train" if (base / "train").is_dir() else base
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not (train is base and d.name in ("val", "test")))
     if not classes:
-        raise UserError(f"no class sub-folders found under {folder}; expected {root}/train/<class>/<image> or {root}/<class>/<image>")
+        raise UserError(f"no class sub-folders found under {train}; expected {root}/train/<class>/<image> or {root}/<class>/<image>")
+    folder = train
+    if split == "test":
+        folder = next((base / d for d in ("val", "test") if (base / d).is_dir()), None)
+        if folder is None:
+            raise UserError(f"{root} has no val/ (or test/) folder: evaluation needs held-out images the encoder never trained on; "
+                            f"add {root}/val/<class>/<image> beside {root}/train/")
+        unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
+        if unknown:
+            raise UserError(f"{folder} has classes the training images lack ({', '.join(unknown[:3])}); "
+                            f"give val/ the class folders of {train}")
     samples = [
         (str(p), label)
         for label, cls in enumerate(classes)
+        if (folder / cls).is_dir()
         for p in sorted((folder / cls).rglob("*"))
-        if p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()  # (a FIFO or socket would block a reader)
     ]
     if not samples:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
