@@ -272,11 +272,20 @@ def parse_value(text: str) -> Any:
         return text
 
 
+TEXT_KEYS = ("data.root",)  # keys whose default is None but that take a path
+
+
 def _checked(key: str, current: Any, value: Any, raw: str) -> Any:
     """``value`` for a key now holding ``current``: a number stays a number and a switch a switch (None is
     always allowed), so a typo such as ``train.epochs=1o`` is a one-line error, not a crash deep in a run."""
     if value is None and isinstance(current, str):
         return "none"  # a key holding a word (train.amp, model.rel_pos_bias) takes none as that word, not as None
+    if isinstance(value, dict) or not isinstance(value, (str, int, float, list, tuple, type(None))):  # a table, a TOML date
+        raise UserError(f"config key '{key}' takes a single value, not a {'table' if isinstance(value, dict) else type(value).__name__}, got '{raw}'")
+    if key in TEXT_KEYS and not isinstance(value, (str, type(None))):
+        raise UserError(f"config key '{key}' takes a path, got '{raw}'")
+    if isinstance(current, str) and (isinstance(value, (list, tuple)) or isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise UserError(f"config key '{key}' takes a word, got '{raw}'")  # (words that also take true/false: train.compile)
     if value is None or current is None:
         return value
     if isinstance(current, bool):
@@ -361,7 +370,7 @@ def merge_config_file(cfg: dict, data: dict, source: str, prefix: str = "") -> d
         else:
             if isinstance(value, list) and isinstance(cfg[key], tuple):
                 value = tuple(value)  # JSON / TOML / YAML have lists where the defaults hold tuples
-            cfg[key] = _checked(name, cfg[key], value, json.dumps(value))
+            cfg[key] = _checked(name, cfg[key], value, json.dumps(value, default=str))
     return cfg
 
 

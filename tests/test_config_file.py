@@ -72,6 +72,10 @@ def test_config_files_set_keys_and_overrides_go_on_top(tmp_path, suffix, text):
     ('method_name = "mae"\n[train]\nepochs = "many"\n', ["'train.epochs' takes a number"]),
     ('method_name = "mae"\ntrain = 3\n', ["'train' is a section"]),
     ('method_name = "mae"\n[train\n', ["is not valid TOML"]),
+    ('method_name = ["mae"]\n', ["'method_name' takes a name, got ['mae']"]),
+    ('method_name = "mae"\n[train]\nblr = 1979-05-27T07:32:00Z\n', ["'train.blr' takes a single value, not a datetime"]),
+    ('method_name = "mae"\n[model]\narch = {x = 1}\n', ["'model.arch' takes a single value, not a table"]),
+    ('method_name = "mae"\n[data]\nroot = 5\n', ["'data.root' takes a path"]),
     ('[train]\nepochs = 2\n', ["which method?"]),
     ('method_name = "mae"\npreset = "smoke"\n', ["is for method 'mae' but --method says 'simsiam'"]),
 ])

@@ -23,6 +23,9 @@ TINY = ["data.subset=64", "train.batch_size=8", "train.max_steps=1", "train.prog
     ("train.betas=(0.9,)", "config key 'train.betas' takes a list of 2 values, each a number in [0, 1), got (0.9,)"),
     ("train.compile_mode=fast",
      "config key 'train.compile_mode' takes one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, got 'fast'"),
+    ("data.img_size={}", "config key 'data.img_size' takes a single value, not a table, got '{}'"),
+    ("model.arch=5", "config key 'model.arch' takes a word, got '5'"),
+    ("data.root=[1]", "config key 'data.root' takes a path, got '[1]'"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(override, named, tmp_path, capsys):
     code = main(["pretrain", "--method", "mae", "--preset", "smoke", "--out", str(tmp_path / "r"), override])

@@ -39,6 +39,8 @@ def resolve(args) -> dict:
     choice = {}
     for key, flag, given in (("method_name", "--method", args.method), ("preset", "--preset", args.preset)):
         in_file = file_cfg.get(key)
+        if in_file is not None and not isinstance(in_file, str):
+            raise UserError(f"{args.config}: '{key}' takes a name, got {in_file!r}")
         if in_file is not None and given is not None and in_file != given:
             raise UserError(f"{args.config} is for {key.split('_')[0]} '{in_file}' but {flag} says '{given}'; drop {flag} or use another config file")
         choice[key] = given or in_file
