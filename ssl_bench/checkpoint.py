@@ -160,6 +160,10 @@ def load_encoder(run_dir: str | Path) -> tuple[ViTBackbone, dict]:
                         f"the run directory mixes two runs: put back its own checkpoint")
     if isinstance(record.get("arch"), dict):
         check_signature(ckpt["signature"], record["arch"], path)
+    broken = [k for k, v in ckpt["encoder"].items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # its features would be NaN: any score of them means nothing
+        raise UserError(f"checkpoint {path} holds non-finite encoder weights ({broken[0]}{' and more' if len(broken) > 1 else ''}); "
+                        f"the run diverged: rerun it (a lower train.blr, or train.clip_grad)")
     try:
         encoder = build_encoder(ckpt["signature"])
         encoder.load_state_dict(ckpt["encoder"])

@@ -214,6 +214,7 @@ def test_convert_checkpoint_unpickles_only_when_trusted(run_copy, tmp_path, caps
     ("other_architecture", "is from another architecture (embed_dim: checkpoint 16 vs this run 32"),
     ("weights_not_signature", "its encoder weights do not fit its own description"),
     ("signature_word", "has no encoder weights"),
+    ("nan_weights", "holds non-finite encoder weights"),
 ])
 def test_a_checkpoint_that_does_not_fit_its_run_is_one_line(run_copy, tmp_path, capsys, damage, message):
     """eval and export read the encoder only from the checkpoint its run.json describes: a swapped or malformed
@@ -226,6 +227,8 @@ def test_a_checkpoint_that_does_not_fit_its_run_is_one_line(run_copy, tmp_path, 
         ckpt["method"] = "simsiam"
     elif damage == "other_architecture":
         ckpt["signature"] = {**ckpt["signature"], "embed_dim": 16}
+    elif damage == "nan_weights":
+        ckpt["encoder"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["encoder"].items()}
     elif damage == "weights_not_signature":
         ckpt["encoder"] = {k: v[..., :1] if v.ndim else v for k, v in ckpt["encoder"].items()}
     else:
