@@ -9,6 +9,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
+def shown(path) -> str:
+    """A path as a one-line message can show it: as it is, or quoted with escapes where it holds a newline or
+    another unprintable character (file names may)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def one_line(exc: BaseException) -> str:
     """The last meaningful line of an exception message.
 

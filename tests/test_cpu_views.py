@@ -244,6 +244,11 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path, content):
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="missing.jpg"):
         views(str(tmp_path / "missing.jpg"), 0)
+    odd = tmp_path / "bad\nname.jpg"  # a file name may hold a newline: the message stays one line, quoted
+    odd.write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"cannot read image '.*bad\\nname\.jpg'") as info:
+        views(str(odd), 0)
+    assert "\n" not in str(info.value)
 
 
 def test_imagefolder_pretraining_batches_come_from_the_fast_path(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssl_bench.errors import UserError
+from ssl_bench.errors import UserError, shown
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -45,7 +45,7 @@ class TensorImageDataset(Dataset):
 
 
 def unreadable_image(path: str, exc: BaseException) -> UserError:
-    return UserError(f"cannot read image {path}: {exc.__class__.__name__}; remove or replace the file")
+    return UserError(f"cannot read image {shown(path)}: {exc.__class__.__name__}; remove or replace the file")
 
 
 class ImageFileDataset(Dataset):
