@@ -5,6 +5,7 @@ network), and progress (``ssl_bench.progress``: a bar on a terminal, a periodic 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 import uuid
@@ -58,12 +59,48 @@ class LogWindow:
         return rate, share, say
 
 
+def keep_rows_up_to(run_dir: Path, last_step: int) -> None:
+    """Drop the rows of ``metrics.jsonl`` / ``metrics.csv`` after ``last_step`` (and a row cut short by a kill):
+    a run resumed from its checkpoint at ``last_step`` logs the steps after it again, once."""
+    from ssl_bench.atomic import atomic_write
+
+    def kept(row: dict) -> bool:
+        try:
+            return int(row["step"]) <= last_step
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    jsonl = run_dir / "metrics.jsonl"
+    if jsonl.exists():
+        rows = []
+        for line in jsonl.read_text().splitlines():
+            try:
+                rows.append((line, json.loads(line)))
+            except ValueError:
+                continue
+        text = "".join(f"{line}\n" for line, row in rows if isinstance(row, dict) and kept(row))
+        atomic_write(jsonl, lambda f: f.write(text.encode()))
+    table = run_dir / "metrics.csv"
+    if table.exists():
+        with open(table, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames, [r for r in reader if kept(r)]
+        if header:
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=header, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write(table, lambda f: f.write(out.getvalue().encode()))
+
+
 class MetricLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, progress: bool | str = "auto", total: int = 0, initial: int = 0, log_every: int = 1,
                  wandb: dict | None = None):
         """``wandb``: None, or the arguments of :func:`init_wandb` besides the run directory (project, config)."""
         self.enabled, self.log_every = enabled, log_every
         self.run_dir = Path(run_dir)
+        if enabled and initial:
+            keep_rows_up_to(self.run_dir, initial)  # a resumed run logs the steps after its checkpoint again
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a") if enabled else None
         self._csv_file, self._csv, self._tb, self._bar = None, None, None, None
         self._wandb = init_wandb(self.run_dir, **wandb) if enabled and wandb else None
@@ -71,7 +108,7 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=initial + 1 if initial else None)
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
         if enabled:

@@ -1,4 +1,5 @@
 """The common trainer: exact resume, divergence guard, records that are never overwritten."""
+import csv
 import json
 import time
 
@@ -66,6 +67,10 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch, workers, device_augment):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["steps"] == straight["steps"] == 8
     assert resumed["loss"]["loss"]["last"] == straight["loss"]["loss"]["last"]
+    # the metrics files hold each step once: the rows logged after the checkpoint before the kill are replaced
+    logged = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    table = lambda run: [(r["step"], r["loss"]) for r in csv.DictReader(open(run / "metrics.csv", newline=""))]  # noqa: E731
+    assert logged(tmp_path / "resumed") == logged(tmp_path / "straight") and table(tmp_path / "resumed") == table(tmp_path / "straight")
 
 
 def test_resume_changes_nothing_without_checkpointed_state(tmp_path, monkeypatch):
