@@ -92,19 +92,35 @@ def read_run(run_dir: str | Path) -> dict:
     return record
 
 
+def checked_config(cfg, source: str | Path) -> dict:
+    """A config read back from a run (run.json or checkpoint) that a run can continue with: its sections and
+    method name present and every value one the config checks allow; else one line naming ``source``."""
+    from ssl_bench.config import CHECKS, check_config
+
+    sections = ("data", "model", "train", "method")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method_name"), str) or not all(isinstance(cfg.get(k), dict) for k in sections):
+        raise UserError(f"{source} holds no usable config (a method_name and the {', '.join(sections)} sections); "
+                        f"restore the run's own files, or start a new run with a new --out")
+    try:
+        check_config(cfg, CHECKS)
+    except UserError as exc:
+        raise UserError(f"{source} is corrupt: {exc}; restore the run's own files, or start a new run with a new --out") from None
+    return cfg
+
+
 def saved_config(run_dir: str | Path) -> dict:
     """The config a run started with (its run.json, else its checkpoint): what ``--resume`` continues."""
     run_dir = Path(run_dir)
     if (run_dir / RECORD_NAME).exists():
         cfg = read_json(run_dir / RECORD_NAME).get("config")
-        if isinstance(cfg, dict):
-            return cfg
+        if cfg is not None:
+            return checked_config(cfg, run_dir / RECORD_NAME)
     if (run_dir / CHECKPOINT_NAME).exists():
         from ssl_bench.checkpoint import load_checkpoint
 
         cfg = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
-        if isinstance(cfg, dict):
-            return cfg
+        if cfg is not None:
+            return checked_config(cfg, run_dir / CHECKPOINT_NAME)
     raise UserError(f"nothing to resume in {run_dir}: no {RECORD_NAME} or {CHECKPOINT_NAME} with the run's config; "
                     f"pass the --out directory of an interrupted `ssl-bench pretrain`")
 

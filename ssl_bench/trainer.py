@@ -30,7 +30,7 @@ from ssl_bench.optim import build_optimizer, cosine_with_warmup, scaled_lr, set_
 from ssl_bench.records import git_commit, hardware, now_iso, read_json, write_json_atomic
 from ssl_bench.registry import get_method
 from ssl_bench.runtime import autocast, compiled_step, rng_state, seed_everything, set_rng_state
-from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, locked, prepare_run_dir
+from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, checked_config, locked, prepare_run_dir
 
 LOADER_BOUND_SHARE = 0.25  # a logged window that waits for data longer than this share of its time may say so (LogWindow)
 
@@ -73,8 +73,8 @@ def _pretrain(cfg: dict, out_dir: str | Path, resume: bool) -> dict:
         previous = read_json(run_dir / RECORD_NAME)
         if previous.get("status") == "finished":
             return previous  # e.g. a requeued job whose run had already completed
-        if previous.get("config") is not None:
-            cfg = previous["config"]  # a resumed run continues with the config it started with
+        if previous.get("config") is not None:  # a resumed run continues with the config it started with
+            cfg = checked_config(previous["config"], run_dir / RECORD_NAME)
             requested = previous.get("requested_config")  # (none in runs from before the key)
     if dist_info.world_size > 1:
         torch.distributed.barrier()

@@ -98,6 +98,25 @@ def test_resume_from_a_checkpoint_of_another_shape_is_one_line(run_copy, damage)
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("config, message", [
+    (5, "holds no usable config"), ({"method_name": ["mae"]}, "holds no usable config"),
+    ("drop train", "holds no usable config"), ("batch as text", "is corrupt: config key 'train.batch_size' takes an integer"),
+])
+def test_resume_of_a_run_whose_recorded_config_is_malformed_is_one_line(run_copy, capsys, config, message):
+    import json
+
+    record = json.loads((run_copy / "run.json").read_text())
+    cfg = record["config"]
+    if config == "drop train":
+        config = {k: v for k, v in cfg.items() if k != "train"}
+    elif config == "batch as text":
+        config = {**cfg, "train": {**cfg["train"], "batch_size": "8"}}
+    (run_copy / "run.json").write_text(json.dumps({**record, "status": "interrupted", "config": config}))
+    assert main(["pretrain", "--resume", "--out", str(run_copy)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 def test_tokenizer_file_with_a_pickled_callable_is_refused(tmp_path):
     marker = tmp_path / "ran"
     tok = Tokenizer(img_size=28, patch_size=7, in_chans=1, vocab_size=8, hidden_dim=8, code_dim=4, num_res_blocks=1)
