@@ -39,7 +39,7 @@ from ssl_bench.atomic import atomic_write, make_folder
 from ssl_bench.config import comma_list
 from ssl_bench.errors import UserError
 from ssl_bench.records import CONTROL_FAMILY, file_sha256
-from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, eval_records, record_rank
+from ssl_bench.rundir import CHECKPOINT_NAME, RECORD_NAME, eval_made_with, eval_records, eval_stem, has_stem, record_rank
 
 FORMATS = {"md": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex"}
 PLOT_NAME = "leaderboard.png"
@@ -111,8 +111,9 @@ def _column_key(col: str) -> tuple:
     return (protocol_order(base), base, col)
 
 
-def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, tuple[float, dict]]:
-    """column -> (top1, record) of the latest eval record of each protocol (and mode / data set / preset)."""
+def _run_evals(run_dir: Path, record: dict, notes: list[str], rel, asked: dict | None = None) -> dict[str, tuple[float, dict]]:
+    """column -> (top1, record) of the latest eval record of each protocol (and mode / data set / preset), of
+    those made with the settings ``asked`` (see ``collect``)."""
     latest: dict[str, tuple] = {}
     checkpoint, current = run_dir / CHECKPOINT_NAME, None
     for path in eval_records(run_dir):
@@ -127,6 +128,11 @@ def _run_evals(run_dir: Path, record: dict, notes: list[str], rel) -> dict[str, 
                 notes.append(f"stale, not counted: {rel(path)} scored a checkpoint (sha256 {ev['checkpoint_sha256'][:12]}) that "
                              f"{rel(checkpoint)} no longer is (now {current[:12]}); rerun ssl-bench eval --run {rel(run_dir)}")
                 continue
+        wanted = (asked or {}).get("protocols", {}).get(ev["protocol"])
+        if wanted is not None and has_stem(path, eval_stem(ev["protocol"], asked["data"], asked["preset"], wanted.get("mode"))) \
+                and not eval_made_with(ev, ev["protocol"], wanted):
+            notes.append(f"not counted: {rel(path)} was made with other {ev['protocol']} settings than this sweep asks for")
+            continue
         col = _column(ev["protocol"], ev.get("data", record["data"]), ev.get("preset", record.get("preset")), record["data"], record.get("preset"), ev.get("mode"))
         rank = record_rank(path, ev)
         if col not in latest or rank > latest[col][0]:
@@ -155,8 +161,10 @@ def _seed_ok(record: dict) -> bool:
     return seed is None or isinstance(seed, (int, str)) and not isinstance(seed, bool)
 
 
-def collect(results_dir: str | Path) -> Leaderboard:
-    """Walk ``results_dir`` (any depth) for run directories and aggregate them."""
+def collect(results_dir: str | Path, asked: dict | None = None) -> Leaderboard:
+    """Walk ``results_dir`` (any depth) for run directories and aggregate them. ``asked`` (a sweep's
+    {"data", "preset", "protocols": protocol -> settings}): in the columns of that data set, preset and mode, only
+    records made with those settings count, so a table never shows a score its sweep did not ask for."""
     root = Path(results_dir)
     if not root.is_dir():
         state = "is a file" if root.exists() else "does not exist"
@@ -193,7 +201,7 @@ def collect(results_dir: str | Path) -> Leaderboard:
     for (data, preset, method, seed), (_, _, record, run_dir) in sorted(latest_per_seed.items(), key=order):
         row = rows.setdefault((data, preset, method), Row(method, record.get("family", ""), data, preset))
         row.seeds.append(seed)
-        for col, (top1, ev) in _run_evals(run_dir, record, notes, rel).items():
+        for col, (top1, ev) in _run_evals(run_dir, record, notes, rel, asked).items():
             row.top1.setdefault(col, Stat([])).values.append(top1)
             if ev.get("warnings"):
                 row.edge.add(col)
@@ -445,11 +453,13 @@ def parse_formats(text: str | list[str]) -> list[str]:
     return names
 
 
-def write_leaderboard(results_dir: str | Path, formats=("md", "csv", "latex"), out_dir: str | Path | None = None, plot: bool = True) -> tuple[Leaderboard, list[Path]]:
-    """Collect ``results_dir`` and write the tables (and the plot) into ``out_dir`` (default: ``results_dir``)."""
+def write_leaderboard(results_dir: str | Path, formats=("md", "csv", "latex"), out_dir: str | Path | None = None, plot: bool = True,
+                      asked: dict | None = None) -> tuple[Leaderboard, list[Path]]:
+    """Collect ``results_dir`` (``asked``: as ``collect``) and write the tables (and the plot) into ``out_dir``
+    (default: ``results_dir``)."""
     import matplotlib.pyplot as plt
 
-    lb = collect(results_dir)
+    lb = collect(results_dir, asked)
     out = make_folder(out_dir or results_dir, "--out")
     render = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
     written = []

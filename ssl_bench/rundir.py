@@ -165,7 +165,21 @@ def eval_records(run_dir: str | Path, stem: str | None = None) -> list[Path]:
     """The evaluation records of a run (of one ``stem``, or all), by stem and then in the order written."""
     evals = Path(run_dir) / EVALS_DIR
     paths = sorted(evals.glob(f"{stem or ''}*.json"), key=_name_order)
-    return paths if stem is None else [p for p in paths if p.stem == stem or p.stem.removeprefix(stem + "-").isdigit()]
+    return paths if stem is None else [p for p in paths if has_stem(p, stem)]
+
+
+def has_stem(path: str | Path, stem: str) -> bool:
+    """Whether an evaluation record's file is ``<stem>.json`` or a later ``<stem>-k.json``."""
+    name = Path(path).stem
+    return name == stem or name.removeprefix(stem + "-").isdigit()
+
+
+def eval_made_with(record: dict, protocol: str, params: dict) -> bool:
+    """Whether an evaluation record was made with the protocol settings ``params`` (as resolved for it)."""
+    import json
+
+    config = record.get("config")
+    return isinstance(config, dict) and config.get(protocol) == json.loads(json.dumps(params))  # tuples as lists, as stored
 
 
 def _suffix(path: Path) -> tuple[str, int]:

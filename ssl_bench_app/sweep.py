@@ -98,11 +98,10 @@ def eval_done(run_dir: Path, protocol: str, data: str, preset: str, params: dict
     """An evaluation record made with the protocol settings ``params`` exists: a record from an older or
     overridden preset is not reused, it is kept and a new one is written beside it."""
     from ssl_bench.records import read_json
-    from ssl_bench.rundir import eval_records, eval_stem
+    from ssl_bench.rundir import eval_made_with, eval_records, eval_stem
 
-    wanted = json.loads(json.dumps(params))  # tuples -> lists, as stored
     stem = eval_stem(protocol, data, preset, params.get("mode"))
-    return any(read_json(p).get("config", {}).get(protocol) == wanted for p in eval_records(run_dir, stem))
+    return any(eval_made_with(read_json(p), protocol, params) for p in eval_records(run_dir, stem))
 
 
 def plan(methods: str, seeds: str, protocols: str, data: str, data_root: str | None, preset: str, out: str | Path,
@@ -300,9 +299,11 @@ def write_leaderboard(sweep: Sweep) -> str | None:
     try:
         from evals.leaderboard import to_markdown
         from evals.leaderboard import write_leaderboard as write
+        from evals.presets import resolve_eval_config
     except ImportError:
         return None
-    lb, written = write(sweep.out, plot=True)
+    asked = {"data": sweep.data, "preset": sweep.preset, "protocols": resolve_eval_config(sweep.preset, sweep.eval_overrides)}
+    lb, written = write(sweep.out, plot=True, asked=asked)
     return to_markdown(lb) + "\nwrote " + ", ".join(str(p) for p in written)
 
 

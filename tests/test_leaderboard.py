@@ -207,3 +207,21 @@ def test_records_with_wrongly_typed_fields_are_skipped_with_a_note(tmp_path, run
         assert not odd or not odd[0].top1 and any("skipped eval record odd-s0" in n for n in lb.notes)
     else:
         assert odd[0].top1["knn"].values == [70.0] and odd[0].hardware == []  # fields the table does not use
+
+
+def test_a_sweeps_table_counts_only_records_made_with_the_settings_it_asks_for(tmp_path):
+    """A later `ssl-bench eval` with an override writes a newer record in the same column; the sweep that asks for
+    the preset's settings shows its own record, and says why the other is not counted. Other modes' columns
+    and tables built without a sweep (every record) are unchanged."""
+    from evals.presets import resolve_eval_config
+
+    knn = json.loads(json.dumps(resolve_eval_config("quick")["knn"]))
+    _scored_run(tmp_path, "mae", 0, "mim", {})
+    evals = tmp_path / "mae-s0" / "evals"
+    stem = f"knn-fashion_mnist-quick{'-fast' if knn.get('mode') == 'fast' else ''}"
+    (evals / f"{stem}.json").write_text(json.dumps({"protocol": "knn", "top1": 56.0, "mode": knn.get("mode"), "config": {"knn": knn}, "created": "1"}))
+    (evals / f"{stem}-1.json").write_text(json.dumps({"protocol": "knn", "top1": 58.2, "mode": knn.get("mode"), "config": {"knn": {**knn, "k": 5}}, "created": "2"}))
+    asked = {"data": "fashion_mnist", "preset": "quick", "protocols": resolve_eval_config("quick")}
+    [plain], [swept] = collect(tmp_path).rows, collect(tmp_path, asked).rows
+    assert [s.values for s in plain.top1.values()] == [[58.2]] and [s.values for s in swept.top1.values()] == [[56.0]]
+    assert any(f"not counted: mae-s0/evals/{stem}-1.json was made with other knn settings" in n for n in collect(tmp_path, asked).notes)
