@@ -152,7 +152,7 @@ def _torchvision(cls_name: str, root: str | None, hint: str, **kwargs):
     try:
         return getattr(tvd, cls_name)(root, download=False, **kwargs)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted..."
-        raise UserError(f"{cls_name} not found or corrupt under {root} ({exc}); point --data-root at {hint}") from None
+        raise UserError(f"{cls_name} not found or corrupt under {root} ({exc}); point --data-root at the folder holding {hint}") from None
 
 
 def cifar(name: str, root: str | None, split: str):

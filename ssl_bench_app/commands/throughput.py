@@ -17,6 +17,7 @@ step alone ran compiled. It writes a table (markdown + JSON) naming the hardware
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,9 @@ def run(args) -> int:
     if args.synthetic_vitb16:
         args.data, args.vitb16 = "synthetic", True
     data_overrides = [*VITB16, *args.overrides] if args.vitb16 else args.overrides
+    if args.vitb16 and not args.loader_only and resolve_device("auto").type == "cpu":
+        print("ssl-bench throughput: --vitb16 on a CPU: a ViT-B/16 step of batch 256 takes minutes here; "
+              "the configuration is meant for a GPU", file=sys.stderr, flush=True)
     names = list(available_methods()) if args.methods == "all" else comma_list(args.methods)
     if not names:
         raise UserError(f"--methods {args.methods!r} names no method; give a comma-separated list, or 'all'")
