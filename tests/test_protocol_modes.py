@@ -162,3 +162,8 @@ def test_leaderboard_names_modes_marks_edges_and_compare_modes_prints_the_shift(
     # fast ranks b, a, c; official ranks a, c, b
     assert [(r[1].strip(), r[3].strip(), r[5].strip(), r[6].strip()) for r in rows] == [("a", "2", "1", "+1"), ("c", "3", "2", "+1"), ("b", "1", "3", "-2")]
     assert "3 of 3 (protocol, method) pairs change rank" in out
+    (tmp_path / "c-s0" / "evals" / "broken.json").write_text("{")  # left out, and said to be, as the leaderboard says it
+    assert main(["compare-modes", "--results", str(tmp_path)]) == 0
+    assert "note: skipped eval record c-s0/evals/broken.json" in capsys.readouterr().out
+    assert main(["compare-modes", "--results", str(tmp_path), "--modes", "fast,fast"]) == 2
+    assert "--modes takes two different modes" in capsys.readouterr().err

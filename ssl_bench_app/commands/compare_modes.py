@@ -14,10 +14,15 @@ def run(args) -> int:
     from evals.leaderboard import collect
     from evals.modes import format_shift, ranking_shift
     from evals.run import parse_modes
+    from ssl_bench.config import comma_list
     from ssl_bench.errors import UserError
 
-    modes = parse_modes(args.modes)
+    modes = comma_list(args.modes)
     if len(modes) != 2:
-        raise UserError(f"--modes takes two modes, before,after (e.g. fast,official); got {args.modes!r}")
-    print(format_shift(ranking_shift(collect(args.results), *modes), *modes))
+        raise UserError(f"--modes takes two different modes, before,after (e.g. fast,official); got {args.modes!r}")
+    modes = parse_modes(modes)
+    lb = collect(args.results)
+    print(format_shift(ranking_shift(lb, *modes), *modes))
+    for note in lb.notes:  # records left out (unreadable, stale, superseded), as the leaderboard lists them
+        print(f"note: {note}")
     return 0
