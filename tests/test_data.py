@@ -1,4 +1,6 @@
 """Data: reproducible per-sample augmentation and masks, resumable sampler, policies, data-set errors."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,22 @@ def test_batched_path_draws_several_batches_at_once_and_yields_the_same_batches(
     assert len(resumed) == len(loader) == steps - resume
     for a, b in zip(resumed, batches[resume:], strict=True):
         assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["views"][0], b["views"][0])
+
+
+@pytest.mark.parametrize("images_shape, labels, named", [
+    ((4, 5, 5), [0, 1, 2, 3], "images of shape (5, 5)"),
+    ((4,), [0, 1, 2, 3], "images of shape ()"),
+    ((4, 28, 28), [0, 1, 2, 200], "a train label of 200, past its 10 classes"),
+])
+def test_idx_files_of_another_shape_are_named(tmp_path, images_shape, labels, named):
+    """Well-formed idx files that do not hold Fashion-MNIST (other sizes, a label file for images, labels past
+    the classes) are one line, not an assertion or an index error at probe time."""
+    import struct
+
+    def idx(shape, values):
+        return struct.pack(">HBB", 0, 8, len(shape)) + struct.pack(">" + "I" * len(shape), *shape) + bytes(values)
+
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx(images_shape, [0] * int(np.prod(images_shape))))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx((len(labels),), labels))
+    with pytest.raises(UserError, match=re.escape(named)):
+        load_dataset("fashion_mnist", str(tmp_path), "train")

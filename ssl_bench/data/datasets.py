@@ -137,8 +137,13 @@ def fashion_mnist(root: str | None, split: str):
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_find_idx(root_path, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find_idx(root_path, f"{prefix}-labels-idx1-ubyte"))
+    if images.shape[1:] != (28, 28) or labels.ndim != 1:
+        raise UserError(f"Fashion-MNIST under {root_path}: {prefix} images of shape {images.shape[1:]} and labels of {labels.ndim} "
+                        f"dimension(s), not 28x28 images and a list of labels; reinstall the data")
     if len(images) != len(labels):
         raise UserError(f"Fashion-MNIST under {root_path}: {len(images)} images but {len(labels)} labels; reinstall the data")
+    if labels.size and labels.max() >= 10:
+        raise UserError(f"Fashion-MNIST under {root_path}: a {prefix} label of {labels.max()}, past its 10 classes; reinstall the data")
     ds = TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     return ds, DatasetInfo("fashion_mnist", 10, 28, 1, (0.2860,), (0.3530,))
 
