@@ -284,7 +284,8 @@ def _checked(key: str, current: Any, value: Any, raw: str) -> Any:
         raise UserError(f"config key '{key}' takes a single value, not a {'table' if isinstance(value, dict) else type(value).__name__}, got '{raw}'")
     if key in TEXT_KEYS and not isinstance(value, (str, type(None))):
         raise UserError(f"config key '{key}' takes a path, got '{raw}'")
-    if isinstance(current, str) and (isinstance(value, (list, tuple)) or isinstance(value, (int, float)) and not isinstance(value, bool)):
+    numeric = isinstance(value, (list, tuple)) or isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(current, str) and numeric and key not in CHECKS:  # (a checked key says what it takes, once resolved)
         raise UserError(f"config key '{key}' takes a word, got '{raw}'")  # (words that also take true/false: train.compile)
     if value is None or current is None:
         return value
