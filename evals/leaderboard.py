@@ -446,7 +446,7 @@ def make_figure(lb: Leaderboard):
 
 # -- writing ---------------------------------------------------------------------------------------
 def parse_formats(text: str | list[str]) -> list[str]:
-    names = comma_list(["latex" if n.strip() == "tex" else n for n in comma_list(text)])
+    names = comma_list(["latex" if n == "tex" else n for n in comma_list(text)])
     bad = [n for n in names if n not in FORMATS]
     if bad:
         raise UserError(f"unknown leaderboard format(s) {', '.join(bad)}; choose from: {', '.join(FORMATS)} (comma-separated)")

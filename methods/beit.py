@@ -120,7 +120,6 @@ class BEiT(Method):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:
         # "auto" -> train (or, on resume, reuse) RUN_DIR/tokenizer; a path -> validated, made absolute

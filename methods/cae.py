@@ -226,7 +226,6 @@ class CAE(Method):
         return set()  # the official optimizer exempts biases and norms only (1-D parameters)
 
     # -- targets -----------------------------------------------------------------------------------
-
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:
         """Token targets need a tokenizer: ``method.tokenizer="auto"`` trains one into ``run_dir/tokenizer/``

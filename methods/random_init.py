@@ -36,7 +36,6 @@ class RandomInit(Method):
         super().__init__(backbone)
         backbone.init_weights(init)
 
-
     @classmethod
     def prepare(cls, cfg: dict, run_dir) -> dict:
         return {**cfg, "train": {**cfg["train"], "max_steps": 0}}

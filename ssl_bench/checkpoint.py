@@ -153,7 +153,7 @@ def load_encoder(run_dir: str | Path) -> tuple[ViTBackbone, dict]:
     record = read_run(run_dir)
     path = Path(run_dir) / CHECKPOINT_NAME
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("signature"), dict) or not isinstance(ckpt.get("encoder"), dict):
+    if not isinstance(ckpt.get("signature"), dict) or not isinstance(ckpt.get("encoder"), dict):
         raise UserError(f"checkpoint {path} has no encoder weights; it was not written by ssl-bench pretrain")
     if ckpt.get("method") != record.get("method"):
         raise UserError(f"checkpoint {path} is of a {ckpt.get('method')} run, but {RECORD_NAME} beside it records {record.get('method')}; "

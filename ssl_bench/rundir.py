@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import sys
@@ -135,14 +136,12 @@ def config_conflicts(run_dir: str | Path, cfg: dict, prepare_rewrites=()) -> lis
     for each difference, compared with the run's requested config (before ``prepare``; for runs from before that
     record, its resolved config without the keys in ``prepare_rewrites``). Keys one of the two configs lacks (a
     key added since) and ``NOT_COMPARED`` are left out. Empty when nothing is recorded yet."""
-    import json
-
     record = read_json(Path(run_dir) / RECORD_NAME) if (Path(run_dir) / RECORD_NAME).exists() else {}
     saved = record.get("requested_config") or record.get("config")
     if not isinstance(saved, dict):
         return []
     skip = set(NOT_COMPARED) | (set() if record.get("requested_config") else set(prepare_rewrites))
-    ran, asked = _flat(saved), _flat(json.loads(json.dumps(cfg)))  # tuples as lists, as stored
+    ran, asked = _flat(saved), _flat(_as_stored(cfg))
     keys = sorted(asked, key=lambda k: "." in k)  # top-level ones first (the preset, the seed), then in config order
     return [f"{key}: {ran[key]!r} -> {asked[key]!r}" for key in keys if key in ran and key not in skip and ran[key] != asked[key]]
 
@@ -176,10 +175,13 @@ def has_stem(path: str | Path, stem: str) -> bool:
 
 def eval_made_with(record: dict, protocol: str, params: dict) -> bool:
     """Whether an evaluation record was made with the protocol settings ``params`` (as resolved for it)."""
-    import json
-
     config = record.get("config")
-    return isinstance(config, dict) and config.get(protocol) == json.loads(json.dumps(params))  # tuples as lists, as stored
+    return isinstance(config, dict) and config.get(protocol) == _as_stored(params)
+
+
+def _as_stored(obj):
+    """``obj`` as a JSON record holds it (tuples as lists), to compare with what a record read back holds."""
+    return json.loads(json.dumps(obj))
 
 
 def _suffix(path: Path) -> tuple[str, int]:

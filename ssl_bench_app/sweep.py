@@ -14,7 +14,6 @@ with a checkpoint is resumed.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

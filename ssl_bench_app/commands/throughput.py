@@ -219,7 +219,7 @@ def vitb16_overrides(method_cls: type, preset: str) -> list[str]:
     """The official codes' ViT-B/16 configuration for one method: ``VITB16``, and the method's options back at
     their defaults (the published ViT-B values) wherever ``preset``'s recipe scales them down for a small
     backbone (MAE's decoder is 256 wide x 4 blocks at ``full``, 512 x 8 in the official figures)."""
-    from ssl_bench.config import comma_list, resolve_config
+    from ssl_bench.config import resolve_config
 
     defaults = method_cls.option_defaults()
     scaled = resolve_config(method_cls, preset)["method"]
