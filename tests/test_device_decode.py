@@ -30,6 +30,7 @@ def test_workers_only_read_bytes_and_draw(folder):
     record = EncodedFiles(views)(folder[0], seed=9)
     assert record["data"].dtype == torch.uint8 and bytes(record["data"].numpy()) == open(folder[0], "rb").read()
     assert record["draws"] == views.draws(9, 96, 72)  # the CPU path's parameters exactly
+    assert record["jpeg"] is True  # checked in the worker, so the process feeding the GPU need not copy the bytes
 
 
 def _records(paths):
@@ -101,13 +102,14 @@ def test_device_batches_match_the_cpu_path(tmp_path):
 
 
 def test_collate_holds_a_batch_of_files_in_one_tensor_and_splits_back_to_records():
-    items = [{"views": {"path": str(i), "data": torch.arange(3 + i, dtype=torch.uint8) + i, "draws": [f"d{i}"]},
+    items = [{"views": {"path": str(i), "data": torch.arange(3 + i, dtype=torch.uint8) + i, "draws": [f"d{i}"], "jpeg": i == 1},
               "label": i, "mask": torch.zeros(4, dtype=torch.bool)} for i in range(3)]
     batch = collate_encoded(items)
     assert batch["files"]["data"].shape == (3 + 4 + 5,) and batch["mask"].shape == (3, 4)  # one block of bytes
     assert batch["label"].tolist() == [0, 1, 2]
     records = split_files(batch["files"])
     assert [r["path"] for r in records] == ["0", "1", "2"] and [r["draws"] for r in records] == [["d0"], ["d1"], ["d2"]]
+    assert [r["jpeg"] for r in records] == [False, True, False]
     for item, record in zip(items, records):
         assert torch.equal(record["data"], item["views"]["data"])
         assert record["data"].untyped_storage().data_ptr() == batch["files"]["data"].untyped_storage().data_ptr()  # views, no copies
@@ -162,10 +164,12 @@ def test_resume_on_a_jpeg_folder_is_bit_for_bit(tmp_path, monkeypatch, decode):
     assert resumed["steps"] == straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path):
+@pytest.mark.parametrize("batched_resize", [False, True])
+def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path, batched_resize):
     """Sample by sample and view by view, the batched device ops equal torchvision's functional ops (float
     images) applied to the decoded image with that view's draw: crop box, resize, every colour op in its order,
-    flip; also where views of one size are made as one batch (the first two) beside a view of another size."""
+    flip; also where views of one size are made as one batch (the first two) beside a view of another size;
+    with crops resized sample by sample (a CPU's way) or in batched products (a GPU's)."""
     from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
@@ -182,7 +186,7 @@ def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path):
         Image.fromarray(pixels if chans == 3 else pixels[..., 0]).save(path, quality=90)
         views = cv.FolderViews(policy, 20, chans, (0.0,) * chans, (1.0,) * chans)
         records = [EncodedFiles(views)(str(path), seed=i) for i in range(32)]
-        made = DeviceFolderBatches(None, views, "cpu").make_views(records)
+        made = DeviceFolderBatches(None, views, "cpu", batched_resize=batched_resize).make_views(records)
         image = decode_batch(records[:1], chans, torch.device("cpu"))[0].float()
         for (k, out), (i, record) in itertools.product(enumerate(made), enumerate(records)):
             d, size = record["draws"][k], policy[k].size
@@ -199,6 +203,51 @@ def test_device_views_equal_torchvision_ops_on_their_draws(tmp_path):
             if d.flip:
                 x = TF.horizontal_flip(x)
             assert out.shape == (32, chans, size, size) and torch.allclose(out[i], x, atol=2e-4), (chans, k, i, d, (out[i] - x).abs().max())
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("chans", [3, 1])
+def test_batched_resize_of_images_of_many_sizes_equals_the_per_sample_resize(monkeypatch, chans, device):
+    """Images of different sizes, two views each, padded and resized in batched products, in one chunk or in
+    several (a small memory bound): every row equals resizing its own crop alone (in full float32 products)."""
+    from ssl_bench.data import device_decode
+
+    rng = np.random.default_rng(chans)
+    shapes = [(int(h), int(w)) for h, w in rng.integers(12, 60, size=(9, 2))]
+    images = [torch.from_numpy(rng.integers(0, 256, size=(chans, h, w), dtype=np.uint8)).to(device) for h, w in shapes]
+    views = cv.FolderViews(resolve_policy("byol"), 16, chans, (0.0,) * chans, (1.0,) * chans)
+    draws = [views.draws(i, w, h)[k] for k in range(2) for i, (h, w) in enumerate(shapes)]  # view after view
+    alone = device_decode.resized_crops(images, draws, 16)
+    assert alone.shape == (18, chans, 16, 16)
+    for bound in (device_decode.PADDED_ELEMENTS, 2 * chans * 3 * 60 * 60):
+        monkeypatch.setattr(device_decode, "PADDED_ELEMENTS", bound)
+        chunks = device_decode._resize_chunks([tuple(i.shape) for i in images], 2)
+        assert sorted(i for chunk in chunks for i in chunk) == list(range(9))
+        assert (len(chunks) == 1) == (bound > 2**20)
+        for chunk in chunks:  # within the bound, or one image alone
+            padded = 2 * len(chunk) * chans * max(shapes[i][0] for i in chunk) * max(shapes[i][1] for i in chunk)
+            assert padded <= bound or len(chunk) == 1
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # (a run allows it: ~0.1 grey level)
+        try:
+            batched = device_decode.resized_crops(images, draws, 16, batched=True)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        assert batched.shape == alone.shape and torch.allclose(batched, alone, atol=1e-3), (batched - alone).abs().max()
+
+
+def test_padded_batch_holds_each_image_in_its_corner():
+    """Images of several sizes (one not contiguous, as a CPU-decoded one is) in one (m, C, H, W) tensor, each at
+    its top left; what lies beyond an image's own rows and columns is finite (other pixels of the batch)."""
+    from ssl_bench.data.device_decode import _padded
+
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)) for h, w in ((5, 7), (9, 4), (2, 2))]
+    images.append(torch.from_numpy(rng.integers(0, 256, size=(6, 3, 3), dtype=np.uint8)).permute(2, 0, 1))  # (3, 6, 3)
+    padded = _padded(images)
+    assert padded.shape == (4, 3, 9, 7) and padded.dtype == torch.uint8
+    for image, out in zip(images, padded):
+        assert torch.equal(out[:, :image.shape[1], :image.shape[2]], image)
+    assert torch.equal(_padded(images[:1] * 2), torch.stack(images[:1] * 2))
 
 
 N_RATES = 2000

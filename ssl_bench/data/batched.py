@@ -43,6 +43,12 @@ _GRAY, _BLUR_P, _SIGMA, _SOLARIZE = range(_ORDER + 4, _ORDER + 8)
 DRAWS = _SOLARIZE + 1
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU from pinned memory, so the copy queues behind the stream's work
+    instead of waiting for it."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
 def uniforms(seed: int, epoch: int, index: torch.Tensor, view: int, draws: int = DRAWS) -> torch.Tensor:
     """(B, draws) float64 uniforms in [0, 1), a pure function of (seed, epoch, index, view, draw)."""
     return counter_rng.uniforms(seed, epoch, index, view, draws)

@@ -21,10 +21,11 @@ import contextlib
 import queue
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_bench.data.batched import Decisions, _pick, after_crop
+from ssl_bench.data.batched import Decisions, _pick, after_crop, resample_matrix, to_device
 from ssl_bench.data.cpu_views import JITTER_OPS, FolderViews, ViewDraw, decode, image_size, is_complete_jpeg, read_bytes
 from ssl_bench.errors import UserError
 
@@ -44,7 +45,8 @@ def jpeg_decoder():
 
 class EncodedFiles:
     """Per-sample transform of the device path, run in the loader workers: the file's bytes and its
-    views' parameters, nothing decoded. ``(path, seed) -> {"path", "data" uint8 (n,), "draws"}``."""
+    views' parameters, nothing decoded. ``(path, seed) -> {"path", "data" uint8 (n,), "draws", "jpeg"}``, where
+    "jpeg" says whether the bytes are a complete JPEG (checked here, where they are bytes already)."""
 
     def __init__(self, views: FolderViews):
         self.views = views
@@ -54,16 +56,16 @@ class EncodedFiles:
         width, height = image_size(data, path)
         seed = torch.initial_seed() if seed is None else seed  # the sample's seed, passed by the pipeline
         return {"path": path, "data": torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                "draws": self.views.draws(seed, width, height)}
+                "draws": self.views.draws(seed, width, height), "jpeg": is_complete_jpeg(data)}
 
 
 def collate_encoded(items: list[dict]) -> dict:
     """Batch of PretrainDataset items whose "views" are EncodedFiles records: {"files": the files' bytes
-    concatenated in one uint8 tensor, their sizes, paths and draws; "label" (B,); "mask"?}. One tensor for all
+    concatenated in one uint8 tensor, their sizes, paths, draws and JPEG checks; "label" (B,); "mask"?}. One tensor for all
     the bytes: a worker hands each tensor of a batch to the main process as its own shared-memory block."""
     records = [item["views"] for item in items]
     files = {"data": torch.cat([r["data"] for r in records]), "sizes": [len(r["data"]) for r in records],
-             "paths": [r["path"] for r in records], "draws": [r["draws"] for r in records]}
+             "paths": [r["path"] for r in records], "draws": [r["draws"] for r in records], "jpeg": [r["jpeg"] for r in records]}
     batch = {"files": files, "label": torch.tensor([item["label"] for item in items])}
     if "mask" in items[0]:
         batch["mask"] = torch.stack([item["mask"] for item in items])
@@ -72,8 +74,8 @@ def collate_encoded(items: list[dict]) -> dict:
 
 def split_files(files: dict) -> list[dict]:
     """A collated batch's files as EncodedFiles records again, each one's bytes a view of the shared tensor."""
-    return [{"path": path, "data": data, "draws": draws}
-            for path, data, draws in zip(files["paths"], files["data"].split(files["sizes"]), files["draws"])]
+    return [{"path": path, "data": data, "draws": draws, "jpeg": jpeg}
+            for path, data, draws, jpeg in zip(files["paths"], files["data"].split(files["sizes"]), files["draws"], files["jpeg"])]
 
 
 def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> list[torch.Tensor]:
@@ -82,7 +84,7 @@ def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> li
     decode_jpeg, modes = jpeg_decoder()
     mode = modes.GRAY if in_chans == 1 else modes.RGB
     images: list[torch.Tensor | None] = [None] * len(records)
-    jpegs = [i for i, r in enumerate(records) if is_complete_jpeg(r["data"].numpy().tobytes())]
+    jpegs = [i for i, r in enumerate(records) if _complete_jpeg(r)]
     if jpegs:
         with _decoder_stream(device) as keep:
             try:
@@ -100,6 +102,11 @@ def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> li
             image = torch.from_numpy(array)
             images[i] = (image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)).to(device)
     return images
+
+
+def _complete_jpeg(record: dict) -> bool:
+    """Whether a record's bytes are a complete JPEG: as its loader worker found, else checked here (which copies them)."""
+    return record["jpeg"] if "jpeg" in record else is_complete_jpeg(record["data"].numpy().tobytes())
 
 
 @contextlib.contextmanager
@@ -130,12 +137,75 @@ def _decoder_stream(device: torch.device):
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
-def resized_crops(images: list[torch.Tensor], draws: list[ViewDraw], size: int) -> torch.Tensor:
-    """Each image's crop box resized to ``size`` (torch's antialiased bicubic kernel, as the in-memory
-    path's resampling matrices): float (B, C, size, size), 0..255, not yet flipped. Images differ in size,
-    so this is the one per-sample loop of the path (two kernels a sample)."""
-    return torch.cat([F.interpolate(image[None, :, d.top:d.top + d.height, d.left:d.left + d.width].float(),
-                                    size=(size, size), mode="bicubic", antialias=True) for image, d in zip(images, draws)])
+# float32 elements of one resize chunk's padded images, times its views (1 GiB): bounds the batched resize's memory
+PADDED_ELEMENTS = 2**28
+
+
+def resized_crops(images: list[torch.Tensor], draws: list[ViewDraw], size: int, batched: bool = False) -> torch.Tensor:
+    """Each draw's crop box of its image resized to ``size`` (torch's antialiased bicubic kernel): float
+    (len(draws), C, size, size), 0..255, not yet flipped. ``draws`` hold one view after another, so row
+    ``g * len(images) + i`` crops image ``i``.
+
+    Images differ in size. Sample by sample (``batched=False``) that is two kernels a row, which a CPU
+    computes cheapest; ``batched``, the images are padded to one size (``_padded``) in chunks of ``PADDED_ELEMENTS`` and
+    resized as the in-memory path resizes, by two batched products with per-row resampling matrices that
+    weigh only the crop's own pixels: a few dozen kernels a batch, whatever its size, for a GPU's launch queue."""
+    if not batched:
+        repeated = images * (len(draws) // len(images))
+        return torch.cat([F.interpolate(image[None, :, d.top:d.top + d.height, d.left:d.left + d.width].float(),
+                                        size=(size, size), mode="bicubic", antialias=True) for image, d in zip(repeated, draws)])
+    n, channels, device = len(images), images[0].shape[0], images[0].device
+    views = len(draws) // n
+    boxes = torch.tensor([(d.top, d.height, d.left, d.width) for d in draws], dtype=torch.float32).view(views, n, 4)
+    chunks = _resize_chunks([tuple(image.shape) for image in images], views)
+    out = None if chunks == [list(range(n))] else torch.empty(views, n, channels, size, size, device=device)
+    for chunk in chunks:
+        source = _padded([images[i] for i in chunk]).float()  # (m, C, H, W): the chunk's largest height and width
+        height, width = source.shape[-2:]
+        box = to_device(boxes[:, chunk].reshape(-1, 4), device)  # (views m, 4)
+        rows = resample_matrix(box[:, 0], box[:, 1], height, size).view(views, len(chunk), 1, size, height)
+        cols = resample_matrix(box[:, 2], box[:, 3], width, size).view(views, len(chunk), 1, size, width)
+        made = rows @ source @ cols.transpose(-1, -2)  # (views, m, C, size, size)
+        if out is None:
+            out = made
+        else:
+            out.index_copy_(1, to_device(torch.tensor(chunk), device), made)
+    return out.view(views * n, channels, size, size)
+
+
+def _resize_chunks(shapes: list[tuple[int, int, int]], views: int) -> list[list[int]]:
+    """Indices of ``shapes`` (C, H, W) in chunks whose padded images, ``views`` times over, hold at most
+    ``PADDED_ELEMENTS`` elements (one image alone may hold more); smallest areas first, so that one large
+    photograph does not pad a whole batch to its size."""
+    chunks: list[list[int]] = [[]]
+    height = width = 0
+    for i in sorted(range(len(shapes)), key=lambda i: shapes[i][1] * shapes[i][2]):
+        c, h, w = shapes[i]
+        if chunks[-1] and views * (len(chunks[-1]) + 1) * c * max(height, h) * max(width, w) > PADDED_ELEMENTS:
+            chunks.append([])
+            height = width = 0
+        chunks[-1].append(i)
+        height, width = max(height, h), max(width, w)
+    return chunks
+
+
+def _padded(images: list[torch.Tensor]) -> torch.Tensor:
+    """(m, C, H, W) of images (C, h, w), H and W their largest h and w, in a few kernels whatever m. Beyond an
+    image's own h rows and w columns the values are other pixels of the batch, not zeros: the resampling
+    matrices weigh only a crop's own pixels, and any finite value times a zero weight adds exactly nothing."""
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images)
+    channels = images[0].shape[0]
+    heights, widths = np.array([image.shape[1] for image in images]), np.array([image.shape[2] for image in images])
+    height, width = int(heights.max()), int(widths.max())
+    # every image's pixels in one row of memory, then W more, so that a window of W starting at any pixel fits
+    flat = torch.cat([image.reshape(-1) for image in images] + [images[0].new_zeros(width)])
+    starts = np.concatenate([[0], np.cumsum(channels * heights * widths)[:-1]])  # (m,) where each image begins
+    y = np.minimum(np.arange(height), heights[:, None] - 1)  # (m, H): rows past an image's height repeat its last
+    rows = (starts[:, None, None] + np.arange(channels)[None, :, None] * (heights * widths)[:, None, None]
+            + y[:, None, :] * widths[:, None, None])  # (m, C, H) where each padded row begins in ``flat``
+    windows = flat.as_strided((flat.numel() - width + 1, width), (1, 1))  # window i: flat[i:i + W]
+    return windows.index_select(0, to_device(torch.from_numpy(rows.reshape(-1)), flat.device)).view(len(images), channels, height, width)
 
 
 def finish_views(x: torch.Tensor, flip: torch.Tensor, d: Decisions, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -163,7 +233,7 @@ def draw_decisions(draws: list[ViewDraw], device: torch.device) -> tuple[Decisio
         rows.append([float(bool(d.jitter)), *factors, *order, float(d.grayscale), float(d.blur_sigma is not None), sigma,
                      float(d.solarize), float(d.flip)])
     host = torch.tensor(rows, dtype=torch.float64)  # (B, 14)
-    taken, t = host.amax(dim=0).tolist(), host.to(device)
+    taken, t = host.amax(dim=0).tolist(), to_device(host, device)
     used = lambda column: taken[column] > 0  # noqa: E731
     decisions = Decisions(
         jitter=t[:, 0] if used(0) else None, factors=t[:, 1:5] if used(0) else None, order=t[:, 5:9].long() if used(0) else None,
@@ -181,9 +251,10 @@ class DeviceFolderBatches:
     Views of one output size (MoCo v3's two, SimSiam's two, DINO's globals and its locals) are made as one
     batch of views x samples: every parameter comes with each row's draw, so only the size must be shared.
     ``compile``: the finishing stage (colour, blur, solarize, flip, normalise: a few hundred small kernels
-    eagerly) through torch.compile."""
+    eagerly) through torch.compile. ``batched_resize`` (default: on CUDA): crops resized in batched products
+    rather than sample by sample (``resized_crops``)."""
 
-    def __init__(self, loader, views: FolderViews, device, compile: bool = False):
+    def __init__(self, loader, views: FolderViews, device, compile: bool = False, batched_resize: bool | None = None):
         from ssl_bench.runtime import CompiledOrEager
 
         self.loader, self.views, self.device = loader, views, torch.device(device)
@@ -194,6 +265,7 @@ class DeviceFolderBatches:
         self.mean = torch.tensor(views.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(views.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._finish = CompiledOrEager(finish_views, what="making views", dynamic=False) if compile else finish_views
+        self.batched_resize = self.device.type == "cuda" if batched_resize is None else batched_resize
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -203,7 +275,7 @@ class DeviceFolderBatches:
         out: list[torch.Tensor | None] = [None] * len(self.views.sizes)
         for group in self.groups:
             draws = [r["draws"][k] for k in group for r in records]  # view after view
-            x = resized_crops(images * len(group), draws, self.views.sizes[group[0]])
+            x = resized_crops(images, draws, self.views.sizes[group[0]], self.batched_resize)
             decisions, flip = draw_decisions(draws, self.device)
             x = self._finish(x, flip, decisions, self.mean, self.std)
             for k, view in zip(group, x.chunk(len(group))):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl_bench.data.batched import BatchedViews
+from ssl_bench.data.batched import BatchedViews, to_device
 from ssl_bench.data.cpu_views import FolderViews, NormalisedBatches
 from ssl_bench.data.device_decode import DeviceFolderBatches, EncodedFiles, collate_encoded, jpeg_decoder
 from ssl_bench.data.datasets import ImageFileDataset, ImagePaths, TensorImageDataset, fixed_subset, load_dataset
@@ -137,13 +137,8 @@ class DeviceBatches:
 
     def __iter__(self):
         device = self.views.device
-
-        def to_device(t: torch.Tensor) -> torch.Tensor:
-            # pinned host memory: the copy is queued behind the running step instead of waiting for it
-            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-
         for item in self.loader:
-            item = {k: to_device(v) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+            item = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
             index, epoch = item["index"], item["epoch"]
             # eager views for the whole item at once: one set of a few hundred ops for several batches (on a CPU,
             # between quick BEiT steps, 2.0 -> 0.9 ms a batch in fours); compiled views one batch at a time, so
