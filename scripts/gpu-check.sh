@@ -145,14 +145,14 @@ step() {  # step NAME COMMAND...: runs it; a failure is logged and does not stop
 if [ "$DRY" = 1 ]; then
     PRESET=smoke; TP_METHODS=mae,simsiam; TP_EXTRA=(--steps 3 --limit-steps 2 --rounds 1); VITB=(--preset smoke --data synthetic); VITB_SET=(data.img_size=28)
     KNN_N=5000; PRE=(--preset smoke); PRE_STEPS=4; EVAL=(--preset smoke --protocol knn)
-    JPEGS=(--images 80 --size 64x48); FOLDER=(--preset smoke); FOLDER_SET=(data.img_size=28 data.num_workers=1)
+    JPEGS=(--images 80 --size 64x48,48x64); FOLDER=(--preset smoke); FOLDER_SET=(data.img_size=28 data.num_workers=1)
 else
     PRESET=full; TP_METHODS=mae,mocov3,simsiam; TP_EXTRA=(--steps "$STEPS" --limit-steps 20 --rounds 1); VITB=(--preset full --synthetic-vitb16); VITB_SET=()
     KNN_N=1000000; PRE=(--preset full); PRE_STEPS=${PRE_STEPS_ARG:-2000}; EVAL=(--preset quick --protocol knn,linear)
     # ViT-B/16 at the official codes' setting, fed from JPEGs; workers: the node's cores but two. 16,000 images are
     # 62 steps of 256, so the timed steps (--steps up to 62) stay in one epoch, as on ImageNet: each epoch's start
     # refills the loader's pipeline (4,000 images made every 15th step such a start); about 2 GB, written in parallel
-    JPEGS=(--images 16000 --size 500x375); FOLDER=(--preset full --vitb16); FOLDER_SET=("data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
+    JPEGS=(--images 16000 --size 500x375,375x500); FOLDER=(--preset full --vitb16); FOLDER_SET=("data.num_workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))")
 fi
 
 # -- 2. throughput -----------------------------------------------------------------------------------

@@ -34,6 +34,19 @@ def test_make_jpeg_folder_refuses_bad_options_in_one_line(tmp_path, capsys):
         assert not (tmp_path / "new").exists()
     assert main(["make-jpeg-folder", "--images", "3", "--classes", "10", "--size", "16x16", "--out", str(tmp_path / "few")]) == 0
     assert "3 JPEGs of 16x16 in 3 classes" in capsys.readouterr().out
+    assert main(["make-jpeg-folder", "--images", "2", "--size", "16x16,16x", "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert "image size '16x' is not WIDTHxHEIGHT" in err and err.count("\n") == 1 and not (tmp_path / "new").exists()
+
+
+def test_make_jpeg_folder_takes_several_sizes_in_turn(tmp_path, capsys):
+    """Landscape and portrait, as ImageNet's photographs: image i has the i-th size in turn."""
+    from PIL import Image
+
+    assert main(["make-jpeg-folder", "--images", "5", "--size", "40x30, 30x40", "--classes", "1", "--out", str(tmp_path / "d")]) == 0
+    assert "5 JPEGs of 40x30, 30x40 in 1 classes" in capsys.readouterr().out
+    files = sorted((tmp_path / "d").rglob("*.jpg"))
+    assert [Image.open(f).size for f in files] == [(40, 30), (30, 40), (40, 30), (30, 40), (40, 30)]
 
 
 def test_throughput_loader_table_for_a_folder(tmp_path, capsys):

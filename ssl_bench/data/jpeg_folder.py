@@ -2,7 +2,8 @@
 
 Each image is random but smooth: noise with a photograph's 1/f amplitude spectrum, so that its JPEG
 holds about as many bytes per pixel as a photograph's (about 0.6 at quality 90; ImageNet's average
-is of that order) and decodes at about the same cost. Image ``i`` depends on (seed, i) only.
+is of that order) and decodes at about the same cost. Image ``i`` depends on (seed, i) only; with several
+sizes, image ``i`` takes the ``i``-th in turn (ImageNet's photographs are landscape and portrait).
 """
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ from ssl_bench.errors import UserError
 MAX_SIDE = 4096  # an image is made as float64 planes in one worker: 2.4 GB of memory at 4096 x 4096
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'500x375' -> (500, 375) (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-        if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
-            raise ValueError
-    except ValueError:
-        raise UserError(f"image size {text!r} is not WIDTHxHEIGHT with both from 8 to {MAX_SIDE}, e.g. 500x375") from None
-    return width, height
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'500x375' -> [(500, 375)] (width, height); '500x375,375x500' -> both, in that order."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            width, height = (int(v) for v in item.strip().lower().split("x"))
+            if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"image size {item.strip()!r} is not WIDTHxHEIGHT with both from 8 to {MAX_SIDE}, e.g. 500x375 "
+                            "(several: 500x375,375x500)") from None
+        sizes.append((width, height))
+    return sizes
 
 
 def synthetic_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -43,12 +48,12 @@ def synthetic_image(rng: np.random.Generator, width: int, height: int) -> np.nda
     return np.clip(128 + 45 * rgb, 0, 255).astype(np.uint8)
 
 
-def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int], classes: int, seed: int = 0, quality: int = 90,
-                      workers: int = 1) -> dict:
-    """Write ``images`` JPEGs (``size`` = (width, height)) spread over ``classes`` class folders under
-    ``out/train``, with ``workers`` processes (the same files for any number); refuses a folder that already holds
-    files. -> a summary dict."""
-    out = Path(out)
+def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int] | list[tuple[int, int]], classes: int, seed: int = 0,
+                      quality: int = 90, workers: int = 1) -> dict:
+    """Write ``images`` JPEGs (``size`` = (width, height), or a list of them taken in turn) spread over ``classes``
+    class folders under ``out/train``, with ``workers`` processes (the same files for any number); refuses a folder
+    that already holds files. -> a summary dict."""
+    out, sizes = Path(out), list(size) if isinstance(size, list) else [size]
     if images < 1 or classes < 1:
         raise UserError(f"need at least one image and one class; got --images {images} --classes {classes}")
     if workers < 1:
@@ -63,19 +68,19 @@ def write_jpeg_folder(out: str | Path, images: int, size: tuple[int, int], class
         raise UserError(f"{out} already holds files; give a new or empty folder (nothing is overwritten)")
     for c in range(min(classes, images)):
         make_folder(out / "train" / f"class_{c:04d}", "--out")
-    jobs = [(out, i, classes, seed, size, quality) for i in range(images)]
+    image_sizes = [sizes[i % len(sizes)] for i in range(images)]
+    jobs = [(out, i, classes, seed, image_sizes[i], quality) for i in range(images)]
     if workers == 1:
-        sizes = [_write_image(job) for job in jobs]
+        written = [_write_image(job) for job in jobs]
     else:  # the images' pixels (FFTs, ~17 ms each at 500x375) are most of the time: one image per task
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(workers, images), mp_context=multiprocessing.get_context("spawn")) as pool:
-            sizes = list(pool.map(_write_image, jobs, chunksize=8))
-    width, height = size
-    total = sum(sizes)
-    return {"root": str(out), "images": images, "classes": min(classes, images), "width": width, "height": height,
-            "quality": quality, "seed": seed, "bytes": total, "bytes_per_pixel": total / (images * width * height)}
+            written = list(pool.map(_write_image, jobs, chunksize=8))
+    pixels = sum(width * height for width, height in image_sizes)
+    return {"root": str(out), "images": images, "classes": min(classes, images), "sizes": sizes[:images],
+            "quality": quality, "seed": seed, "bytes": sum(written), "bytes_per_pixel": sum(written) / pixels}
 
 
 def _write_image(job: tuple) -> int:
