@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from ssl_bench.data import batched as B
 from ssl_bench.data.transforms import blur_kernel_size
 from ssl_bench.data.views import View
+from tests.conftest import ON_CUDA
 
 N = 4000
 
@@ -276,3 +277,21 @@ def test_numpy_uniforms_are_the_same_numbers():
         assert np.array_equal(uniforms(seed, epoch, torch.from_numpy(index), stream, 33).numpy(), from_numpy)
         keys = torch.full((len(index),), key)  # one key per index, as views made together pass them
         assert np.array_equal(_uniforms_torch(keys, torch.from_numpy(index), 33).numpy(), from_numpy)
+
+
+@pytest.mark.parametrize("device", [ON_CUDA])
+def test_views_are_made_without_waiting_for_the_work_queued_before_them(device):
+    """The trainer makes a batch's views while the previous step still runs on the GPU: nothing in them may copy
+    from pageable host memory, which first waits for everything queued (here a one-second kernel, standing in for
+    the step). The stream is still busy when the views return."""
+    from ssl_bench.data.views import resolve_policy
+
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    maker = B.BatchedViews(images, resolve_policy("byol"), 28, (0.5,), (0.25,), seed=0, device=device)
+    index = torch.arange(32, device=device)
+    maker(index, 0)  # allocations, pinned blocks
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time
+    maker(index, 1)
+    assert not torch.cuda.current_stream().query(), "making views waited for the work queued before them"
+    torch.cuda.synchronize()

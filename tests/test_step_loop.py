@@ -6,7 +6,7 @@ import torch
 
 from ssl_bench.errors import TrainingDiverged
 from ssl_bench.trainer import pretrain
-from tests.conftest import smoke_config
+from tests.conftest import ON_CUDA, smoke_config
 from tests.test_trainer import poison_loss
 
 
@@ -99,3 +99,27 @@ def test_compiled_step_compiles_once_and_never_recompiles(tmp_path, monkeypatch,
     assert record["status"] == "finished" and record["steps"] == 4
     assert not breaks, f"{method}'s step breaks its graph: {list(breaks)[:3]}"
     assert "torch.compile failed" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["mae", "mocov3"])
+@pytest.mark.parametrize("device", [ON_CUDA])
+def test_the_loop_never_waits_for_the_gpu_between_log_steps(tmp_path, monkeypatch, method, device):
+    """Between log steps the trainer queues each step behind the last without waiting for it: data, views,
+    masks, the optimizer and the bookkeeping make no host-device sync (a copy from pageable memory is one).
+    Each step queues a one-second kernel after its forward; when the next step's forward starts, that kernel
+    must still be running, as it would not be after any wait."""
+    from ssl_bench.registry import get_method
+
+    cls = get_method(method)
+    real, running = cls.training_step, []
+
+    def step_then_a_long_kernel(self, batch):
+        running.append(not torch.cuda.current_stream().query())
+        out = real(self, batch)
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time
+        return out
+
+    monkeypatch.setattr(cls, "training_step", step_then_a_long_kernel)
+    cfg = smoke_config(method, f"train.device={device}", "train.max_steps=6", "train.log_every=100", "train.ckpt_every=100")
+    pretrain(cfg, tmp_path / "run")
+    assert running[2:] == [True] * 4, running  # step 1 is logged (a sync by design), so step 2 starts on an idle GPU

@@ -366,8 +366,9 @@ class BatchedViews:
         source = self.images.index_select(0, index).float()  # (B, C, H, W), 0..255
         out: list[torch.Tensor | None] = [None] * len(self.policy)
         for group in self.groups:
-            # the stream keys as a tensor: an input to a compiled group, not constants it would recompile for
-            keys = torch.tensor([stream_key(self.seed, epoch, k) for k in group], dtype=torch.int64)
+            # the stream keys as a tensor: an input to a compiled group, not constants it would recompile for; copied
+            # from pinned memory, since a copy from pageable memory would first wait for the step queued before it
+            keys = to_device(torch.tensor([stream_key(self.seed, epoch, k) for k in group], dtype=torch.int64), self.device)
             views = tuple(self.policy[k] for k in group)
             size = views[0].resolved_size(self.img_size)
             made = self._make(source, index, keys, views, self.resamplers[size], self.mean, self.std)
@@ -381,12 +382,12 @@ def make_views(source: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, vi
     """A group of views of a batch -> one (B, C, size, size) tensor per view, normalised with ``mean`` / ``std``.
 
     source (B, C, H, W) float 0..255; index (B,) the samples' data set indices; keys (G,) int64 the views'
-    stream keys of (seed, epoch, view), on the CPU (copied to the device without waiting for it);
+    stream keys of (seed, epoch, view), on the device (``BatchedViews`` copies them there without waiting);
     resamplers for the rows and the columns, to the views' size. The views share size, crop, jitter and
     blur ranges (``view_groups``)."""
     B, C, H, W = source.shape
     G, v, size = len(views), views[0], resamplers[0].size
-    keys = keys.to(index.device, non_blocking=True).repeat_interleave(B)  # (G B,)
+    keys = keys.to(index.device).repeat_interleave(B)  # (G B,)
     u = uniforms_from_key(keys, index.repeat(G), DRAWS)  # (G B, DRAWS): row g B + i is view g of sample i
 
     top, left, h, w = crop_boxes(u, H, W, v.crop_scale, v.crop_ratio).unbind(dim=1)

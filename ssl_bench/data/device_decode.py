@@ -288,9 +288,9 @@ class DeviceFolderBatches:
 
     def _batches(self):
         for batch in self.loader:
-            out = {"views": self.make_views(split_files(batch["files"])), "label": batch["label"].to(self.device, non_blocking=True)}
+            out = {"views": self.make_views(split_files(batch["files"])), "label": to_device(batch["label"], self.device)}
             if "mask" in batch:
-                out["mask"] = batch["mask"].to(self.device, non_blocking=True)
+                out["mask"] = to_device(batch["mask"], self.device)
             yield out
 
 
