@@ -56,13 +56,9 @@ def run(args) -> int:
     from tabulate import tabulate
 
     from ssl_bench.atomic import make_folder
-    from ssl_bench.config import comma_list, resolve_config
+    from ssl_bench.config import comma_list
     from ssl_bench.data.folder_bench import folder_section
-    from ssl_bench.data.pipeline import compile_views
-    from ssl_bench.distributed import resolve_device
     from ssl_bench.errors import UserError
-    from ssl_bench.registry import available_methods, get_method
-    from ssl_bench_app.official_speed import check_official_code
 
     for flag, value, least in (("--steps", args.steps, 3), ("--limit-steps", args.limit_steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:  # the first two trainer steps are not timed
@@ -73,33 +69,8 @@ def run(args) -> int:
     make_folder(args.out, "--out")  # before any measurement, not after the first
     if args.synthetic_vitb16:
         args.data, args.vitb16 = "synthetic", True
+    plan = [] if args.loader_only else _plan(args)  # every row's config, resolved before any measurement
     data_overrides = [*VITB16, *args.overrides] if args.vitb16 else args.overrides
-    if args.vitb16 and not args.loader_only and resolve_device("auto").type == "cpu":
-        print("ssl-bench throughput: --vitb16 on a CPU: a ViT-B/16 step of batch 256 takes minutes here; "
-              "the configuration is meant for a GPU", file=sys.stderr, flush=True)
-    names = list(available_methods()) if args.methods == "all" else comma_list(args.methods)
-    if not names:
-        raise UserError(f"--methods {args.methods!r} names no method; give a comma-separated list, or 'all'")
-    names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
-    if not names and not args.loader_only:
-        raise UserError(f"--methods {args.methods} names only controls, which have no training loop to time; name a method that pretrains")
-    if args.official_code and not args.loader_only:
-        check_official_code(args.official_code, names)
-    common = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false",
-              *([f"data.root={args.data_root}"] if args.data_root else [])]
-    paths = [("per-sample CPU", "data.device_augment=false"), ("batched device", "data.device_augment=true")]
-    # where the batched views would be compiled (a compiled step), also the same path with eager views
-    eager_views = ("batched device, eager views", "data.device_augment=true data.compile_views=false")
-    paths = paths + [eager_views] if args.compare_paths else [(None, None)]
-    plan = []  # (method, its ViT-B/16 overrides, data path, config): all resolved first, so a bad value is one line before any measurement
-    for name in names if not args.loader_only else []:
-        vitb16 = vitb16_overrides(get_method(name), args.preset) if args.vitb16 else []
-        for path_name, path_override in paths:
-            cfg = resolve_config(get_method(name), args.preset,
-                                 [*common, *vitb16, *args.overrides, *(path_override.split() if path_override else [])])
-            if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
-                continue  # the batched row's views are eager already
-            plan.append((name, vitb16, path_name or _path_name(cfg, args.data), cfg))
     folder_md = folder_section(args.data_root, args.out, data_overrides, comma_list(args.policies)) if args.data == "imagefolder" else ""
     if args.loader_only:
         return 0
@@ -113,6 +84,45 @@ def run(args) -> int:
               flush=True)
     print(_write(args, rows, folder_md, tabulate, finished=True))
     return 0
+
+
+def _plan(args) -> list[tuple[str, list[str], str, dict]]:
+    """The table's rows as (method, its ViT-B/16 overrides, data path, resolved config), all resolved here, so that a
+    bad method name or value is one line before any measurement."""
+    from ssl_bench.config import comma_list, resolve_config
+    from ssl_bench.data.pipeline import compile_views
+    from ssl_bench.distributed import resolve_device
+    from ssl_bench.errors import UserError
+    from ssl_bench.registry import available_methods, get_method
+    from ssl_bench_app.official_speed import check_official_code
+
+    if args.vitb16 and resolve_device("auto").type == "cpu":
+        print("ssl-bench throughput: --vitb16 on a CPU: a ViT-B/16 step of batch 256 takes minutes here; "
+              "the configuration is meant for a GPU", file=sys.stderr, flush=True)
+    names = list(available_methods()) if args.methods == "all" else comma_list(args.methods)
+    if not names:
+        raise UserError(f"--methods {args.methods!r} names no method; give a comma-separated list, or 'all'")
+    names = [n for n in names if get_method(n).pretrains]  # controls (random_init) have no training loop to time
+    if not names:
+        raise UserError(f"--methods {args.methods} names only controls, which have no training loop to time; name a method that pretrains")
+    if args.official_code:
+        check_official_code(args.official_code, names)
+    common = [f"data.name={args.data}", f"train.max_steps={args.steps}", "train.progress=false",
+              *([f"data.root={args.data_root}"] if args.data_root else [])]
+    paths = [("per-sample CPU", "data.device_augment=false"), ("batched device", "data.device_augment=true")]
+    # where the batched views would be compiled (a compiled step), also the same path with eager views
+    eager_views = ("batched device, eager views", "data.device_augment=true data.compile_views=false")
+    paths = paths + [eager_views] if args.compare_paths else [(None, None)]
+    plan = []
+    for name in names:
+        vitb16 = vitb16_overrides(get_method(name), args.preset) if args.vitb16 else []
+        for path_name, path_override in paths:
+            cfg = resolve_config(get_method(name), args.preset,
+                                 [*common, *vitb16, *args.overrides, *(path_override.split() if path_override else [])])
+            if path_name == eager_views[0] and not compile_views(cfg, resolve_device(cfg["train"]["device"])):
+                continue  # the batched row's views are eager already
+            plan.append((name, vitb16, path_name or _path_name(cfg, args.data), cfg))
+    return plan
 
 
 def _measure(args, name: str, vitb16: list[str], path_name: str, cfg: dict) -> dict:
