@@ -3,9 +3,11 @@ decoded in batches on the training device and the views are made there.
 
     worker, per sample: read the bytes -> size from the header -> draw every view's parameters
                         (the CPU path's draws exactly: ``FolderViews.draws``, from (seed, epoch, index, view))
+                        -> whether the bytes are a complete JPEG
     device, per batch:  decode every JPEG at once (``torchvision.io.decode_jpeg``; on CUDA that is nvjpeg)
                         -> per output size, its views together: crop + bicubic antialiased resize
-                           per sample (images differ in size), stacked into (views x B, C, size, size)
+                           (``resized_crops``: on a GPU in batched products over the images padded to one
+                           size, on a CPU crop by crop), into (views x B, C, size, size)
                         -> colour jitter, grayscale, blur, solarize, flip for the whole group at once, with
                            the in-memory path's batched ops (``batched.after_crop``) on the draws' parameters
                         -> normalise
