@@ -224,7 +224,8 @@ def test_cmyk_grey_and_progressive_jpegs_decode_as_pillows_rgb_on_both_paths(tmp
     Image.fromarray(synthetic_image(np.random.default_rng(2), 48, 36)).convert(mode).save(path, quality=95, progressive=progressive)
     want = np.asarray(Image.open(path).convert("RGB")).astype(int)  # (36, 48, 3)
     cpu = cv.decode(path.read_bytes(), str(path), 3)
-    device = decode_batch([{"path": str(path), "data": torch.from_numpy(np.fromfile(path, np.uint8))}], 3, torch.device("cpu"))[0]
+    record = {"path": str(path), "data": torch.from_numpy(np.fromfile(path, np.uint8)), "jpeg": cv.is_complete_jpeg(path.read_bytes())}
+    device = decode_batch([record], 3, torch.device("cpu"))[0]
     assert np.abs(cpu.astype(int) - want).max() <= 1
     assert np.abs(device.permute(1, 2, 0).numpy().astype(int) - want).max() <= 1
 

@@ -34,7 +34,9 @@ def test_workers_only_read_bytes_and_draw(folder):
 
 
 def _records(paths):
-    return [{"path": p, "data": torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8)} for p in paths]
+    """Loader-worker records of files, as ``EncodedFiles`` makes them, without the draws."""
+    return [{"path": p, "data": torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg": cv.is_complete_jpeg(data)}
+            for p, data in ((p, open(p, "rb").read()) for p in paths)]
 
 
 def test_batched_decode_with_fallbacks(folder, tmp_path, monkeypatch):

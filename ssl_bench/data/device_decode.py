@@ -81,12 +81,12 @@ def split_files(files: dict) -> list[dict]:
 
 
 def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> list[torch.Tensor]:
-    """Every record's image as uint8 (C, H, W) on ``device``: complete JPEGs in one batched call, the rest
-    (and any file the batched call rejects) one by one, on the CPU when the device cannot."""
+    """Every record's image as uint8 (C, H, W) on ``device``: complete JPEGs (``EncodedFiles``' "jpeg") in one
+    batched call, the rest (and any file the batched call rejects) one by one, on the CPU when the device cannot."""
     decode_jpeg, modes = jpeg_decoder()
     mode = modes.GRAY if in_chans == 1 else modes.RGB
     images: list[torch.Tensor | None] = [None] * len(records)
-    jpegs = [i for i, r in enumerate(records) if _complete_jpeg(r)]
+    jpegs = [i for i, r in enumerate(records) if r["jpeg"]]
     if jpegs:
         with _decoder_stream(device) as keep:
             try:
@@ -104,11 +104,6 @@ def decode_batch(records: list[dict], in_chans: int, device: torch.device) -> li
             image = torch.from_numpy(array)
             images[i] = (image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)).to(device)
     return images
-
-
-def _complete_jpeg(record: dict) -> bool:
-    """Whether a record's bytes are a complete JPEG: as its loader worker found, else checked here (which copies them)."""
-    return record["jpeg"] if "jpeg" in record else is_complete_jpeg(record["data"].numpy().tobytes())
 
 
 @contextlib.contextmanager
