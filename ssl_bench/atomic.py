@@ -36,21 +36,24 @@ def make_folder(path: str | Path, option: str | None = None) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        fix = f"pass {option} a folder you can write to" if option else "check that you can write to its parent"
-        raise WriteFailed(f"cannot create folder {path}: {exc.strerror or exc}; {fix}") from None
+        raise WriteFailed(f"cannot create folder {path}: {exc.strerror or exc}; {_folder_fix(option)}") from None
     return path
 
 
 def check_can_make(path: str | Path, option: str | None = None) -> None:
     """Whether ``make_folder(path)`` would succeed, without making anything: for a command that writes its
     folder only at the end, so that a bad one is one line before the work, not after it."""
-    path = Path(path).absolute()
-    fix = f"pass {option} a folder you can write to" if option else "check that you can write to its parent"
+    path, fix = Path(path).absolute(), _folder_fix(option)
     ancestor = next(p for p in (path, *path.parents) if p.exists())
     if not ancestor.is_dir():
         raise WriteFailed(f"cannot create folder {path}: {ancestor} is a file; {fix}")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise WriteFailed(f"cannot create folder {path}: no permission to write to {ancestor}; {fix}")
+
+
+def _folder_fix(option: str | None) -> str:
+    """What to do about a folder that cannot be made: the fix a one-line error ends with."""
+    return f"pass {option} a folder you can write to" if option else "check that you can write to its parent"
 
 
 def fsync_dir(directory: str | Path) -> None:
